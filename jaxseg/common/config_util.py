@@ -1,0 +1,104 @@
+"""ml_collections configs for the absl entry points.
+
+Every entry point takes ``--config=configs/x.py[:arg]`` plus ``--config.a.b=value`` overrides. The
+config is locked, so an override of a key that does not exist is an error instead of a silent
+no-op. Each run writes the resolved config beside its outputs (``config.json``), so a result can
+always be traced back to the exact parameters that made it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+RESOLVED_CONFIG_NAME = "config.json"
+
+
+def define_config_flag(name: str = "config", required: bool = True):
+  """Defines the ``--config`` file flag (locked: unknown override keys raise)."""
+  holder = config_flags.DEFINE_config_file(
+    name, None, "Path to a config file (configs/*.py), optionally with ':arg'.", lock_config=True
+  )
+  if required:
+    flags.mark_flag_as_required(name)
+  return holder
+
+
+def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """Loads ``configs/x.py[:arg]`` from Python (tests, the tuner) and applies dotted overrides.
+
+  Args:
+    path: the config file, optionally followed by ``:arg`` passed to ``get_config(arg)``.
+    overrides: ``{"optim.lr": 1e-4}``-style overrides. An unknown key raises ``KeyError``.
+
+  Returns:
+    The locked, resolved config.
+  """
+  file_path, _, arg = path.partition(":")
+  if not os.path.exists(file_path):
+    raise FileNotFoundError(f"config file {file_path!r} does not exist")
+  module = _load_module(file_path)
+  config = module.get_config(arg) if arg else module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise TypeError(f"{file_path}: get_config() must return an ml_collections.ConfigDict")
+  config.lock()
+  for dotted, value in (overrides or {}).items():
+    apply_override(config, dotted, value)
+  return config
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  """Sets ``config[a][b] = value`` for ``dotted == 'a.b'``; unknown keys raise ``KeyError``."""
+  *parents, leaf = dotted.split(".")
+  node = config
+  for part in parents:
+    if part not in node:
+      raise KeyError(f"unknown config key {dotted!r} (no section {part!r})")
+    node = node[part]
+  if leaf not in node:
+    raise KeyError(f"unknown config key {dotted!r}; known keys here: {sorted(node.keys())}")
+  node[leaf] = value  # a locked ConfigDict still type-checks the new value
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  """A JSON-ready plain-dict copy (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def save_config(
+  config: ml_collections.ConfigDict, directory: str, name: str = RESOLVED_CONFIG_NAME
+) -> str:
+  """Writes the resolved config as JSON into ``directory``; returns the file path."""
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, name)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+  return path
+
+
+def _load_module(path: str):
+  name = "jaxseg_configs_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_sibling(this_file: str, name: str):
+  """Imports ``name.py`` from the folder of ``this_file`` (a config building on another one).
+
+  Config files are loaded by path (``--config=configs/liconn.py``), so ``configs`` need not be an
+  importable package; ``liconn.py`` gets ``nisb_base.py`` with
+  ``load_sibling(__file__, "nisb_base").get_config()``.
+  """
+  return _load_module(os.path.join(os.path.dirname(os.path.abspath(this_file)), f"{name}.py"))

@@ -1,0 +1,20 @@
+"""Shared test setup: CPU-only JAX, and the staged real EM data in ``../shared/data``."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never need an accelerator; keep JAX off any GPU a developer machine may have.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data():
+  """The folder of real EM volumes; skips the test when it is not staged on this machine."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"real EM test data not found at {SHARED_DATA} (see the README, 'Test data')")
+  return SHARED_DATA

@@ -1,0 +1,120 @@
+"""Dataset layouts (NISB, SNEMI3D, CREMI): paths from the config, shapes checked on open."""
+
+import h5py
+import ml_collections
+import numpy as np
+import pytest
+import tifffile
+
+from jaxseg.io import VolumeError, create_zarr, write_volume
+from jaxseg.io.datasets import dataset_volumes
+
+RNG = np.random.default_rng(0)
+
+
+def _write_nisb_cube(folder, shape_zyx=(6, 8, 10), seg_shape=None):
+  img = RNG.integers(0, 255, (1, *shape_zyx)).astype(np.uint8)
+  seg = RNG.integers(0, 5, seg_shape or shape_zyx).astype(np.uint32)
+  # NISB files carry no attributes; write raw x, y, z(, c) arrays as the benchmark ships them.
+  import tensorstore as ts
+
+  for name, arr in (("img", img.transpose(3, 2, 1, 0)), ("seg", seg.transpose(2, 1, 0))):
+    path = folder / "data.zarr" / name
+    path.mkdir(parents=True)
+    store = ts.open(
+      {
+        "driver": "zarr",
+        "kvstore": {"driver": "file", "path": str(path)},
+        "metadata": {"shape": list(arr.shape), "chunks": list(arr.shape), "dtype": arr.dtype.str},
+      },
+      create=True,
+      delete_existing=True,
+    ).result()
+    store.write(arr).result()
+  (folder / "skeleton.pkl").write_bytes(b"")
+  return img, seg
+
+
+def test_nisb_layout_reads_xyz_as_zyx(tmp_path):
+  img, seg = _write_nisb_cube(tmp_path / "val" / "seed100")
+  data = ml_collections.ConfigDict(
+    {"layout": "nisb", "root": str(tmp_path), "val_seeds": (100,), "resolution": (20.0, 9.0, 9.0)}
+  )
+  (cube,) = dataset_volumes(data, "val")
+  assert cube.name == "seed100" and cube.image.shape == img.shape
+  np.testing.assert_array_equal(cube.image.read(), img)
+  np.testing.assert_array_equal(cube.labels.read(), seg)
+  assert cube.labels.resolution == (20.0, 9.0, 9.0)
+  assert cube.skeleton.endswith("skeleton.pkl")
+
+
+def test_nisb_shape_mismatch_is_refused(tmp_path):
+  _write_nisb_cube(tmp_path / "train" / "seed0", seg_shape=(6, 8, 9))
+  data = ml_collections.ConfigDict(
+    {"layout": "nisb", "root": str(tmp_path), "train_seeds": (0,), "resolution": (20.0, 9.0, 9.0)}
+  )
+  with pytest.raises(VolumeError, match=r"spatial shape \(6, 8, 10\).*\(6, 8, 9\)"):
+    dataset_volumes(data, "train")
+
+
+def test_missing_nisb_cube(tmp_path):
+  data = ml_collections.ConfigDict(
+    {"layout": "nisb", "root": str(tmp_path), "test_seeds": (101,), "resolution": (20.0, 9.0, 9.0)}
+  )
+  with pytest.raises(VolumeError, match=r"seed101: no data\.zarr"):
+    dataset_volumes(data, "test")
+
+
+def test_snemi_layout_with_validation_holdout(tmp_path):
+  img = RNG.integers(0, 255, (10, 16, 16)).astype(np.uint8)
+  lab = RNG.integers(0, 9, (10, 16, 16)).astype(np.uint16)
+  tifffile.imwrite(tmp_path / "train-input.tif", img)
+  tifffile.imwrite(tmp_path / "train-labels.tif", lab)
+  tifffile.imwrite(tmp_path / "test-input.tif", img)
+  write_volume(str(tmp_path / "test-labels.h5") + ":main", lab)
+  data = ml_collections.ConfigDict({
+      "layout": "snemi", "root": str(tmp_path), "train_image": "train-input.tif",
+      "train_labels": "train-labels.tif", "test_image": "test-input.tif",
+      "test_labels": "test-labels.h5", "val_sections": 3, "axis_order": "zyx",
+      "resolution": (30.0, 6.0, 6.0)})  # fmt: skip
+  (train,) = dataset_volumes(data, "train")
+  (val,) = dataset_volumes(data, "val")
+  (test,) = dataset_volumes(data, "test")
+  assert train.z_range == (0, 7) and val.z_range == (7, 10) and test.z_range is None
+  assert train.spatial_shape == (7, 16, 16) and val.spatial_shape == (3, 16, 16)
+  np.testing.assert_array_equal(test.labels.read(), lab)
+  data.val_sections = 0
+  assert dataset_volumes(data, "val") == []
+  assert dataset_volumes(data, "train")[0].z_range is None
+
+
+def test_cremi_layout_and_label_dtype_check(tmp_path):
+  with h5py.File(tmp_path / "sample_A.h5", "w") as f:
+    f["volumes/raw"] = RNG.integers(0, 255, (4, 8, 8)).astype(np.uint8)
+    f["volumes/labels/neuron_ids"] = RNG.integers(0, 9, (4, 8, 8)).astype(np.uint64)
+  with h5py.File(tmp_path / "sample_B.h5", "w") as f:
+    f["volumes/raw"] = RNG.integers(0, 255, (4, 8, 8)).astype(np.uint8)
+    f["volumes/labels/neuron_ids"] = RNG.random((4, 8, 8)).astype(np.float32)
+  data = ml_collections.ConfigDict(
+    {
+      "layout": "cremi",
+      "root": str(tmp_path),
+      "train_files": ("sample_A.h5",),
+      "val_files": ("sample_B.h5",),
+      "resolution": (40.0, 4.0, 4.0),
+    }
+  )
+  (a,) = dataset_volumes(data, "train")
+  assert a.name == "sample_A" and a.labels.dtype == np.uint64
+  with pytest.raises(VolumeError, match=r"sample_B\.h5:volumes/labels/neuron_ids.*integer"):
+    dataset_volumes(data, "val")
+
+
+def test_image_dtype_check(tmp_path):
+  out = create_zarr(tmp_path / "img.zarr", (4, 4, 4), "int64")
+  out.flush()
+  from jaxseg.io.datasets import check_pair
+  from jaxseg.io.volume import open_volume
+
+  with pytest.raises(VolumeError, match="image dtype int64"):
+    check_pair(open_volume(tmp_path / "img.zarr"), None)
