@@ -1,0 +1,155 @@
+"""NISB ``base`` setting with the BANIS+ recipe (PyTC ``liconn_banis_v3_erosion2`` chain).
+
+MedNeXt-L (k=3), 6 affinity channels (``banis6``, source-voxel storage), per-channel BCE, EMA,
+label erosion 2, AdamW + cosine to 0 over 200k steps, 128^3 sliding windows with distance
+blending of tempered probabilities, thresholded connected components, NERL. Numbers follow
+``pytc_spec.md`` sections 1-5 and 8 and ``banis_nisb.md`` section 1.
+
+Data layout (``data.root``): ``{train,val,test}/seed{N}/data.zarr`` with ``img`` (x, y, z, 1) uint8
+and ``seg`` (x, y, z), plus ``skeleton.pkl``; jaxseg reads them as (z, y, x) through a lazy
+transpose. ``:pytc`` restores PyTC's behaviour where we fix a bug.
+"""
+
+import ml_collections
+
+from jaxseg.common.config_util import load_sibling
+
+_common = load_sibling(__file__, "common")
+
+
+def get_config(arg=None):
+  pytc_compat = arg == "pytc"
+  config = ml_collections.ConfigDict()
+  config.name = "nisb_base"
+  config.seed = 0
+
+  # -- data ------------------------------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.layout = "nisb"
+  data.root = "datasets/nisb/base"
+  data.train_seeds = (0, 1, 2, 3, 4)
+  data.val_seeds = (100,)
+  data.test_seeds = (101,)
+  data.image_axis_order = "xyzc"
+  data.labels_axis_order = "xyz"
+  data.resolution = (20.0, 9.0, 9.0)  # nm, (z, y, x); PyTC writes [9, 9, 20] in x, y, z
+  data.patch_size = (128, 128, 128)
+  data.normalize = "divide_255"
+  data.augmentation = "aug_banis"
+  data.prefetch = 4
+
+  # -- target ----------------------------------------------------------------------------------
+  config.target = target = ml_collections.ConfigDict()
+  target.preset = "banis6"
+  target.convention = "source"  # BANIS: the edge v -> v + o is stored at v
+  target.erosion = 2
+  # PyTC erodes in the plane of array axes (1, 2) of an x, y, z array: the (y, z) plane, i.e.
+  # slices along x. In canonical (z, y, x) order that plane is "zy".
+  target.erosion_plane = "zy"
+  target.target_context = (10, 10, 10)  # read 138^3, compute targets, crop to [0:128]^3
+  target.relabel_connected_components = False
+
+  # -- model -----------------------------------------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "mednext"
+  model.size = "L"  # exp_r = block_counts = (3, 4, 8, 8, 8, 8, 8, 4, 3)
+  model.kernel_size = 3
+  model.in_channels = 1
+  model.out_channels = 6
+  model.base_channels = 32
+  model.deep_supervision = False
+  model.compute_dtype = "bfloat16"
+  model.param_dtype = "float32"
+  model.remat = True  # per-block gradient checkpointing, as PyTC's "outside_block"
+
+  # -- optimiser -------------------------------------------------------------------------------
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.name = "adamw"
+  optim.lr = 1e-3
+  optim.weight_decay = 0.01
+  optim.decay_norm_and_bias = False
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  optim.grad_clip = 1.0
+  optim.schedule = "cosine"  # per step, T_max = num_steps, eta_min = 0, no warmup
+  optim.warmup_steps = 0
+  optim.warmup_start_factor = 0.0
+  optim.min_lr = 0.0
+  optim.steps_per_epoch = 1
+  optim.step_per_epoch = False
+
+  # -- training --------------------------------------------------------------------------------
+  config.train = train = ml_collections.ConfigDict()
+  train.num_steps = 200_000
+  train.batch_size = 2  # per device
+  train.mixed_precision = True
+  train.loss = "per_channel_bce"
+  train.max_pos_weight = 10.0
+  train.logit_clamp = 20.0
+  train.ema = ml_collections.ConfigDict()
+  train.ema.enabled = True
+  train.ema.decay = 0.999
+  train.ema.warmup_steps = 500  # decay 0 (a plain copy) for the first 500 updates
+  train.log_every = 100
+  train.eval_every = 5000
+  train.eval_batches = 100  # random 128^3 crops of the validation cube, reseeded per eval
+  train.checkpoint_every = 50_000
+  train.keep_top_k = 3
+  train.monitor = "val_loss"
+  train.monitor_mode = "min"
+
+  # -- inference -------------------------------------------------------------------------------
+  config.infer = infer = ml_collections.ConfigDict()
+  infer.window = (128, 128, 128)
+  infer.overlap = 0.5  # stride 64
+  infer.snap_to_edge = True
+  infer.pad = (0, 0, 0)
+  infer.pad_mode = "constant"
+  infer.crop_pad = (0, 0, 0, 0, 0, 0)
+  infer.sw_batch_size = 8
+  infer.blending = "distance"  # chessboard distance to the window face: 1 at faces, 64 centre
+  infer.activation = "scale_sigmoid"
+  infer.temperature = 5.0  # sigmoid(logit / 5), the BANIS temperature
+  infer.activation_before_blend = True  # blend the tempered probabilities
+  infer.output_channels = (0, 1, 2)
+  infer.output_dtype = "float16"
+  infer.block_shape = (256, 256, 256)
+  infer.tta = ml_collections.ConfigDict()
+  infer.tta.enabled = False
+  infer.tta.flip_axes = ("z", "y", "x")
+  infer.tta.rot90_yx = False  # y and x share a resolution, z does not
+  infer.tta.ensemble = "mean"
+
+  # -- decoding --------------------------------------------------------------------------------
+  config.decode = decode = ml_collections.ConfigDict()
+  decode.method = "cc"
+  decode.channels = (0, 1, 2)
+  decode.channel_order = "xyz"  # banis6 channels 0-2 are +x, +y, +z
+  decode.convention = "source"
+  decode.threshold = 0.75  # strict >; tuned values: about 0.66 (base), 0.70 (LICONN)
+  decode.affinity_mask_path = ""
+  decode.min_size = 0  # PyTC applies no size filter
+  decode.block_shape = (256, 512, 512)
+
+  # -- affinity QC -----------------------------------------------------------------------------
+  config.qc = _common.qc_defaults(enabled=True)
+
+  # -- evaluation ------------------------------------------------------------------------------
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.metrics = ("nerl", "adapted_rand", "voi")
+  ev.arand = "snemi"
+  ev.crop_fraction = 0.0
+  ev.merge_threshold = 1  # node count; PyTC moved to 50 in 78264698, funlib uses > 0
+
+  # -- tuning ----------------------------------------------------------------------------------
+  config.tune = tune = ml_collections.ConfigDict()
+  tune.sampler = "grid"
+  tune.direction = "maximize"
+  tune.objective = "nerl"
+  tune.split = "val"
+  tune.threshold_grid = (0.50, 0.90, 0.02)  # (low, high, step): 21 points, inclusive
+  tune.n_trials = 21
+  tune.trial_timeout_s = 3600
+  del pytc_compat  # every NISB fix (EMA saved, same normalisation) has no PyTC switch
+  return config
