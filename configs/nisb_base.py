@@ -139,7 +139,7 @@ def get_config(arg=None):
   config.eval = ev = ml_collections.ConfigDict()
   ev.metrics = ("nerl", "adapted_rand", "voi")
   ev.arand = "snemi"
-  ev.crop_fraction = 0.0
+  ev.crop_fraction = 1.0  # the whole volume
   ev.merge_threshold = 1  # node count; PyTC moved to 50 in 78264698, funlib uses > 0
 
   # -- tuning ----------------------------------------------------------------------------------

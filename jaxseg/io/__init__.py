@@ -22,20 +22,20 @@ Public API::
 
 from jaxseg.io.errors import VolumeError
 from jaxseg.io.volume import (
-    Volume,
-    WritableVolume,
-    create_zarr,
-    open_volume,
-    read_volume,
-    write_volume,
+  Volume,
+  WritableVolume,
+  create_zarr,
+  open_volume,
+  read_volume,
+  write_volume,
 )
 
 __all__ = [
-    "Volume",
-    "VolumeError",
-    "WritableVolume",
-    "create_zarr",
-    "open_volume",
-    "read_volume",
-    "write_volume",
+  "Volume",
+  "VolumeError",
+  "WritableVolume",
+  "create_zarr",
+  "open_volume",
+  "read_volume",
+  "write_volume",
 ]
