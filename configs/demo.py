@@ -1,0 +1,65 @@
+"""The demo: the NISB recipe scaled down to run on a laptop CPU, on generated data.
+
+``python -m jaxseg.synth --config=configs/demo.py --output=demo_data`` makes the data
+(``demo_data/{train,val,test}/seed{N}``, NISB layout). Everything else is ``nisb_base.py`` with
+small shapes, a small model and short schedules, so every stage runs in minutes on 2 cores.
+"""
+
+import ml_collections
+
+from jaxseg.common.config_util import load_sibling
+from jaxseg.synthesis.config import default_config as synth_defaults
+
+
+def get_config(arg=None):
+  config = load_sibling(__file__, "nisb_base").get_config(arg)
+  config.name = "demo"
+
+  # -- generated data: the seeds and resolution of `data` follow `data.synth` ---------------------
+  data = config.data
+  data.root = "demo_data"
+  data.synth = synth = synth_defaults("base")
+  synth.shape = (64, 96, 96)  # (z, y, x) voxels at 20 x 9 x 9 nm
+  synth.train_seeds = (0, 1, 2)
+  synth.val_seeds = (100,)
+  synth.test_seeds = (101,)
+  synth.chunks = (32, 96, 96)
+  data.train_seeds = synth.get_ref("train_seeds")
+  data.val_seeds = synth.get_ref("val_seeds")
+  data.test_seeds = synth.get_ref("test_seeds")
+  data.resolution = synth.get_ref("resolution")
+  data.patch_size = (32, 64, 64)
+  data.prefetch = 2
+
+  # -- a small net and a short schedule ------------------------------------------------------
+  # RSUNet (as in the SNEMI recipe) at a fraction of the width: (1, 2, 2) pooling suits the
+  # anisotropic 20 x 9 x 9 nm voxels.
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "rsunet"
+  model.in_channels = 1
+  model.out_channels = 6
+  model.widths = (8, 16, 24, 32)
+  model.pool = (1, 2, 2)
+  model.depth_2d = 1
+  model.norm_groups = 4
+  model.activation = "elu"
+  model.compute_dtype = "float32"  # bf16 buys nothing on CPU
+  model.param_dtype = "float32"
+  model.remat = False
+
+  config.train.num_steps = 600
+  config.train.batch_size = 2
+  config.train.mixed_precision = False
+  config.train.ema.warmup_steps = 50
+  config.train.log_every = 20
+  config.train.eval_every = 200
+  config.train.eval_batches = 4
+  config.train.checkpoint_every = 200
+
+  config.infer.window = (32, 64, 64)
+  config.infer.sw_batch_size = 4
+  config.infer.block_shape = (64, 96, 96)
+  config.decode.block_shape = (64, 96, 96)
+  config.tune.threshold_grid = (0.5, 0.9, 0.1)
+  config.tune.n_trials = 5
+  return config
