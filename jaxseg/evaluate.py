@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from jaxseg.common import config_util
 from jaxseg.io import Volume, VolumeError, open_volume
 from jaxseg.io.skeleton import Skeletons, load_skeletons
 from jaxseg.metrics import (
@@ -194,6 +195,9 @@ def define_flags() -> None:
   flags.DEFINE_string("seg_axis_order", None, "On-disk axis order of --seg (e.g. xyz for NISB).")
   flags.DEFINE_string("gt_axis_order", None, "On-disk axis order of --gt.")
   flags.DEFINE_string("output", None, "Write the metrics as JSON here.")
+  # Optional recipe: its `eval` section and `data.resolution` are the defaults of the flags above
+  # (a flag given on the command line wins); the resolved config is written beside --output.
+  config_util.define_config_flag(required=False)
   flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
 
 
@@ -268,7 +272,16 @@ def main(argv):
     # Checked before the (possibly long) evaluation, not only when writing.
     print(f"error: --output {FLAGS.output} exists; pass --overwrite to replace it", file=sys.stderr)
     return 1
+  config = FLAGS.config
+  arand, crop_fraction, merge_threshold = FLAGS.arand, FLAGS.crop_fraction, FLAGS.merge_threshold
   resolution = None
+  if config is not None:
+    arand = arand if FLAGS["arand"].present else config.eval.arand
+    crop_fraction = crop_fraction if FLAGS["crop_fraction"].present else config.eval.crop_fraction
+    merge_threshold = (
+      merge_threshold if FLAGS["merge_threshold"].present else config.eval.merge_threshold
+    )
+    resolution = tuple(config.data.resolution)
   if FLAGS.resolution:
     try:
       resolution = tuple(float(r) for r in FLAGS.resolution)
@@ -282,9 +295,9 @@ def main(argv):
       FLAGS.gt,
       FLAGS.skeleton,
       resolution=resolution,
-      arand=FLAGS.arand,
-      crop_fraction=FLAGS.crop_fraction,
-      merge_threshold=FLAGS.merge_threshold,
+      arand=arand,
+      crop_fraction=crop_fraction,
+      merge_threshold=merge_threshold,
       seg_axis_order=FLAGS.seg_axis_order,
       gt_axis_order=FLAGS.gt_axis_order,
     )
@@ -298,13 +311,19 @@ def main(argv):
     "resolution": list(resolution) if resolution else None,
     "seg_axis_order": FLAGS.seg_axis_order,
     "gt_axis_order": FLAGS.gt_axis_order,
-    "merge_threshold": FLAGS.merge_threshold,
-    "crop_fraction": FLAGS.crop_fraction,
+    "arand": arand,
+    "merge_threshold": merge_threshold,
+    "crop_fraction": crop_fraction,
   }
   print(format_table(metrics))
   if FLAGS.output:
     write_json(metrics, FLAGS.output, overwrite=FLAGS.overwrite)
     print(f"wrote {FLAGS.output}")
+    if config is not None:
+      stem = os.path.splitext(os.path.basename(FLAGS.output))[0]
+      config_util.save_config(
+        config, os.path.dirname(os.path.abspath(FLAGS.output)), f"{stem}.config.json"
+      )
   return 0
 
 

@@ -137,3 +137,34 @@ def test_json_has_no_nan(tmp_path):
   assert json.loads(path.read_text())["adapted_rand"] is None
   with pytest.raises(FileExistsError):
     evaluate_module.write_json(metrics, str(path))
+
+
+def test_cli_takes_defaults_from_a_config(tmp_path):
+  """--config supplies eval defaults and the resolution; explicit flags win; config is saved."""
+  _need(EM_ERL / "gt_graph.npz")
+  config = Path(__file__).resolve().parents[1] / "configs" / "snemi.py"
+  out = tmp_path / "metrics.json"
+  done = _cli(
+    f"--seg={EM_ERL / 'vol_pred.h5'}:main",
+    f"--skeleton={EM_ERL / 'gt_graph.npz'}",
+    f"--config={config}",
+    "--config.data.resolution=(30.0, 30.0, 30.0)",
+    "--config.eval.merge_threshold=3",
+    "--crop_fraction=0.5",
+    f"--output={out}",
+  )
+  assert done.returncode == 0, done.stderr
+  metrics = json.loads(out.read_text())
+  assert metrics["nerl"] == pytest.approx(0.7085, abs=1e-4)  # nm nodes placed with 30 nm voxels
+  assert metrics["inputs"]["merge_threshold"] == 3
+  assert metrics["inputs"]["crop_fraction"] == 0.5
+  saved = json.loads((tmp_path / "metrics.config.json").read_text())
+  assert saved["eval"]["merge_threshold"] == 3 and saved["data"]["resolution"] == [30.0, 30.0, 30.0]
+
+  typo = _cli(
+    f"--seg={EM_ERL / 'vol_pred.h5'}:main",
+    f"--skeleton={EM_ERL / 'gt_graph.npz'}",
+    f"--config={config}",
+    "--config.eval.merge_treshold=3",
+  )
+  assert typo.returncode != 0 and "merge_treshold" in typo.stderr
