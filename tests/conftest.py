@@ -12,9 +12,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+def require_shared(path: Path) -> Path:
+  """Returns ``path`` (inside ``SHARED_DATA``), skipping the test when it is not staged here."""
+  if not path.exists():
+    pytest.skip(f"real EM test data not found at {path} (see the README, 'Development')")
+  return path
+
+
 @pytest.fixture
 def shared_data():
   """The folder of real EM volumes; skips the test when it is not staged on this machine."""
-  if not SHARED_DATA.is_dir():
-    pytest.skip(f"real EM test data not found at {SHARED_DATA} (see the README, 'Test data')")
-  return SHARED_DATA
+  return require_shared(SHARED_DATA)

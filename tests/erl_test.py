@@ -1,10 +1,10 @@
 """Tests for ERL / NERL (jaxseg.metrics.erl): em_erl reference case and hand-built merge logic."""
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from jaxseg.io.skeleton import SkeletonError, Skeletons, load_skeletons
 from jaxseg.metrics import (
@@ -15,7 +15,7 @@ from jaxseg.metrics import (
   voi,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 EM_ERL = DATA / "em_erl_testcase"
 
 

@@ -7,19 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA, require_shared
 
 from jaxseg import evaluate as evaluate_module
 from jaxseg.evaluate import evaluate
 from jaxseg.metrics import adapted_rand, voi
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 EM_ERL = DATA / "em_erl_testcase"
 GALA = DATA / "gala_fibsem_example"
-
-
-def _need(path: Path) -> None:
-  if not path.exists():
-    pytest.skip(f"test data not found at {path}")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -37,7 +33,7 @@ def test_evaluate_does_not_import_jax():
 
 
 def test_library_call_on_arrays_and_volumes(monkeypatch):
-  _need(GALA / "test-gt.lzf.h5")
+  require_shared(GALA / "test-gt.lzf.h5")
   h5py = pytest.importorskip("h5py")
   with h5py.File(GALA / "test-gt.lzf.h5") as f:
     gt = f["stack"][...]
@@ -64,7 +60,7 @@ def test_library_call_on_arrays_and_volumes(monkeypatch):
 
 
 def test_cli_end_to_end(tmp_path):
-  _need(EM_ERL / "gt_graph.npz")
+  require_shared(EM_ERL / "gt_graph.npz")
   out = tmp_path / "metrics.json"
   args = [
     f"--seg={EM_ERL / 'vol_pred.h5'}:main",
@@ -101,8 +97,8 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_cli_skeleton_only_and_errors(tmp_path):
-  _need(EM_ERL / "gt_graph.npz")
-  _need(GALA / "test-gt.lzf.h5")
+  require_shared(EM_ERL / "gt_graph.npz")
+  require_shared(GALA / "test-gt.lzf.h5")
   out = tmp_path / "nerl.json"
   done = _cli(
     f"--seg={EM_ERL / 'vol_gt.h5'}:main",
@@ -141,7 +137,7 @@ def test_json_has_no_nan(tmp_path):
 
 def test_cli_takes_defaults_from_a_config(tmp_path):
   """--config supplies eval defaults and the resolution; explicit flags win; config is saved."""
-  _need(EM_ERL / "gt_graph.npz")
+  require_shared(EM_ERL / "gt_graph.npz")
   config = Path(__file__).resolve().parents[1] / "configs" / "snemi.py"
   out = tmp_path / "metrics.json"
   done = _cli(

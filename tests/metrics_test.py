@@ -3,11 +3,11 @@
 import collections
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse
+from conftest import SHARED_DATA
 
 from jaxseg.metrics import (
   adapted_rand,
@@ -19,7 +19,7 @@ from jaxseg.metrics import (
 )
 from jaxseg.metrics import contingency as contingency_module
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 GALA = DATA / "gala_fibsem_example"
 
 

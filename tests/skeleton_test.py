@@ -7,6 +7,7 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from jaxseg.io.skeleton import (
   CACHE_SUFFIX,
@@ -18,7 +19,7 @@ from jaxseg.io.skeleton import (
   skeletons_from_graph,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 EM_ERL = DATA / "em_erl_testcase"
 
 
