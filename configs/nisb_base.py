@@ -35,7 +35,7 @@ def get_config(arg=None):
   data.resolution = (20.0, 9.0, 9.0)  # nm, (z, y, x); PyTC writes [9, 9, 20] in x, y, z
   data.patch_size = (128, 128, 128)
   data.normalize = "divide_255"
-  data.augmentation = "aug_banis"
+  data.aug = _aug_banis()
   data.prefetch = 4
 
   # -- target ----------------------------------------------------------------------------------
@@ -153,3 +153,27 @@ def get_config(arg=None):
   tune.trial_timeout_s = 3600
   del pytc_compat  # every NISB fix (EMA saved, same normalisation) has no PyTC switch
   return config
+
+
+def _aug_banis():
+  """PyTC ``aug_banis``, applied in this order before erosion and targets (section 3)."""
+  aug = ml_collections.ConfigDict()
+  aug.name = "aug_banis"
+  aug.permute_axes_p = 1.0  # identity allowed
+  aug.rot90_all_planes = True  # k uniform in 0..3 in each of the 3 planes
+  aug.flip_p = 0.5  # per axis
+  aug.slice_drop_p = 0.5  # one random axis; each slice zeroed w.p. slice_drop_rate
+  aug.slice_drop_rate = 0.05
+  aug.slice_shift_p = 0.5  # one random axis; each slice rolled (wrap) w.p. slice_shift_rate
+  aug.slice_shift_rate = 0.05
+  aug.slice_shift_max = 10  # voxels, U{-10..10} in-plane
+  aug.affine_p = 0.5  # image + labels (nearest), reflection padding
+  aug.affine_rotation = 3.141592653589793  # +- on every axis
+  aug.affine_scale = 0.2
+  aug.affine_shear = 0.5
+  aug.intensity_p = 0.5
+  aug.intensity_mul = (0.9, 1.1)
+  aug.intensity_add = (-0.1, 0.1)
+  aug.noise_p = 0.5
+  aug.noise_std = (0.0, 0.5)
+  return aug

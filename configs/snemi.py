@@ -45,7 +45,7 @@ def get_config(arg=None):
   # we use the same (per-volume) statistics for both.
   data.normalize = "minmax"
   data.normalize_scope = "crop" if pytc_compat else "volume"
-  data.augmentation = "aug_em_neuron"
+  data.aug = _aug_em_neuron()
   data.prefetch = 2
 
   # -- target ----------------------------------------------------------------------------------
@@ -193,3 +193,33 @@ def get_config(arg=None):
   tune.aff_threshold_high = (0.7, 1.0, 0.1)
   tune.thresholds = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # all run in one waterz pass
   return config
+
+
+def _aug_em_neuron():
+  """PyTC ``aug_em_neuron``, applied in this order (``pytc_spec.md`` section 3)."""
+  aug = ml_collections.ConfigDict()
+  aug.name = "aug_em_neuron"
+  aug.flip_p = 0.5  # per axis z, y, x
+  aug.rot90_yx_p = 0.5  # k in {1, 2, 3}
+  aug.elastic_p = 0.7  # MONAI Rand3DElastic
+  aug.elastic_sigma = (4.0, 8.0)
+  aug.elastic_magnitude = (8.0, 16.0)
+  aug.noise_p = 0.3
+  aug.noise_std = (0.0, 0.05)
+  aug.intensity_shift_p = 0.7
+  aug.intensity_shift = 0.2  # +- on the [0, 1] image
+  aug.gamma_p = 0.7
+  aug.gamma = (0.5, 1.5)
+  # One of the five image-only defects per sample; labels are never moved (unlike DeepEM).
+  aug.defects = ml_collections.ConfigDict()
+  aug.defects.misalignment_max_shift = 17  # px, zero fill, split in [1, D - 2]
+  aug.defects.misalignment_slip_fraction = 0.5  # single-section slip vs block translation
+  aug.defects.missing_sections_max = 5
+  aug.defects.missing_whole_fraction = 0.5  # else a rectangle of 25-75% size, fill U(0, 1)
+  aug.defects.missing_partial_size = (0.25, 0.75)
+  aug.defects.blur_sections_max = 5
+  aug.defects.blur_kernel = 11
+  aug.defects.blur_sigma = (1.0, 3.0)
+  aug.defects.missing_parts_p = 0.2
+  aug.defects.missing_parts_size = (0.1, 0.25)  # side ratio of the zeroed rectangle
+  return aug

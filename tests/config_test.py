@@ -41,6 +41,14 @@ def test_snemi_recipe_numbers():
   assert c.decode.branch_merge.one_sided_min_size == 100
   assert (c.tune.n_trials, c.tune.n_startup_trials, c.tune.trial_timeout_s) == (25, 10, 300)
   assert c.tune.split == "val"
+  aug = c.data.aug
+  assert (aug.name, aug.elastic_p, aug.elastic_sigma, aug.gamma) == (
+    "aug_em_neuron",
+    0.7,
+    (4.0, 8.0),
+    (0.5, 1.5),
+  )
+  assert (aug.defects.misalignment_max_shift, aug.defects.missing_parts_p) == (17, 0.2)
   pytc = config_util.load_config(str(REPO_ROOT / "configs" / "snemi.py") + ":pytc")
   assert pytc.tune.split == "test" and not pytc.decode.branch_merge.enabled
 
@@ -60,6 +68,13 @@ def test_nisb_and_liconn_recipe_numbers():
   )
   assert (base.decode.method, base.decode.threshold) == ("cc", 0.75)
   assert base.tune.threshold_grid == (0.50, 0.90, 0.02)
+  aug = base.data.aug
+  assert (aug.name, aug.slice_shift_max, aug.affine_shear, aug.noise_std) == (
+    "aug_banis",
+    10,
+    0.5,
+    (0.0, 0.5),
+  )
   # LICONN changes only data paths, resolution and the mask path.
   diff = _diff(config_util.config_to_dict(base), config_util.config_to_dict(liconn))
   assert set(diff) == {
