@@ -67,6 +67,9 @@ def test_on_disk_order_is_really_transposed(tmp_path):
     .result()
   )
   np.testing.assert_array_equal(raw, LABELS.transpose(2, 1, 0))
+  box = open_volume(tmp_path / "a.zarr")[1:5, 2:8, 3:9]
+  assert box.flags.c_contiguous  # canonical C order, ready for numba / jax kernels
+  np.testing.assert_array_equal(box, LABELS[1:5, 2:8, 3:9])
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])

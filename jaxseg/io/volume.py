@@ -317,7 +317,9 @@ class Volume:
   def __getitem__(self, key) -> np.ndarray:
     disk, dropped, _ = self._disk_slices(key)
     data = self._backend.read(disk)
-    data = np.transpose(data, self._to_disk)
+    # C order in canonical axes: downstream kernels (numba, jax) want contiguous arrays, and for
+    # a canonical-order file this is no copy at all.
+    data = np.ascontiguousarray(np.transpose(data, self._to_disk))
     if dropped:
       data = data.reshape([n for i, n in enumerate(data.shape) if i not in dropped])
     return data
