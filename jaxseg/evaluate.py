@@ -14,7 +14,6 @@ skeleton nodes. GT labels <= 0 are ignored. This module never imports JAX.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from jaxseg.common import config_util
+from jaxseg.common import config_util, files
 from jaxseg.io import Volume, VolumeError, open_volume
 from jaxseg.io.skeleton import Skeletons, load_skeletons
 from jaxseg.metrics import (
@@ -254,11 +253,7 @@ def write_json(metrics: dict[str, Any], path: str, overwrite: bool = False) -> N
     raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(_json_ready(metrics), f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  files.write_json(path, _json_ready(metrics))
 
 
 def main(argv):

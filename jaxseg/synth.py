@@ -18,13 +18,12 @@ Without ``--config`` the standalone config :mod:`jaxseg.synthesis.cli_config` (j
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from absl import app, flags, logging
 
-from jaxseg.common import config_util
+from jaxseg.common import config_util, files
 
 _CONFIG = config_util.define_config_flag(required=False)
 _OUTPUT = flags.DEFINE_string("output", None, "Dataset folder to write.", required=True)
@@ -53,14 +52,13 @@ def main(argv: list[str]) -> None:
   os.makedirs(output, exist_ok=True)
   config_util.save_config(config, output)
   # config.json keeps preset knobs as null ("from the preset"); this file has every value used.
-  with open(os.path.join(output, "synth_params.json"), "w") as f:
-    json.dump(resolve_config(config.data.synth).to_dict(), f, indent=2, sort_keys=True)
-    f.write("\n")
+  files.write_json(
+    os.path.join(output, "synth_params.json"), resolve_config(config.data.synth).to_dict()
+  )
   logging.info("generating into %s", output)
   summary = generate_dataset(config.data.synth, output, overwrite=_OVERWRITE.value)
-  with open(os.path.join(output, "synth_summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-    f.write("\n")
+  # Unsorted: the splits stay in train, val, test order.
+  files.write_json(os.path.join(output, "synth_summary.json"), summary, sort_keys=False)
   print(format_summary(summary))
 
 

@@ -18,6 +18,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from jaxseg.common import files
+
 RESOLVED_CONFIG_NAME = "config.json"
 
 
@@ -78,11 +80,7 @@ def save_config(
   """Writes the resolved config as JSON into ``directory``; returns the file path."""
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, name)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  files.write_json(path, config_to_dict(config))
   return path
 
 

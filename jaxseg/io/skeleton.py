@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxseg.common.files import atomic_output
 from jaxseg.io.errors import VolumeError
 
 # Bump when the cache layout or the conversion rules change, so stale caches are ignored.
@@ -136,14 +137,8 @@ def save_skeleton_graph(graph, path: str | os.PathLike) -> None:
     path: destination ``.pkl`` file; its directory must exist.
   """
   path = os.fspath(path)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      pickle.dump(graph, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with atomic_output(path) as tmp, open(tmp, "wb") as f:
+    pickle.dump(graph, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def load_skeleton_graph(path: str | os.PathLike):
@@ -345,20 +340,16 @@ def _read_cache(cache_path: str, key: np.ndarray, path: str) -> Skeletons | None
 
 
 def _write_cache(cache_path: str, key: np.ndarray, skeletons: Skeletons) -> None:
-  tmp = f"{cache_path}.tmp.{os.getpid()}.npz"
   try:
-    np.savez(
-      tmp,
-      key=key,
-      edge_length_source=np.asarray(skeletons.edge_length_source),
-      **skeletons.to_npz_dict(),
-    )
-    os.replace(tmp, cache_path)
+    with atomic_output(cache_path) as tmp:
+      np.savez(
+        tmp,
+        key=key,
+        edge_length_source=np.asarray(skeletons.edge_length_source),
+        **skeletons.to_npz_dict(),
+      )
   except OSError:
-    pass
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    pass  # A read-only skeleton folder only costs the cache, never the load.
 
 
 def _load_em_erl_npz(path: str, resolution) -> Skeletons:

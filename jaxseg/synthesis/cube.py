@@ -28,6 +28,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from jaxseg.common.files import write_json
 from jaxseg.common.progress import progress
 from jaxseg.synthesis.config import SynthParams, resolve_config
 from jaxseg.synthesis.preview import save_preview
@@ -154,11 +155,7 @@ def write_cube(
   if preview:
     save_preview(os.path.join(directory, "preview.png"), img, seg)
   info = dict(cube_stats(seg, graph), resolution=list(resolution), **attrs)
-  tmp = marker + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(info, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, marker)
+  write_json(marker, info)
   return info
 
 

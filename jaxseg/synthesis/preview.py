@@ -8,10 +8,10 @@ each neuron tinted in a stable colour (extracellular space untinted).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from PIL import Image
+
+from jaxseg.common.files import atomic_output
 
 _MIN_PANEL = 256  # small cubes are upscaled (nearest) so the preview stays readable
 
@@ -53,7 +53,6 @@ def preview_image(img: np.ndarray, seg: np.ndarray, alpha: float = 0.35) -> np.n
 
 def save_preview(path: str, img: np.ndarray, seg: np.ndarray) -> str:
   """Writes :func:`preview_image` as a PNG (atomically) and returns the path."""
-  tmp = path + ".tmp.png"
-  Image.fromarray(preview_image(img, seg)).save(tmp)
-  os.replace(tmp, path)
+  with atomic_output(path) as tmp:
+    Image.fromarray(preview_image(img, seg)).save(tmp)
   return path

@@ -1,0 +1,40 @@
+"""Atomic file outputs: a reader (or a resumed run) never sees half a file.
+
+Every small output jaxseg writes (resolved configs, metrics, completion markers, skeleton pickles,
+caches, previews) goes through :func:`atomic_output`: write to a temporary file beside the target,
+then ``os.replace`` it onto the target, which is atomic on one filesystem. A run killed midway
+leaves either the old file or none, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[str]:
+  """Yields a temporary path to write; on success it replaces ``path``, on error it is removed.
+
+  The temporary name keeps ``path``'s extension (``preview.tmp.<pid>.png``), so writers that pick
+  the format from the name (PIL, ``np.savez``) behave as they would for ``path`` itself.
+  """
+  path = os.fspath(path)
+  root, ext = os.path.splitext(path)
+  tmp = f"{root}.tmp.{os.getpid()}{ext}"
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_json(path: str | os.PathLike, data: Any, *, sort_keys: bool = True) -> None:
+  """Writes ``data`` as indented JSON (with a final newline) atomically."""
+  with atomic_output(path) as tmp, open(tmp, "w") as f:
+    json.dump(data, f, indent=2, sort_keys=sort_keys)
+    f.write("\n")
