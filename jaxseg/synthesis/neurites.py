@@ -83,22 +83,23 @@ def _label_at(labels, z, y, x, rz, ry, rx):
 
 
 @numba.njit(cache=True)
+def _foreign_at(labels, z, y, x, res, own):
+  """True if the nm point (z, y, x) lies in a neurite other than ``own``."""
+  lab = _label_at(labels, z, y, x, res[0], res[1], res[2])
+  return lab > 0 and lab != own
+
+
+@numba.njit(cache=True)
 def _segment_free(labels, p, q, res, own, spacing):
   """True if every voxel along the centre line p -> q is free, own, or outside the cube."""
   d = math.sqrt((q[0] - p[0]) ** 2 + (q[1] - p[1]) ** 2 + (q[2] - p[2]) ** 2)
   n = max(1, math.ceil(d / spacing))
   for i in range(n + 1):
     t = i / n
-    lab = _label_at(
-      labels,
-      p[0] + t * (q[0] - p[0]),
-      p[1] + t * (q[1] - p[1]),
-      p[2] + t * (q[2] - p[2]),
-      res[0],
-      res[1],
-      res[2],
-    )
-    if lab > 0 and lab != own:
+    z = p[0] + t * (q[0] - p[0])
+    y = p[1] + t * (q[1] - p[1])
+    x = p[2] + t * (q[2] - p[2])
+    if _foreign_at(labels, z, y, x, res, own):
       return False
   return True
 
@@ -106,33 +107,15 @@ def _segment_free(labels, p, q, res, own, spacing):
 @numba.njit(cache=True)
 def _ball_free(labels, c, r, res, own, dirs):
   """True if the centre and probe points on (and halfway into) the sphere are free or own."""
-  lab = _label_at(labels, c[0], c[1], c[2], res[0], res[1], res[2])
-  if lab > 0 and lab != own:
+  if _foreign_at(labels, c[0], c[1], c[2], res, own):
     return False
   for k in range(dirs.shape[0]):
-    lab = _label_at(
-      labels,
-      c[0] + r * dirs[k, 0],
-      c[1] + r * dirs[k, 1],
-      c[2] + r * dirs[k, 2],
-      res[0],
-      res[1],
-      res[2],
-    )
-    if lab > 0 and lab != own:
-      return False
-    if k < 6:  # the 6 axis directions are also probed at half radius (thin obstacles)
-      h = 0.5 * r
-      lab = _label_at(
-        labels,
-        c[0] + h * dirs[k, 0],
-        c[1] + h * dirs[k, 1],
-        c[2] + h * dirs[k, 2],
-        res[0],
-        res[1],
-        res[2],
-      )
-      if lab > 0 and lab != own:
+    # The 6 axis directions are also probed at half radius, to catch thin obstacles.
+    for i in range(2 if k < 6 else 1):
+      h = r if i == 0 else 0.5 * r
+      if _foreign_at(
+        labels, c[0] + h * dirs[k, 0], c[1] + h * dirs[k, 1], c[2] + h * dirs[k, 2], res, own
+      ):
         return False
   return True
 
