@@ -210,3 +210,20 @@ def test_wrong_axis_order_is_explained(tmp_path):
   write_volume(tmp_path / "a.zarr", LABELS)
   with pytest.raises(VolumeError, match="permutation of 'zyx'"):
     open_volume(tmp_path / "a.zarr", axis_order="xyzc")
+
+
+def test_axis_order_precedence(tmp_path):
+  """Explicit order > the file's attribute > the caller's default > canonical."""
+  write_volume(tmp_path / "tagged.zarr", LABELS, axis_order="xyz")  # carries axis_order
+  assert open_volume(tmp_path / "tagged.zarr", default_axis_order="zyx").axis_order == "xyz"
+  np.testing.assert_array_equal(
+    open_volume(tmp_path / "tagged.zarr", default_axis_order="zyx").read(), LABELS
+  )
+  with h5py.File(tmp_path / "untagged.h5", "w") as f:  # a foreign file: no attributes
+    f["seg"] = LABELS.transpose(2, 1, 0)
+  untagged = str(tmp_path / "untagged.h5")
+  assert open_volume(untagged).axis_order == "zyx"
+  vol = open_volume(untagged, default_axis_order="xyz")
+  assert vol.axis_order == "xyz"
+  np.testing.assert_array_equal(vol.read(), LABELS)
+  assert open_volume(untagged, axis_order="zyx", default_axis_order="xyz").axis_order == "zyx"

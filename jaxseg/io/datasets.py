@@ -20,7 +20,6 @@ be uint8 / uint16 / float, labels integer; errors name the files and what was ex
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -107,13 +106,13 @@ def nisb_cube(directory: str, resolution=None) -> LabeledVolume:
   image = open_volume(
     os.path.join(zarr_path, "img"),
     resolution=resolution,
-    axis_order=_stored_order(os.path.join(zarr_path, "img"), "xyzc"),
+    default_axis_order="xyzc",
   )
   if image.ndim == 3:
     raise VolumeError(f"{image.path}: NISB img must be (x, y, z, c), found shape {image.shape}")
   labels_path = os.path.join(zarr_path, "seg")
   labels = (
-    open_volume(labels_path, resolution=resolution, axis_order=_stored_order(labels_path, "xyz"))
+    open_volume(labels_path, resolution=resolution, default_axis_order="xyz")
     if os.path.exists(labels_path)
     else None
   )
@@ -124,19 +123,6 @@ def nisb_cube(directory: str, resolution=None) -> LabeledVolume:
     labels=labels,
     skeleton=skeleton if os.path.exists(skeleton) else None,
   )
-
-
-def _stored_order(path: str, default: str) -> str | None:
-  """NISB files carry no attributes: use the NISB order unless the file names its own."""
-  for meta in (".zattrs", "zarr.json"):
-    meta_path = os.path.join(path, meta)
-    if os.path.exists(meta_path):
-      with open(meta_path) as f:
-        attrs = json.load(f)
-      attrs = attrs.get("attributes", attrs)
-      if "axis_order" in attrs:
-        return None  # let open_volume use the file's own attribute
-  return default
 
 
 def _nisb(data_config, split: str) -> list[LabeledVolume]:

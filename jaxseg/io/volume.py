@@ -262,6 +262,7 @@ class Volume:
     axis_order: str | None = None,
     resolution: Sequence[float] | None = None,
     attrs: dict | None = None,
+    default_axis_order: str | None = None,
   ):
     self._backend = backend
     self.path = path
@@ -277,7 +278,11 @@ class Volume:
         f"{path}: unsupported dtype {backend.dtype}; expected one of "
         f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
       )
-    order = axis_order or self.attrs.get("axis_order") or canonical_order(ndim)
+    # Explicit order, else the file's own attribute, else the caller's default for files that
+    # name none (NISB zarr is x-first), else canonical.
+    order = (
+      axis_order or self.attrs.get("axis_order") or default_axis_order or canonical_order(ndim)
+    )
     self.axis_order = check_axis_order(str(order), ndim, path)
     self._to_disk = _disk_axes(self.axis_order)  # canonical axis i is disk axis _to_disk[i]
     self.shape = tuple(int(backend.shape[d]) for d in self._to_disk)
@@ -437,6 +442,7 @@ def open_volume(
   axis_order: str | None = None,
   resolution: Sequence[float] | None = None,
   dataset: str | None = None,
+  default_axis_order: str | None = None,
 ) -> Volume:
   """Opens a volume lazily, by path or tensorstore spec.
 
@@ -452,6 +458,8 @@ def open_volume(
       file's ``axis_order`` attribute, else canonical (precomputed is always ``xyzc``).
     resolution: nm per voxel (z, y, x). Default: the file's ``resolution`` attribute, else 1.
     dataset: the HDF5 dataset, instead of the ``:dataset`` suffix.
+    default_axis_order: the order to assume when neither ``axis_order`` nor the file names one
+      (``"xyz"`` for NISB arrays, which carry no attributes).
 
   Returns:
     A :class:`Volume`; a :class:`WritableVolume` for tensorstore formats.
@@ -460,11 +468,14 @@ def open_volume(
     VolumeError: missing file or dataset, a group where an array was expected, wrong rank,
       unsupported dtype; the message names the file and what was expected.
   """
+  layout = {
+    "axis_order": axis_order,
+    "resolution": resolution,
+    "default_axis_order": default_axis_order,
+  }
   if isinstance(spec, dict):
     backend = _open_tensorstore(spec, json.dumps(spec)[:200])
-    return WritableVolume(
-      backend, path=json.dumps(spec)[:200], axis_order=axis_order, resolution=resolution
-    )
+    return WritableVolume(backend, path=json.dumps(spec)[:200], **layout)
   spec = os.fspath(spec)
 
   if spec.startswith(_PRECOMPUTED_PREFIX):
@@ -488,7 +499,7 @@ def open_volume(
 
   match = _H5_PATTERN.match(spec)
   if match:
-    return _open_h5(match["file"], dataset or match["dataset"], axis_order, resolution)
+    return _open_h5(match["file"], dataset or match["dataset"], layout)
 
   if not os.path.exists(spec):
     raise VolumeError(f"{spec}: no such file or folder")
@@ -496,16 +507,16 @@ def open_volume(
   if os.path.isfile(spec):
     if spec.lower().endswith(_TIFF_SUFFIXES):
       backend = _TiffBackend(spec)
-      return Volume(backend, path=spec, axis_order=axis_order, resolution=resolution)
+      return Volume(backend, path=spec, **layout)
     raise VolumeError(
       f"{spec}: unknown file type; expected .h5/.hdf5[:dataset], .tif/.tiff, or a zarr / N5 / "
       "precomputed folder"
     )
 
-  return _open_folder(spec, axis_order, resolution)
+  return _open_folder(spec, layout)
 
 
-def _open_h5(file: str, dataset: str | None, axis_order, resolution) -> Volume:
+def _open_h5(file: str, dataset: str | None, layout: dict) -> Volume:
 
   if not os.path.isfile(file):
     raise VolumeError(f"{file}: no such HDF5 file")
@@ -521,35 +532,21 @@ def _open_h5(file: str, dataset: str | None, axis_order, resolution) -> Volume:
     if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
       raise VolumeError(f"{file}: no dataset {dataset!r}; the file holds {names}")
   backend = _H5Backend(file, dataset)
-  return Volume(
-    backend,
-    path=f"{file}:{dataset}",
-    axis_order=axis_order,
-    resolution=resolution,
-    attrs=backend.attrs,
-  )
+  return Volume(backend, path=f"{file}:{dataset}", attrs=backend.attrs, **layout)
 
 
-def _open_folder(path: str, axis_order, resolution) -> Volume:
+def _open_folder(path: str, layout: dict) -> Volume:
   entries = set(os.listdir(path))
   if ".zarray" in entries:
     attrs = _read_json(os.path.join(path, ".zattrs")) if ".zattrs" in entries else {}
     backend = _open_tensorstore({"driver": "zarr", "kvstore": _file_kvstore(path)}, path)
-    return WritableVolume(
-      backend, path=path, axis_order=axis_order, resolution=resolution, attrs=attrs
-    )
+    return WritableVolume(backend, path=path, attrs=attrs, **layout)
   if "zarr.json" in entries:
     meta = _read_json(os.path.join(path, "zarr.json"))
     if meta.get("node_type") == "group":
       raise _group_error(path)
     backend = _open_tensorstore({"driver": "zarr3", "kvstore": _file_kvstore(path)}, path)
-    return WritableVolume(
-      backend,
-      path=path,
-      axis_order=axis_order,
-      resolution=resolution,
-      attrs=meta.get("attributes", {}),
-    )
+    return WritableVolume(backend, path=path, attrs=meta.get("attributes", {}), **layout)
   if ".zgroup" in entries:
     raise _group_error(path)
   if "attributes.json" in entries:
@@ -562,19 +559,13 @@ def _open_folder(path: str, axis_order, resolution) -> Volume:
       for k, v in meta.items()
       if k not in ("dimensions", "blockSize", "dataType", "compression")
     }
-    return WritableVolume(
-      backend, path=path, axis_order=axis_order, resolution=resolution, attrs=attrs
-    )
+    return WritableVolume(backend, path=path, attrs=attrs, **layout)
   if "info" in entries:
-    return open_volume(
-      _PRECOMPUTED_PREFIX + "file://" + os.path.abspath(path),
-      axis_order=axis_order,
-      resolution=resolution,
-    )
+    return open_volume(_PRECOMPUTED_PREFIX + "file://" + os.path.abspath(path), **layout)
   slices = sorted((e for e in entries if e.lower().endswith(_SLICE_SUFFIXES)), key=_natural_key)
   if slices:
     backend = _SliceFolderBackend(path, [os.path.join(path, s) for s in slices])
-    return Volume(backend, path=path, axis_order=axis_order, resolution=resolution)
+    return Volume(backend, path=path, **layout)
   raise VolumeError(
     f"{path}: not a volume; expected a zarr / N5 array folder, a neuroglancer precomputed "
     "folder (with 'info') or a folder of PNG/TIFF slices"
