@@ -7,6 +7,12 @@ import pytest
 
 # Tests never need an accelerator; keep JAX off any GPU a developer machine may have.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Two simulated CPU devices, so sharded code paths (a ('data',) mesh over 2 devices) are tested
+# on any machine; single-device tests build their mesh from ``jax.devices()[:1]``. Must be set
+# before JAX initialises its backend, which no test module does at import time.
+os.environ["XLA_FLAGS"] = " ".join(
+  filter(None, [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=2"])
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
