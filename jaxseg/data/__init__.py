@@ -1,9 +1,14 @@
-"""Training data: affinity targets and label erosion.
+"""Training data: affinity targets, label erosion, augmentation and the crop pipeline.
 
 - ``jaxseg.data.affinity``: offset presets (``aff12``, ``banis6``), labels ``[z, y, x]`` ->
   affinities and masks ``[c, z, y, x]``, context crops, source/target convention conversion.
 - ``jaxseg.data.erosion``: contact erosion of labels ``[z, y, x]``.
+- ``jaxseg.data.augment``: the two recipe augmentation suites (``aug_em_neuron``, ``aug_banis``)
+  as jittable per-sample functions on image ``[z, y, x, c]`` and labels ``[z, y, x]``.
+- ``jaxseg.data.pipeline``: random crops read on the host (``TrainData``, batches
+  ``[b, z, y, x, c]``) and the on-device transform (augment -> erode -> targets).
 
-Both work on numpy and jax arrays and import jax only when handed a jax array, so the decoder can
-use them without jax. This package imports nothing itself; import the submodules.
+``affinity`` and ``erosion`` work on numpy and jax arrays and import jax only when handed a jax
+array, so the decoder can use them without jax; so does the host side of ``pipeline``. This
+package imports nothing itself; import the submodules.
 """

@@ -1,0 +1,831 @@
+"""Training data: random crops read on the host, targets made on the device.
+
+Host side (numpy, threads; no jax): :class:`TrainData` reads random crops of ``read_shape`` =
+``config.data.patch_size`` + target context from the lazy volumes of one split
+(``jaxseg.io.datasets.dataset_volumes``) and returns host batches
+
+* ``image``: float32 ``[b, Zr, Yr, Xr, c]``, normalised (``c`` = image channels);
+* ``labels``: int32 ``[b, Zr, Yr, Xr]`` (0 background, -1 unlabeled, > 0 ids).
+
+A batch is a pure function of ``(config.seed, step, process_index)``, so a resumed run sees exactly
+the batches it would have seen. :meth:`TrainData.iterate` prefetches batches on background threads
+(threads suit tensorstore reads, which release the GIL).
+
+Device side (jax, jittable): :func:`make_device_transform` returns ``transform(key, image,
+labels)`` that, per sample (vmapped), augments (training only), erodes the labels, computes the
+affinity targets and masks and cuts the context off, returning float32 ``image`` ``[b, Z, Y, X,
+c]``, ``target`` and ``mask`` ``[b, Z, Y, X, n_aff]`` with ``(Z, Y, X)`` = ``data.patch_size``.
+
+Recipes (``pytc_spec.md`` sections 1 and 3):
+
+* NISB (``banis6``): read 138^3 (patch 128^3 + 10 trailing context per axis), divide by 255, no
+  padding; every edge of the final crop has its partner, so the mask is 1 except at -1 labels.
+* SNEMI (``aff12``): no target context (edges leaving the crop are masked). The volume is padded
+  by ``data.pad_size`` (reflect) and crops are sampled in padded coordinates; only the needed box
+  is read and the padding is made by index reflection. Labels in the padding are -1 (unlabeled;
+  ``data.pad_labels="unlabeled"``) rather than PyTC's mirrored labels (``"reflect"``, ``:pytc``).
+  Min-max normalisation uses per-volume statistics (:func:`volume_stats`), the same ones inference
+  uses, instead of PyTC's per-crop statistics (``normalize_scope="crop"``, ``:pytc``).
+
+Inference normalises with :func:`volume_stats` and :func:`normalize_image`, so training and test
+images go through the same mapping.
+
+Public API::
+
+  data = TrainData(config, "train", jax.process_index(), jax.process_count())
+  data.read_shape                       # (Zr, Yr, Xr) = patch + context, e.g. (138, 138, 138)
+  data.batch(step, b)                   # {"image": [b, Zr, Yr, Xr, c], "labels": [b, Zr, Yr, Xr]}
+  data.crops(step, b)                   # the Crop(volume, start) positions batch(step, b) reads
+  with data.iterate(start_step, b) as it:          # (step, batch), prefetched on threads
+    ...
+  val = TrainData(config, "val")
+  for batch in val.eval_batches(b, n): ...         # the same crops at every call
+  transform = make_device_transform(config, data.read_shape, train=True)   # jit it
+  out = transform(key, batch["image"], batch["labels"])   # image / target / mask, channels last
+  stats = volume_stats(volume); x = normalize_image(raw, config.data, stats)   # inference
+  target_settings(config), read_shape_for(config), labels_to_int32(labels), padded_indices(...)
+
+Config fields read: ``seed``; ``data.patch_size``, ``data.normalize`` (``"divide_255"`` |
+``"minmax"``), ``data.normalize_scope`` (``"volume"`` | ``"crop"``; default ``"volume"``),
+``data.pad_size`` / ``data.pad_mode`` (``"reflect"``, ``"symmetric"``, ``"edge"``, ``"constant"``) /
+``data.pad_labels`` (``"unlabeled"``: -1; ``"reflect"``: padded like the image), ``data.in_memory``,
+``data.prefetch``, ``data.aug`` (device side); ``target.preset``, ``target.convention``,
+``target.target_context``, ``target.erosion``, ``target.erosion_plane``,
+``target.relabel_connected_components`` (must be False); ``model.in_channels`` (checked). Absent
+optional fields mean: no padding, not in memory, prefetch 2, no augmentation.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import itertools
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from jaxseg.data.affinity import (
+  Context,
+  affinity_context,
+  array_namespace,
+  check_convention,
+  compute_affinities,
+  crop_context,
+  get_preset,
+)
+from jaxseg.data.erosion import PLANES, erode_labels
+from jaxseg.io.datasets import LabeledVolume, dataset_volumes
+from jaxseg.io.volume import Volume, WritableVolume
+
+NORMALIZE_MODES = ("divide_255", "minmax")
+NORMALIZE_SCOPES = ("volume", "crop")
+PAD_MODES = ("reflect", "symmetric", "edge", "constant")
+PAD_LABELS = ("unlabeled", "reflect")
+
+# Tags mixed into the seed so training and evaluation crops are independent random streams.
+_TRAIN_STREAM = 0
+_EVAL_STREAM = 1
+_INT32_MAX = np.iinfo(np.int32).max
+# int32 holds every value of these, so labels of these dtypes are cast without looking at them.
+_SMALL_LABEL_DTYPES = tuple(
+  np.dtype(t) for t in ("bool", "int8", "int16", "int32", "uint8", "uint16")
+)
+# Spatial voxels per slab when streaming a volume for its statistics without a chunk shape.
+_STATS_SLAB_VOXELS = 1 << 24
+
+
+# ---------------------------------------------------------------------------------------------
+# Target settings shared by the host (read shape) and the device (targets).
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSettings:
+  """What ``config.target`` asks for, resolved and checked.
+
+  Attributes:
+    offsets: ``(dz, dy, dx)`` per affinity channel (from ``target.preset``).
+    convention: ``'source'`` or ``'target'`` storage.
+    context: ``((lead_z, trail_z), (lead_y, trail_y), (lead_x, trail_x))`` read around the patch.
+    erosion: half-width of the erosion window (0: none).
+    erosion_plane: ``'yx'``, ``'zy'`` or ``'zx'``.
+  """
+
+  offsets: tuple[tuple[int, int, int], ...]
+  convention: str
+  context: Context
+  erosion: int
+  erosion_plane: str
+
+  @property
+  def num_channels(self) -> int:
+    return len(self.offsets)
+
+
+def target_settings(config) -> TargetSettings:
+  """Resolves ``config.target`` into :class:`TargetSettings`.
+
+  ``target.target_context`` is PyTC's number: either 3 values (extra voxels per axis z, y, x) or 6
+  (leading z, y, x then trailing z, y, x). All zeros means no context (edges whose partner lies
+  outside the crop are masked, the SNEMI recipe). Otherwise the context is
+  ``affinity_context(offsets, convention)`` and must agree with the configured numbers.
+
+  Raises:
+    ValueError: context disagreeing with the preset, ``relabel_connected_components=True``, or a
+      bad erosion setting.
+  """
+  target = config.target
+  spec = get_preset(target.preset)
+  convention = check_convention(target.get("convention", spec.convention))
+  if target.get("relabel_connected_components", False):
+    raise ValueError(
+      "target.relabel_connected_components=True is not supported: jaxseg keeps the label ids of "
+      "the volume within each crop, as PyTC's recipes do (relabel_connected_components: false)"
+    )
+  configured = tuple(int(v) for v in target.get("target_context", (0, 0, 0)))
+  if len(configured) not in (3, 6) or min(configured, default=0) < 0:
+    raise ValueError(
+      f"target.target_context must be 3 (per axis) or 6 (leading z, y, x, trailing z, y, x) "
+      f"non-negative ints, got {configured}"
+    )
+  if any(configured):
+    context = affinity_context(spec.offsets, convention)
+    if len(configured) == 3:
+      agrees = all(lead + trail == c for (lead, trail), c in zip(context, configured, strict=True))
+    else:
+      lead, trail = configured[:3], configured[3:]
+      agrees = context == tuple(zip(lead, trail, strict=True))
+    if not agrees:
+      raise ValueError(
+        f"target.target_context {configured} disagrees with the context the {target.preset!r} "
+        f"offsets need under the {convention!r} convention: {context} ((leading, trailing) per "
+        "axis z, y, x); fix target_context or set it to zeros for no context"
+      )
+  else:
+    context = ((0, 0), (0, 0), (0, 0))
+  erosion = target.get("erosion", 0)
+  if int(erosion) != erosion or erosion < 0:
+    raise ValueError(f"target.erosion must be a non-negative int, got {erosion!r}")
+  plane = target.get("erosion_plane", "yx")
+  if plane not in PLANES:
+    raise ValueError(f"target.erosion_plane must be one of {sorted(PLANES)}, got {plane!r}")
+  return TargetSettings(spec.offsets, convention, context, int(erosion), plane)
+
+
+def read_shape_for(config) -> tuple[int, int, int]:
+  """``data.patch_size`` plus the target context: the crop the host reads, ``(Zr, Yr, Xr)``."""
+  patch = _patch_size(config)
+  context = target_settings(config).context
+  return tuple(p + lead + trail for p, (lead, trail) in zip(patch, context, strict=True))
+
+
+def _patch_size(config) -> tuple[int, int, int]:
+  patch = tuple(int(p) for p in config.data.patch_size)
+  if len(patch) != 3 or min(patch) < 1:
+    raise ValueError(f"data.patch_size must be 3 positive ints (z, y, x), got {patch}")
+  return patch
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation.
+
+
+class VolumeStats(NamedTuple):
+  """Intensity range of a whole image volume (all channels together)."""
+
+  min: float
+  max: float
+
+
+def volume_stats(volume: Volume | np.ndarray) -> VolumeStats:
+  """Min and max of a whole image volume, streamed slab by slab along z.
+
+  Statistics cover the whole file, whatever split a z range assigns, so the training, validation
+  and test crops of one file share one intensity mapping. Inference calls this on the volume it
+  predicts and passes the result to :func:`normalize_image`.
+
+  Args:
+    volume: a lazy :class:`Volume` (``[c,] z, y, x``) or an in-memory array.
+
+  Returns:
+    :class:`VolumeStats`.
+
+  Raises:
+    ValueError: for an empty volume.
+  """
+  shape = tuple(volume.shape)
+  where = getattr(volume, "path", "array")
+  if not shape or min(shape) == 0:
+    raise ValueError(f"{where}: cannot compute statistics of an empty volume {shape}")
+  nz = shape[-3]
+  chunks = getattr(volume, "chunks", None)
+  if chunks:
+    depth = int(chunks[-3])
+  else:
+    depth = max(
+      1, _STATS_SLAB_VOXELS // int(np.prod(shape[-2:]) * (shape[0] if len(shape) == 4 else 1))
+    )
+  lo, hi = np.inf, -np.inf
+  lead = (slice(None),) * (len(shape) - 3)
+  for z in range(0, nz, depth):
+    slab = np.asarray(volume[(*lead, slice(z, min(nz, z + depth)))])
+    lo = min(lo, float(slab.min()))
+    hi = max(hi, float(slab.max()))
+  return VolumeStats(lo, hi)
+
+
+def _normalize_settings(data_config) -> tuple[str, str]:
+  mode = data_config.get("normalize", None)
+  if mode not in NORMALIZE_MODES:
+    raise ValueError(f"data.normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
+  scope = data_config.get("normalize_scope", "volume")
+  if mode == "minmax" and scope not in NORMALIZE_SCOPES:
+    raise ValueError(f"data.normalize_scope must be one of {NORMALIZE_SCOPES}, got {scope!r}")
+  return mode, scope
+
+
+def needs_volume_stats(data_config) -> bool:
+  """True when :func:`normalize_image` needs :func:`volume_stats` of the volume."""
+  mode, scope = _normalize_settings(data_config)
+  return mode == "minmax" and scope == "volume"
+
+
+def normalize_image(image, data_config, stats: VolumeStats | None = None, *, out=None):
+  """Maps raw image intensities to float32 as ``data.normalize`` says.
+
+  * ``"divide_255"``: ``image / 255`` (NISB, BANIS).
+  * ``"minmax"`` with ``data.normalize_scope="volume"``: ``(image - min) / (max - min)`` with the
+    :func:`volume_stats` of the whole volume (jaxseg's default, the same at train and test time).
+  * ``"minmax"`` with ``"crop"``: the same with the min and max of ``image`` itself (PyTC's
+    training behaviour).
+
+  A constant range (``max == min``) maps to zeros. The arithmetic is float32 throughout.
+
+  Args:
+    image: raw intensities, any shape (numpy, or jax).
+    data_config: ``config.data``.
+    stats: the volume's statistics; required for ``minmax`` / ``volume``.
+    out: optional float32 numpy array of ``image``'s shape to write into (numpy input only).
+
+  Returns:
+    float32 array of ``image``'s shape (``out`` when given).
+
+  Raises:
+    ValueError: an unknown mode or scope, or missing statistics.
+  """
+  xp = array_namespace(image)
+  mode, scope = _normalize_settings(data_config)
+  if mode == "minmax" and scope == "volume" and stats is None:
+    raise ValueError(
+      "data.normalize='minmax' with normalize_scope='volume' needs the volume's statistics "
+      "(volume_stats(volume))"
+    )
+  if xp is not np:  # jax: functional updates, no Python branching on traced values
+    image = image.astype(xp.float32)
+    if mode == "divide_255":
+      return image / xp.float32(255.0)
+    lo, hi = (stats.min, stats.max) if scope == "volume" else (image.min(), image.max())
+    return (image - lo) / xp.where(hi > lo, hi - lo, 1.0).astype(xp.float32)
+  if out is None:
+    out = np.empty(np.shape(image), np.float32)
+  np.copyto(out, image, casting="unsafe")  # = image.astype(float32), without a temporary
+  if mode == "divide_255":
+    out /= np.float32(255.0)
+    return out
+  if scope == "volume":
+    lo, hi = float(stats.min), float(stats.max)
+  else:
+    lo, hi = float(out.min()), float(out.max())
+  out -= np.float32(lo)
+  out /= np.float32(hi - lo if hi > lo else 1.0)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels.
+
+
+def labels_to_int32(labels: np.ndarray, where: str = "labels", *, out=None) -> np.ndarray:
+  """Label ids as int32, keeping 0 (background) and -1 (unlabeled).
+
+  Ids that fit int32 are cast; otherwise (e.g. uint64 ids) the positive ids of this array are
+  renumbered 1..n in increasing order. Only equality of ids matters for the targets, so a crop's
+  renumbering changes nothing downstream.
+
+  Args:
+    labels: integer (or bool) ids, any shape.
+    where: names the source in error messages.
+    out: optional int32 array of ``labels``' shape to write into.
+
+  Raises:
+    ValueError: negative ids other than -1.
+  """
+  labels = np.asarray(labels)
+  if out is None:
+    out = np.empty(labels.shape, np.int32)
+  if labels.dtype in _SMALL_LABEL_DTYPES or labels.size == 0:
+    np.copyto(out, labels, casting="unsafe")
+    return out
+  lo, hi = labels.min(), labels.max()
+  signed = np.issubdtype(labels.dtype, np.signedinteger)
+  if signed and lo < -1:
+    raise ValueError(
+      f"{where}: negative label {int(lo)}; labels are 0 (background), -1 (unlabeled) or > 0 ids"
+    )
+  if hi <= _INT32_MAX:
+    np.copyto(out, labels, casting="unsafe")
+    return out
+  ids, inverse = np.unique(labels, return_inverse=True)
+  positive = ids > 0
+  new_ids = np.zeros(ids.shape, np.int32)
+  new_ids[positive] = np.arange(1, int(positive.sum()) + 1, dtype=np.int32)
+  if signed:
+    new_ids[ids == -1] = -1
+  np.take(new_ids, inverse.reshape(labels.shape), out=out)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding by index mapping.
+
+
+def padded_indices(index: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+  """Maps indices of a padded axis (``-pad <= index < size + pad``) to indices of the axis.
+
+  Matches ``np.pad`` for ``mode`` ``"reflect"`` (mirror, edge not repeated), ``"symmetric"``
+  (edge repeated), ``"edge"`` and ``"constant"``, also for pads longer than the axis.
+
+  Returns:
+    ``(source, inside)``: ``source`` in ``[0, size)`` for every index; ``inside`` is True where
+    ``index`` lies within the axis (outside, ``"constant"`` fills instead of reading ``source``).
+  """
+  index = np.asarray(index, np.int64)
+  inside = (index >= 0) & (index < size)
+  if mode == "reflect":
+    if size == 1:
+      source = np.zeros_like(index)
+    else:
+      period = 2 * (size - 1)
+      source = np.mod(index, period)
+      source = np.where(source >= size, period - source, source)
+  elif mode == "symmetric":
+    period = 2 * size
+    source = np.mod(index, period)
+    source = np.where(source >= size, period - 1 - source, source)
+  elif mode in ("edge", "constant"):
+    source = np.clip(index, 0, size - 1)
+  else:
+    raise ValueError(f"data.pad_mode must be one of {PAD_MODES}, got {mode!r}")
+  return source, inside
+
+
+def _read_mapped(source, lead: tuple, z0: int, axes: Sequence[np.ndarray]) -> np.ndarray:
+  """Reads ``source[lead, z0 + axes[0], axes[1], axes[2]]`` (outer product) via one bounding box."""
+  boxes = tuple(slice(int(a.min()), int(a.max()) + 1) for a in axes)
+  key = (*lead, slice(boxes[0].start + z0, boxes[0].stop + z0), boxes[1], boxes[2])
+  block = np.asarray(source[key])
+  contiguous = all(
+    len(a) == b.stop - b.start and np.array_equal(a, np.arange(b.start, b.stop))
+    for a, b in zip(axes, boxes, strict=True)
+  )
+  if contiguous:
+    return block
+  local = [a - b.start for a, b in zip(axes, boxes, strict=True)]
+  return block[(Ellipsis, *np.ix_(*local))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side.
+
+
+class Crop(NamedTuple):
+  """One sampled crop.
+
+  Attributes:
+    volume: index into :attr:`TrainData.volumes`.
+    start: ``(z, y, x)`` of the crop's first voxel in the *padded* coordinates of that volume's
+      usable region: volume voxel = ``start - pad + (z_range[0], 0, 0)``.
+  """
+
+  volume: int
+  start: tuple[int, int, int]
+
+
+@dataclasses.dataclass
+class _Source:
+  """A volume prepared for reading: lazy or in-memory arrays, usable z range, statistics."""
+
+  name: str
+  image: Any  # Volume or ndarray, canonical [c,] z, y, x
+  labels: Any  # Volume or ndarray [z, y, x]
+  z0: int  # first usable section in `image` / `labels`
+  shape: tuple[int, int, int]  # usable spatial shape
+  channels: int
+  stats: VolumeStats | None
+  lock: threading.Lock | None  # serialises reads of readers that are not thread-safe
+
+
+class TrainData:
+  """Random training crops from the volumes of one split, as pure functions of the step.
+
+  Sampling: a volume uniformly at random, then a position uniformly at random among the crops of
+  ``read_shape`` that fit the volume's usable region (its ``z_range``) grown by ``data.pad_size``.
+  Only the box under the crop is read; padding is made by mapping indices back into the volume.
+
+  ``batch(step, b)`` depends only on ``(config.seed, step, process_index)`` (and ``b``): each
+  process of a multi-host run draws its own per-process batch, and a resumed run reproduces the
+  batches of the original run exactly.
+
+  Attributes:
+    read_shape: ``(Zr, Yr, Xr)``, ``data.patch_size`` + the target context.
+    patch_size: ``data.patch_size``.
+    context: ``((lead, trail),) * 3`` read around the patch.
+    pad: ``data.pad_size`` (zeros without it).
+    channels: image channels ``c``.
+    volumes: the split's :class:`LabeledVolume` entries.
+  """
+
+  def __init__(
+    self,
+    config,
+    split: str = "train",
+    process_index: int = 0,
+    process_count: int = 1,
+    *,
+    volumes: Sequence[LabeledVolume] | None = None,
+  ):
+    """Opens the split and checks it against the config.
+
+    Args:
+      config: the full config (``seed``, ``data``, ``target``, ``model.in_channels``).
+      split: ``"train"``, ``"val"`` or ``"test"``.
+      process_index: this process (``jax.process_index()``).
+      process_count: processes in the run (``jax.process_count()``).
+      volumes: use these volumes instead of the split's (tests, custom datasets).
+
+    Raises:
+      ValueError: the split has no volumes; a volume has no labels, an empty usable axis, a
+        usable shape (padded) smaller than ``read_shape``, or a channel count other than
+        ``model.in_channels``; an unsupported ``data`` / ``target`` setting. Messages name the
+        volume and the shapes.
+    """
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+    self.config = config
+    self.split = split
+    self.process_index = int(process_index)
+    self.process_count = int(process_count)
+    self.seed = int(config.get("seed", 0))
+    data = config.data
+    self.target = target_settings(config)
+    self.patch_size = _patch_size(config)
+    self.context = self.target.context
+    self.read_shape = read_shape_for(config)
+    self.prefetch = int(data.get("prefetch", 2))
+    self._normalize = _normalize_settings(data)
+    pad = data.get("pad_size", None)
+    self.pad = tuple(int(p) for p in pad) if pad is not None else (0, 0, 0)
+    if len(self.pad) != 3 or min(self.pad) < 0:
+      raise ValueError(f"data.pad_size must be 3 non-negative ints (z, y, x), got {pad}")
+    self.pad_mode = data.get("pad_mode", "reflect")
+    if self.pad_mode not in PAD_MODES:
+      raise ValueError(f"data.pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
+    self.pad_labels = data.get("pad_labels", "unlabeled")
+    if self.pad_labels not in PAD_LABELS:
+      raise ValueError(f"data.pad_labels must be one of {PAD_LABELS}, got {self.pad_labels!r}")
+
+    if volumes is None:
+      volumes = dataset_volumes(data, split)
+    self.volumes = list(volumes)
+    if not self.volumes:
+      raise ValueError(
+        f"split {split!r} has no volumes (layout {data.get('layout')!r}, root "
+        f"{data.get('root')!r}); check the {split}_seeds / {split}_files / val_sections settings"
+      )
+    in_channels = config.get("model", {}).get("in_channels", None)
+    in_memory = bool(data.get("in_memory", False))
+    self._sources = [self._prepare(v, in_channels, in_memory) for v in self.volumes]
+    self.channels = self._sources[0].channels
+
+  # -- setup -------------------------------------------------------------------------------------
+
+  def _prepare(self, vol: LabeledVolume, in_channels, in_memory: bool) -> _Source:
+    where = f"{self.split} volume {vol.name!r} ({vol.image.path})"
+    if vol.labels is None:
+      raise ValueError(f"{where}: has no labels; training and validation crops need labels")
+    shape = tuple(int(n) for n in vol.spatial_shape)
+    z0 = vol.z_range[0] if vol.z_range is not None else 0
+    full_z = vol.image.shape[-3]
+    if vol.z_range is not None and not 0 <= z0 <= vol.z_range[1] <= full_z:
+      raise ValueError(f"{where}: z_range {vol.z_range} lies outside its {full_z} sections")
+    if min(shape) == 0:
+      raise ValueError(f"{where}: usable shape {shape} (z, y, x) has an empty axis")
+    padded = tuple(n + 2 * p for n, p in zip(shape, self.pad, strict=True))
+    if any(r > n for r, n in zip(self.read_shape, padded, strict=True)):
+      raise ValueError(
+        f"{where}: crop of read_shape {self.read_shape} (patch {self.patch_size} + context "
+        f"{self.context}) does not fit the usable shape {shape} padded by {self.pad} = {padded}"
+      )
+    channels = vol.image.shape[0] if vol.image.ndim == 4 else 1
+    if in_channels is not None and channels != int(in_channels):
+      raise ValueError(
+        f"{where}: image has {channels} channel(s) (shape {vol.image.shape}) but "
+        f"model.in_channels is {in_channels}"
+      )
+    stats = volume_stats(vol.image) if needs_volume_stats(self.config.data) else None
+    image, labels = vol.image, vol.labels
+    if in_memory:
+      # Small volumes (SNEMI) are read once, like PyTC's cached dataset: crops then cost a
+      # memory copy instead of decoding whole TIFF pages for every crop.
+      lead = (slice(None),) * (image.ndim - 3)
+      image = image[(*lead, slice(z0, z0 + shape[0]))]
+      labels = labels[z0 : z0 + shape[0]]
+      z0 = 0
+    # Tensorstore and numpy reads are thread-safe; TIFF / HDF5 / slice readers share file
+    # handles, so the prefetch threads take turns on them.
+    threadsafe = all(isinstance(a, (np.ndarray, WritableVolume)) for a in (image, labels))
+    return _Source(
+      vol.name, image, labels, z0, shape, channels, stats, None if threadsafe else threading.Lock()
+    )
+
+  # -- sampling ----------------------------------------------------------------------------------
+
+  def _rng(self, stream: int, index: int) -> np.random.Generator:
+    if index < 0:
+      raise ValueError(f"step / batch index must be >= 0, got {index}")
+    seq = np.random.SeedSequence([self.seed, stream, index, self.process_index])
+    return np.random.Generator(np.random.PCG64(seq))
+
+  def _sample(self, rng: np.random.Generator, batch_size: int) -> list[Crop]:
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    crops = []
+    for _ in range(batch_size):
+      v = int(rng.integers(len(self._sources)))
+      shape = self._sources[v].shape
+      start = tuple(
+        int(rng.integers(0, n + 2 * p - r + 1))
+        for n, p, r in zip(shape, self.pad, self.read_shape, strict=True)
+      )
+      crops.append(Crop(v, start))
+    return crops
+
+  def crops(self, step: int, batch_size: int) -> list[Crop]:
+    """The crops of training batch ``step`` (what :meth:`batch` reads)."""
+    return self._sample(self._rng(_TRAIN_STREAM, step), batch_size)
+
+  def eval_crops(self, index: int, batch_size: int) -> list[Crop]:
+    """The crops of evaluation batch ``index`` (what :meth:`eval_batches` reads)."""
+    return self._sample(self._rng(_EVAL_STREAM, index), batch_size)
+
+  # -- reading -----------------------------------------------------------------------------------
+
+  def read_crop(self, crop: Crop) -> tuple[np.ndarray, np.ndarray]:
+    """Reads one crop.
+
+    Returns:
+      ``(image, labels)``: float32 ``[Zr, Yr, Xr, c]`` normalised, int32 ``[Zr, Yr, Xr]``.
+    """
+    image = np.empty((*self.read_shape, self.channels), np.float32)
+    labels = np.empty(self.read_shape, np.int32)
+    self._read_into(crop, image, labels)
+    return image, labels
+
+  def _read_into(self, crop: Crop, image_out: np.ndarray, labels_out: np.ndarray) -> None:
+    """Reads ``crop`` into ``image_out`` ``[Zr, Yr, Xr, c]`` and ``labels_out`` ``[Zr, Yr, Xr]``
+    (slots of the batch arrays, so a crop is copied once after the read)."""
+    src = self._sources[crop.volume]
+    mapped = [
+      padded_indices(np.arange(s - p, s - p + r), n, self.pad_mode)
+      for s, p, r, n in zip(crop.start, self.pad, self.read_shape, src.shape, strict=True)
+    ]
+    axes = [m[0] for m in mapped]
+    inside = [m[1] for m in mapped]
+    outside = None
+    if not all(i.all() for i in inside):
+      outside = ~(inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])
+    lead = (slice(None),) * (src.image.ndim - 3)
+    with src.lock or contextlib.nullcontext():
+      image = _read_mapped(src.image, lead, src.z0, axes)
+      labels = _read_mapped(src.labels, (), src.z0, axes)
+    if image.ndim == 3:
+      image = image[None]
+    if outside is not None and self.pad_mode == "constant":
+      image = np.where(outside, np.zeros((), image.dtype), image)
+    normalize_image(np.moveaxis(image, 0, -1), self.config.data, src.stats, out=image_out)
+    labels_to_int32(labels, f"{src.name} labels", out=labels_out)
+    if outside is not None:
+      if self.pad_labels == "unlabeled":
+        labels_out[outside] = -1
+      elif self.pad_mode == "constant":
+        labels_out[outside] = 0
+
+  def _read_batch(self, crops: Sequence[Crop]) -> dict[str, np.ndarray]:
+    image = np.empty((len(crops), *self.read_shape, self.channels), np.float32)
+    labels = np.empty((len(crops), *self.read_shape), np.int32)
+    for i, crop in enumerate(crops):
+      self._read_into(crop, image[i], labels[i])
+    return {"image": image, "labels": labels}
+
+  def batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
+    """Training batch ``step``: ``{"image": float32 [b, Zr, Yr, Xr, c], "labels": int32 [b, Zr,
+    Yr, Xr]}``, a pure function of ``(config.seed, step, process_index, batch_size)``."""
+    return self._read_batch(self.crops(step, batch_size))
+
+  def eval_batch(self, index: int, batch_size: int) -> dict[str, np.ndarray]:
+    """Evaluation batch ``index`` (fixed crops; see :meth:`eval_batches`)."""
+    return self._read_batch(self.eval_crops(index, batch_size))
+
+  def iterate(
+    self, start_step: int, batch_size: int, stop_step: int | None = None
+  ) -> BatchIterator:
+    """Yields ``(step, batch(step, batch_size))`` for ``step = start_step, start_step + 1, ...``
+    up to ``stop_step`` (exclusive; None: forever).
+
+    Batches are read ``data.prefetch`` ahead on background threads (0: on the caller's thread).
+    Close the iterator (or use it as a context manager) to stop the threads; an exception raised
+    while reading a batch is raised by ``next`` for that step. ``batch_size`` is per process.
+    """
+    steps = itertools.count(int(start_step)) if stop_step is None else range(start_step, stop_step)
+    return BatchIterator(lambda step: self.batch(step, batch_size), steps, self.prefetch)
+
+  def eval_batches(self, batch_size: int, n_batches: int) -> BatchIterator:
+    """Yields ``n_batches`` evaluation batches (no ``step`` index), prefetched like
+    :meth:`iterate`; use it on ``TrainData(config, "val")`` and call the device transform with
+    ``train=False`` (no augmentation).
+
+    The crops are the SAME at every call (a fixed seed per batch index), so the validation loss
+    of successive evaluations measures the model, not the draw of crops. PyTC reseeds its
+    validation crops every epoch, which adds sampling noise to the metric used to select
+    checkpoints.
+    """
+    return BatchIterator(
+      lambda i: self.eval_batch(i, batch_size),
+      range(int(n_batches)),
+      self.prefetch,
+      yield_key=False,
+    )
+
+
+class BatchIterator(Iterator):
+  """Computes ``make(k)`` for the keys in order, ``prefetch`` ahead on background threads.
+
+  Yields ``(key, batch)`` (or just ``batch`` with ``yield_key=False``). An exception raised by
+  ``make`` is raised by ``next`` for that key, after which the iterator is closed. ``close()``
+  (also on ``with`` exit) cancels pending work and joins the threads.
+  """
+
+  def __init__(
+    self,
+    make: Callable[[int], Any],
+    keys: Iterable[int],
+    prefetch: int,
+    *,
+    yield_key: bool = True,
+  ):
+    self._make = make
+    self._keys = iter(keys)
+    self._prefetch = max(0, int(prefetch))
+    self._yield_key = yield_key
+    self._pending: collections.deque = collections.deque()
+    self._closed = False
+    self._executor = (
+      concurrent.futures.ThreadPoolExecutor(self._prefetch, thread_name_prefix="jaxseg-data")
+      if self._prefetch
+      else None
+    )
+    self._fill()
+
+  def _fill(self) -> None:
+    while self._executor is not None and len(self._pending) < self._prefetch:
+      key = next(self._keys, None)
+      if key is None:
+        return
+      self._pending.append((key, self._executor.submit(self._make, key)))
+
+  def __next__(self):
+    if self._closed:
+      raise StopIteration
+    if self._executor is None:
+      key = next(self._keys, None)
+      if key is None:
+        self._closed = True
+        raise StopIteration
+      try:
+        value = self._make(key)
+      except BaseException:
+        self._closed = True
+        raise
+    else:
+      if not self._pending:
+        self.close()
+        raise StopIteration
+      key, future = self._pending.popleft()
+      try:
+        value = future.result()
+      except BaseException:
+        self.close()
+        raise
+      self._fill()
+    return (key, value) if self._yield_key else value
+
+  def close(self) -> None:
+    """Cancels batches not started, waits for running ones, stops the threads. Idempotent."""
+    if self._closed and self._executor is None:
+      return
+    self._closed = True
+    for _, future in self._pending:
+      future.cancel()
+    self._pending.clear()
+    if self._executor is not None:
+      self._executor.shutdown(wait=True, cancel_futures=True)
+      self._executor = None
+
+  def __enter__(self) -> BatchIterator:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __del__(self):
+    if getattr(self, "_executor", None) is not None:
+      self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device side.
+
+
+def make_device_transform(config, read_shape: Sequence[int], *, train: bool):
+  """Builds the jittable per-batch transform from host crops to model inputs and targets.
+
+  Per sample (vmapped over the batch): augment (``train`` only, ``data.aug``), erode the labels
+  (``target.erosion`` in ``target.erosion_plane``), compute affinities and masks
+  (``target.preset`` / ``target.convention``) on the whole read crop, then cut the context off
+  image, targets and masks.
+
+  Args:
+    config: the full config.
+    read_shape: ``(Zr, Yr, Xr)`` of the host crops (``TrainData.read_shape``).
+    train: augment (training) or not (evaluation).
+
+  Returns:
+    ``transform(key, image, labels) -> {"image", "target", "mask"}``: ``key`` a jax PRNG key
+    (ignored, may be None, when not augmenting), ``image`` float32 ``[b, Zr, Yr, Xr, c]``,
+    ``labels`` int32 ``[b, Zr, Yr, Xr]``; outputs float32 ``[b, Z, Y, X, c]`` and ``[b, Z, Y, X,
+    n_aff]`` with ``(Z, Y, X)`` = ``data.patch_size``.
+
+  Raises:
+    ValueError: ``read_shape`` is not patch + context.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  settings = target_settings(config)
+  read_shape = tuple(int(n) for n in read_shape)
+  expected = read_shape_for(config)
+  if read_shape != expected:
+    raise ValueError(
+      f"read_shape {read_shape} is not data.patch_size {_patch_size(config)} + target context "
+      f"{settings.context} = {expected}"
+    )
+  aug_config = config.data.get("aug", None)
+  aug_name = aug_config.get("name", "none") if aug_config is not None else "none"
+  augment = None
+  if train and aug_name != "none":
+    # Imported here: only augmenting needs it.
+    from jaxseg.data.augment import make_augment
+
+    augment = make_augment(aug_config, read_shape)
+  context = settings.context
+  crop = tuple(slice(lead, n - trail) for n, (lead, trail) in zip(read_shape, context, strict=True))
+
+  def one(key, image, labels):
+    if augment is not None:
+      image, labels = augment(key, image, labels)
+    labels = erode_labels(labels, settings.erosion, settings.erosion_plane)
+    affinity, mask = compute_affinities(labels, settings.offsets, settings.convention)
+    affinity = jnp.moveaxis(crop_context(affinity, context), 0, -1)
+    mask = jnp.moveaxis(crop_context(mask, context), 0, -1)
+    return {"image": image[crop], "target": affinity, "mask": mask}
+
+  def transform(key, image, labels):
+    image = jnp.asarray(image, jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)
+    if image.ndim != 5 or image.shape[1:4] != read_shape:
+      raise ValueError(
+        f"image must be [b, {', '.join(map(str, read_shape))}, c], got {image.shape}"
+      )
+    if labels.shape != image.shape[:4]:
+      raise ValueError(
+        f"labels must be {image.shape[:4]} (image {image.shape}), got {labels.shape}"
+      )
+    if augment is None:
+      return jax.vmap(lambda x, y: one(None, x, y))(image, labels)
+    keys = jax.random.split(key, image.shape[0])
+    return jax.vmap(one)(keys, image, labels)
+
+  return transform
