@@ -36,7 +36,8 @@ def get_config(arg=None):
   data.patch_size = (128, 128, 128)
   data.normalize = "divide_255"
   data.aug = _aug_banis()
-  data.prefetch = 4
+  data.prefetch = 4  # host batches read ahead on background threads
+  data.in_memory = False  # crops are read lazily from the zarr (cubes are tens of GB)
 
   # -- target ----------------------------------------------------------------------------------
   config.target = target = ml_collections.ConfigDict()
@@ -92,12 +93,19 @@ def get_config(arg=None):
   train.ema.decay = 0.999
   train.ema.warmup_steps = 500  # decay 0 (a plain copy) for the first 500 updates
   train.log_every = 100
-  train.eval_every = 5000
-  train.eval_batches = 100  # random 128^3 crops of the validation cube, reseeded per eval
-  train.checkpoint_every = 50_000
+  train.eval_every = 5000  # validation on the EMA weights; each validation also checkpoints
+  # 100 random 128^3 crops of the validation cube. PyTC reseeds them every epoch; we use the same
+  # crops at every validation so the monitored loss compares models, not draws of crops.
+  train.eval_batches = 100
+  # Checkpoints: every 5000 steps (resume granularity) and at every validation; kept are the
+  # latest, the top-3 by val_loss and PyTC's permanent every-50k-steps checkpoints.
+  train.checkpoint_every = 5000
+  train.keep_every = 50_000
   train.keep_top_k = 3
-  train.monitor = "val_loss"
+  train.monitor = "val_loss"  # "val_loss", "val_accuracy" (mode max) or "train_loss"
   train.monitor_mode = "min"
+  train.mesh_devices = 0  # devices of the ('data',) mesh; 0 = all (global batch = 2 x devices)
+  train.distributed = False  # jax.distributed.initialize(); also on JAX_COORDINATOR_ADDRESS
 
   # -- inference -------------------------------------------------------------------------------
   config.infer = infer = ml_collections.ConfigDict()

@@ -1,0 +1,100 @@
+r"""Trains a network: ``python -m jaxseg.train --config=configs/x.py --workdir=DIR``.
+
+A thin entry point over :func:`jaxseg.training.train_lib.train_and_evaluate`: parses the config
+(``--config.a.b=value`` overrides), sets up multi-host JAX when asked, and trains in ``--workdir``
+(resuming from its latest checkpoint). Examples::
+
+  python -m jaxseg.synth --config=configs/demo.py --output=demo_data
+  python -m jaxseg.train --config=configs/demo.py --workdir=runs/demo
+  python -m jaxseg.train --config=configs/snemi.py --workdir=runs/snemi --config.train.batch_size=2
+
+Multi-host: ``jax.distributed.initialize()`` runs when ``config.train.distributed`` is true or a
+coordinator is set in the environment (``JAX_COORDINATOR_ADDRESS``, or a cluster JAX detects
+itself when ``train.distributed`` is set: SLURM, Open MPI, Kubernetes / Cloud TPU). Every process
+runs the same command; each reads its own share of the batch.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import os
+
+from absl import app, flags, logging
+
+from jaxseg.common import config_util
+
+_CONFIG = config_util.define_config_flag()
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, logs).", required=True)
+
+# Environment variables that name a JAX coordinator: their presence means a multi-process run.
+_COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS",)
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Drops library INFO chatter; warnings still pass.
+
+  orbax logs dozens of lines per checkpoint, matplotlib its font cache, and JAX's backend probe
+  says it found no TPU on every start.
+  """
+
+  _NOISY = ("/orbax/", "/matplotlib/", "/jax/_src/xla_bridge.py")
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno >= py_logging.WARNING:
+      return True
+    return not any(part in record.pathname for part in self._NOISY)
+
+
+def wants_distributed(config, environ=os.environ) -> bool:
+  """True when the config or the environment asks for ``jax.distributed.initialize()``."""
+  if bool(config.train.get("distributed", False)):
+    return True
+  return any(environ.get(name) for name in _COORDINATOR_ENV)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  root = config.data.get("root", None)
+  if "synth" in config.data and root and not os.path.isdir(root):
+    raise app.UsageError(
+      f"no data at data.root={root!r}; this config trains on generated data, make it first with "
+      f"python -m jaxseg.synth --config=<this config> --output={root}"
+    )
+  # Imported after flag parsing: keeps --help fast and lets JAX see the final environment.
+  import jax
+
+  if wants_distributed(config):
+    jax.distributed.initialize()
+    logging.info(
+      "jax.distributed: process %d of %d, %d local / %d global devices",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+    )
+  from jaxseg.training.train_lib import train_and_evaluate
+
+  result = train_and_evaluate(config, _WORKDIR.value)
+  if jax.process_index() == 0:
+    print(
+      f"trained to step {result['step']}: train loss {_fmt(result['train_loss'])}, "
+      f"val loss {_fmt(result['val_loss'])}, best {result['monitor']} "
+      f"{_fmt(result['best_value'])} (step {result['best_step']}); checkpoints in "
+      f"{result['checkpoint_dir']}; curves in {_WORKDIR.value}/training_curves.png"
+    )
+
+
+def _fmt(value) -> str:
+  return "n/a" if value is None else f"{value:.4g}"
+
+
+def run() -> None:
+  """Console-script entry point (``jaxseg-train``)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,606 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``, resumable, data-parallel.
+
+Owns the train state, the jitted train / eval steps, the loop with logging, validation and
+checkpoints, and :func:`restore_inference_model` for the inference code.
+
+Shapes: host batches from :class:`jaxseg.data.pipeline.TrainData` are ``image`` float32 ``[B, Zr,
+Yr, Xr, c]`` and ``labels`` int32 ``[B, Zr, Yr, Xr]`` (``Zr..`` = patch + target context, ``B`` the
+global batch = ``train.batch_size`` per device x devices). Inside the jitted step
+:func:`jaxseg.data.pipeline.make_device_transform` augments them (key ``fold_in(base, step)``),
+erodes the labels and computes ``target`` / ``mask`` ``[B, Z, Y, X, n_aff]``; the model maps the
+image ``[B, Z, Y, X, c]`` to logits ``[B, Z, Y, X, n_aff]``.
+
+State layout (a plain pytree, replicated on every device)::
+
+  {"step": int32 scalar,            # optimizer updates done; also the data / augmentation index
+   "params": {...},                 # nnx.Param values as a nested dict (nnx.to_pure_dict)
+   "rest": {...},                   # any other model state (empty for RSUNet / MedNeXt)
+   "opt_state": optax state,        # clip_by_global_norm + AdamW
+   "ema": {...} or None}            # EMA of params (train.ema.enabled)
+
+The model's structure (``nnx.GraphDef``) stays outside, and ``nnx.merge(graphdef, params, rest)``
+rebuilds the module inside the step. Because the crops of step ``s`` and their augmentation are
+pure functions of ``(config.seed, s)``, restoring the state restores the whole run.
+
+Workdir layout::
+
+  workdir/config.json          the resolved config (written at every start)
+  workdir/checkpoints/<step>/  see jaxseg.training.checkpoint
+  workdir/tensorboard/         TensorBoard event files
+  workdir/metrics.jsonl        one JSON line per train log and per validation
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from jaxseg.common import config_util
+from jaxseg.data import pipeline
+from jaxseg.training import checkpoint as ckpt_lib
+from jaxseg.training import ema as ema_lib
+from jaxseg.training import losses, optim, summary
+from jaxseg.training import sharding as sharding_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss or gradient became NaN / Inf."""
+
+
+# -- model and state -------------------------------------------------------------------------------
+
+
+def compute_dtype(config) -> str:
+  """The model's compute dtype: ``model.compute_dtype`` under mixed precision, else float32."""
+  if config.train.get("mixed_precision", False):
+    return config.model.get("compute_dtype", "float32")
+  return "float32"
+
+
+def _build_model(config, dtype: str | None = None) -> nnx.Module:
+  from jaxseg.models import build_model  # the models pull in their layers only when needed
+
+  return build_model(config.model, rngs=nnx.Rngs(int(config.get("seed", 0))), compute_dtype=dtype)
+
+
+def model_graphdef(config, dtype: str | None = None):
+  """``(graphdef, abstract_params, abstract_rest)`` without allocating parameters."""
+  abstract = nnx.eval_shape(lambda: _build_model(config, dtype))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def _ema_enabled(config) -> bool:
+  ema = config.train.get("ema", None)
+  return bool(ema is not None and ema.get("enabled", False))
+
+
+def create_train_state(config, tx: optax.GradientTransformation, sharding) -> tuple[Any, dict]:
+  """Initialises ``(graphdef, state)`` with the state born replicated on the mesh.
+
+  The parameters are a function of ``config.seed`` only, so every host (and a 1- or 2-device
+  run) initialises the same model.
+  """
+  dtype = compute_dtype(config)
+  graphdef, _, _ = model_graphdef(config, dtype)
+  with_ema = _ema_enabled(config)
+
+  def init():
+    model = _build_model(config, dtype)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "rest": rest,
+      "opt_state": tx.init(params),
+      "ema": jax.tree.map(jnp.copy, params) if with_ema else None,
+    }
+
+  state = jax.jit(init, out_shardings=sharding.replicated)()
+  return graphdef, state
+
+
+# -- steps ---------------------------------------------------------------------------------------
+
+
+def make_train_step(config, graphdef, tx, sharding, read_shape):
+  """The jitted ``train_step(state, image, labels) -> (state, metrics)`` (state donated).
+
+  The step computes the targets from the raw crops on the device, runs forward / backward in the
+  model's compute dtype with the loss in float32, clips, applies AdamW and updates the EMA. When
+  the loss or the gradient norm is not finite, the state is returned unchanged (``metrics
+  ["finite"]`` is False) so no NaN ever reaches the parameters or a checkpoint; the host stops.
+  """
+  transform = pipeline.make_device_transform(config, read_shape, train=True)
+  loss_fn = losses.make_loss_fn(config.train)
+  lr_fn = optim.create_learning_rate_fn(config.optim, int(config.train.num_steps))
+  base_key = jax.random.key(int(config.get("seed", 0)))
+  # A separate stream from parameter init, named so that other uses of the seed cannot collide.
+  aug_key = jax.random.fold_in(base_key, 0x5EED)
+  with_ema = _ema_enabled(config)
+  if with_ema:
+    decay = float(config.train.ema.decay)
+    warmup = int(config.train.ema.warmup_steps)
+
+  def train_step(state, image, labels):
+    step = state["step"]
+    batch = transform(jax.random.fold_in(aug_key, step), image, labels)
+
+    def loss_of(params):
+      model = nnx.merge(graphdef, params, state["rest"])
+      logits = model(batch["image"])
+      total, per_channel = loss_fn(logits, batch["target"], batch["mask"])
+      _, _, rest = nnx.split(model, nnx.Param, ...)
+      return total, (per_channel, nnx.to_pure_dict(rest))
+
+    (loss, (per_channel, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = {
+      "step": step + 1,
+      "params": params,
+      "rest": rest,
+      "opt_state": opt_state,
+      "ema": ema_lib.ema_update(state["ema"], params, step, decay, warmup) if with_ema else None,
+    }
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = {
+      "loss": loss,
+      "loss_per_channel": per_channel,
+      "grad_norm": grad_norm,
+      "lr": lr_fn(step),
+      "finite": finite,
+    }
+    return new, metrics
+
+  repl = sharding.replicated
+  return jax.jit(
+    train_step,
+    in_shardings=(repl, sharding.batch, sharding.batch),
+    out_shardings=(repl, repl),
+    donate_argnums=(0,),
+  )
+
+
+def make_eval_step(config, graphdef, sharding, read_shape):
+  """The jitted ``eval_step(params, rest, image, labels) -> (sums, preview)``.
+
+  ``sums``: ``loss`` and ``loss_per_channel`` of the batch, ``correct`` / ``valid`` entry counts
+  for the accuracy. ``preview``: the mid-z slice of the first sample's ``image`` ``[Y, X, c]``,
+  ``target`` and ``prediction`` (probabilities) ``[Y, X, n_aff]``.
+  """
+  transform = pipeline.make_device_transform(config, read_shape, train=False)
+  loss_fn = losses.make_loss_fn(config.train)
+
+  def eval_step(params, rest, image, labels):
+    batch = transform(None, image, labels)
+    model = nnx.merge(graphdef, params, rest)
+    logits = model(batch["image"])
+    total, per_channel = loss_fn(logits, batch["target"], batch["mask"])
+    correct, valid = losses.accuracy_counts(logits, batch["target"], batch["mask"])
+    mid = batch["image"].shape[1] // 2
+    preview = {
+      "image": batch["image"][0, mid],
+      "target": batch["target"][0, mid],
+      "prediction": jax.nn.sigmoid(logits[0, mid].astype(jnp.float32)),
+    }
+    sums = {"loss": total, "loss_per_channel": per_channel, "correct": correct, "valid": valid}
+    return sums, preview
+
+  repl = sharding.replicated
+  return jax.jit(
+    eval_step,
+    in_shardings=(repl, repl, sharding.batch, sharding.batch),
+    out_shardings=(repl, repl),
+  )
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = round(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _channel_scalars(prefix: str, values) -> dict[str, float]:
+  return {f"{prefix}_c{i}": float(v) for i, v in enumerate(np.asarray(values).ravel())}
+
+
+def _check_batch_geometry(config) -> None:
+  from jaxseg.models import input_multiple
+
+  patch = tuple(int(p) for p in config.data.patch_size)
+  multiple = input_multiple(config.model)
+  if any(p % m for p, m in zip(patch, multiple, strict=True)):
+    raise ValueError(
+      f"data.patch_size {patch} must be a multiple of {multiple} (z, y, x) for model "
+      f"{config.model.name!r} with these settings"
+    )
+  if int(config.train.batch_size) < 1:
+    raise ValueError(f"train.batch_size (per device) must be >= 1, got {config.train.batch_size}")
+
+
+def _eval_enabled(config) -> bool:
+  return int(config.train.get("eval_every", 0)) > 0 and int(config.train.get("eval_batches", 0)) > 0
+
+
+class _Evaluator:
+  """Runs validation on the fixed val crops with the EMA (or raw) parameters."""
+
+  def __init__(self, config, graphdef, sharding, local_batch: int):
+    self.data = pipeline.TrainData(
+      config, "val", process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    self.step_fn = make_eval_step(config, graphdef, sharding, self.data.read_shape)
+    self.sharding = sharding
+    self.local_batch = local_batch
+    self.n_batches = int(config.train.eval_batches)
+
+  def __call__(self, params, rest) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    totals, preview = [], None
+    with self.data.eval_batches(self.local_batch, self.n_batches) as batches:
+      for host_batch in batches:
+        batch = sharding_lib.to_global(host_batch, self.sharding)
+        sums, pre = self.step_fn(params, rest, batch["image"], batch["labels"])
+        totals.append(sums)
+        preview = pre if preview is None else preview
+    totals = jax.device_get(totals)
+    loss = float(np.mean([t["loss"] for t in totals]))
+    per_channel = np.mean([t["loss_per_channel"] for t in totals], axis=0)
+    correct = float(np.sum([t["correct"] for t in totals]))
+    valid = float(np.sum([t["valid"] for t in totals]))
+    metrics = {"loss": loss, "accuracy": correct / max(valid, 1.0)}
+    metrics.update(_channel_scalars("loss", per_channel))
+    return metrics, jax.device_get(preview)
+
+
+def _restore_state(manager, step: int, state: dict, sharding) -> dict:
+  """The train state of checkpoint ``step``, restored onto ``state``'s shapes and shardings."""
+  has_ema = bool(manager.meta(step).get("ema"))
+  restored = manager.restore(
+    step,
+    params=state["params"],
+    train={"step": state["step"], "opt_state": state["opt_state"], "rest": state["rest"]},
+    ema=state["ema"] if has_ema else None,
+    sharding=sharding.replicated,
+  )
+  ema = restored.get("ema")
+  if state["ema"] is not None and ema is None:
+    # EMA switched on for a run that had none: start the average from the restored weights.
+    logging.warning("checkpoint %d has no EMA; starting the EMA from its parameters", step)
+    ema = jax.tree.map(jnp.copy, restored["params"])
+  elif state["ema"] is None:
+    ema = None
+  new = {**restored["train"], "params": restored["params"], "ema": ema}
+  if int(new["step"]) != step:
+    raise ValueError(f"checkpoint {step} in {manager.directory} holds step {int(new['step'])}")
+  return new
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint when there is one.
+
+  Every ``train.log_every`` steps: a progress line (loss, lr, steps/s, voxels/s, ETA), scalars to
+  TensorBoard and ``metrics.jsonl``. At step 0 of a fresh run, every ``train.eval_every`` steps
+  and at the end (when ``train.eval_batches > 0``): validation loss and affinity accuracy on the
+  fixed val crops with the EMA weights, plus a preview image. Checkpoints every
+  ``train.checkpoint_every`` steps, at each validation when ``train.monitor`` is a validation
+  metric, and at the end (or ``stop_at``); see :mod:`jaxseg.training.checkpoint` for what is
+  kept.
+
+  Args:
+    config: the full, resolved config.
+    workdir: output folder (created when missing).
+    stop_at: stop after this step with a checkpoint, as a preempted or time-limited job would;
+      the schedules still follow ``train.num_steps`` and a later call continues exactly.
+
+  Returns:
+    ``{"step", "train_loss", "val_loss", "best_step", "best_value", "monitor",
+    "checkpoint_dir", "resumed_from"}`` (``None`` where not applicable).
+
+  Raises:
+    NonFiniteLossError: the loss became NaN / Inf (the last good checkpoint is kept).
+    IncompatibleCheckpointError: the workdir holds checkpoints of a different model.
+    ValueError: bad settings or data (messages from the data pipeline name volume and shapes).
+  """
+  train_cfg = config.train
+  num_steps = int(train_cfg.num_steps)
+  if num_steps < 1:
+    raise ValueError(f"train.num_steps must be >= 1, got {num_steps}")
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+
+  sharding = sharding_lib.create_sharding(int(train_cfg.get("mesh_devices", 0)))
+  _check_batch_geometry(config)
+  per_device = int(train_cfg.batch_size)
+  global_batch = sharding_lib.global_batch_size(per_device, sharding)
+  local_batch = sharding_lib.local_batch_size(per_device, sharding)
+
+  monitor = str(train_cfg.get("monitor", "val_loss"))
+  if monitor.startswith("val_") and not _eval_enabled(config):
+    logging.warning(
+      "train.monitor=%r but validation is off (train.eval_every / train.eval_batches): only the "
+      "latest checkpoint (and train.keep_every milestones) will be kept",
+      monitor,
+    )
+  with contextlib.ExitStack() as stack:
+    manager = ckpt_lib.CheckpointManager(
+      os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR),
+      keep_top_k=int(train_cfg.get("keep_top_k", 3)),
+      monitor=monitor,
+      monitor_mode=str(train_cfg.get("monitor_mode", "min")),
+      keep_every=int(train_cfg.get("keep_every", 0)),
+    )
+    stack.callback(manager.close)
+    tx = optim.create_optimizer(config.optim, num_steps)
+    graphdef, abstract_params, _ = model_graphdef(config, compute_dtype(config))
+    start = manager.latest_step()
+    if start is not None:
+      # Before anything is written: a different model in this workdir is a user error to report,
+      # not a shape mismatch deep inside orbax.
+      manager.check_model(start, config.model, abstract_params)
+    if is_main:
+      config_util.save_config(config, workdir)
+
+    graphdef, state = create_train_state(config, tx, sharding)
+    if start is not None:
+      state = _restore_state(manager, start, state, sharding)
+      logging.info("resumed from %s at step %d", manager.directory, start)
+    step = int(start or 0)
+    end = num_steps if stop_at is None else min(int(stop_at), num_steps)
+
+    train_data = pipeline.TrainData(
+      config, "train", process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    train_step = make_train_step(config, graphdef, tx, sharding, train_data.read_shape)
+    evaluator = (
+      _Evaluator(config, graphdef, sharding, local_batch) if _eval_enabled(config) else None
+    )
+    writer = summary.MetricWriter(workdir, enabled=is_main)
+    stack.callback(writer.close)
+    voxels_per_step = global_batch * math.prod(int(p) for p in config.data.patch_size)
+
+    log_every = max(1, int(train_cfg.get("log_every", 50)))
+    eval_every = int(train_cfg.get("eval_every", 0))
+    ckpt_every = int(train_cfg.get("checkpoint_every", 0))
+    monitor_on_val = monitor.startswith("val_")
+    logging.info(
+      "training %s: %d steps from step %d, global batch %d (%d per device x %d devices), "
+      "patch %s, workdir %s",
+      config.get("name", "?"),
+      num_steps,
+      step,
+      global_batch,
+      per_device,
+      sharding.num_devices,
+      tuple(config.data.patch_size),
+      workdir,
+    )
+
+    pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet read back
+    window: list[dict] = []  # host metrics since the last log line
+    since_save: list[float] = []  # train losses since the last checkpoint
+    last_train_loss = None
+    last_val: dict[str, Any] | None = None
+    t_window = time.perf_counter()
+    steps_window = 0
+    overhead = 0.0  # seconds spent on validation / checkpoints inside the current window
+
+    def drain():
+      """Reads back the pending step metrics; raises on the first non-finite one."""
+      nonlocal last_train_loss
+      if not pending:
+        return
+      fetched = jax.device_get([m for _, m in pending])
+      steps = [s for s, _ in pending]
+      pending.clear()
+      for s, m in zip(steps, fetched, strict=True):
+        if not bool(m["finite"]):
+          latest = manager.latest_step()
+          kept = (
+            f"the last good checkpoint is step {latest} in {manager.directory}"
+            if latest is not None
+            else "no checkpoint had been saved yet"
+          )
+          raise NonFiniteLossError(
+            f"non-finite training loss at step {s} (loss {float(m['loss'])}, gradient norm "
+            f"{float(m['grad_norm'])}); the update was not applied and {kept}. Try a lower "
+            "optim.lr or a smaller optim.grad_clip, train.mixed_precision=False, and check the "
+            "input data (NaN / Inf image values, labels) of this step's crops."
+          )
+        window.append(m)
+        since_save.append(float(m["loss"]))
+        last_train_loss = float(m["loss"])
+
+    def save(at: int, val_metrics: dict | None) -> None:
+      drain()  # never checkpoint past an unchecked (possibly NaN) step
+      metrics = {}
+      if since_save:
+        metrics["train_loss"] = float(np.mean(since_save))
+      if val_metrics is not None:
+        metrics["val_loss"] = val_metrics["loss"]
+        metrics["val_accuracy"] = val_metrics["accuracy"]
+      manager.save(
+        at,
+        params=state["params"],
+        train={"step": state["step"], "opt_state": state["opt_state"], "rest": state["rest"]},
+        ema=state["ema"],
+        metrics=metrics,
+        model_config=config.model,
+      )
+      since_save.clear()
+
+    def run_eval(at: int) -> dict:
+      params = state["ema"] if state["ema"] is not None else state["params"]
+      t0 = time.perf_counter()
+      metrics, preview = evaluator(params, state["rest"])
+      writer.write_scalars(at, metrics, kind="val")
+      writer.write_image(
+        at, "val/preview", summary.preview_grid(preview["image"], preview["target"],
+                                                preview["prediction"])
+      )  # fmt: skip
+      if is_main:
+        summary.plot_training_curves(workdir)
+      logging.info(
+        "step %d: val loss %.4f, accuracy %.4f (%d batches, %.1fs)",
+        at,
+        metrics["loss"],
+        metrics["accuracy"],
+        evaluator.n_batches,
+        time.perf_counter() - t0,
+      )
+      return metrics
+
+    if step < end:
+      batches = stack.enter_context(train_data.iterate(step, local_batch))
+    if evaluator is not None and step == 0:
+      last_val = run_eval(0)  # the starting point of the validation curve (not checkpointed)
+    while step < end:
+      batch_step, host_batch = next(batches)
+      assert batch_step == step, (batch_step, step)
+      batch = sharding_lib.to_global(host_batch, sharding)
+      state, metrics = train_step(state, batch["image"], batch["labels"])
+      pending.append((step, metrics))
+      step += 1
+      steps_window += 1
+      is_last = step == num_steps
+      is_stop = step == end
+
+      if step % log_every == 0 or is_stop:
+        drain()
+        elapsed = max(time.perf_counter() - t_window - overhead, 1e-9)
+        rate = steps_window / elapsed
+        mean = {k: float(np.mean([m[k] for m in window])) for k in ("loss", "grad_norm")}
+        last_train_loss = mean["loss"]  # one augmented batch is too noisy to report alone
+        scalars = {
+          **mean,
+          "lr": float(window[-1]["lr"]),
+          "steps_per_s": rate,
+          "voxels_per_s": rate * voxels_per_step,
+        }
+        scalars.update(
+          _channel_scalars("loss", np.mean([m["loss_per_channel"] for m in window], axis=0))
+        )
+        writer.write_scalars(step, scalars, kind="train")
+        logging.info(
+          "step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  %.3g voxels/s  ETA %s",
+          step,
+          num_steps,
+          mean["loss"],
+          scalars["lr"],
+          rate,
+          scalars["voxels_per_s"],
+          _format_duration((num_steps - step) / rate),
+        )
+        window.clear()
+        steps_window, overhead, t_window = 0, 0.0, time.perf_counter()
+
+      t0 = time.perf_counter()
+      evaluated = None
+      if evaluator is not None and (step % eval_every == 0 or is_last):
+        drain()
+        evaluated = last_val = run_eval(step)
+      periodic = ckpt_every > 0 and step % ckpt_every == 0
+      if periodic or is_stop or (evaluated is not None and monitor_on_val):
+        save(step, evaluated)
+      overhead += time.perf_counter() - t0
+    manager.wait()
+    manager.prune()
+    if is_main:
+      summary.plot_training_curves(workdir)
+    best = manager.best_step()
+    result = {
+      "step": step,
+      "train_loss": last_train_loss,
+      "val_loss": last_val["loss"] if last_val else None,
+      "monitor": monitor,
+      "best_step": best,
+      "best_value": manager.meta(best)["metrics"].get(monitor) if best is not None else None,
+      "checkpoint_dir": manager.directory,
+      "resumed_from": start,
+    }
+  logging.info("training done: %s", result)
+  return result
+
+
+# -- inference export ------------------------------------------------------------------------------
+
+
+def restore_inference_model(
+  config,
+  path: str,
+  step: int | str | None = None,
+  *,
+  use_ema: bool = True,
+  dtype: str | None = None,
+) -> tuple[nnx.Module, dict]:
+  """The trained model from a checkpoint, with the EMA weights when the run kept them.
+
+  Args:
+    config: the config of the run (its ``model`` section builds the network).
+    path: a workdir or its ``checkpoints`` folder.
+    step: ``None`` / ``"latest"``, ``"best"`` (by ``train.monitor``; latest if none has it) or a
+      step number.
+    use_ema: load the EMA weights when the checkpoint has them (else the raw parameters).
+    dtype: compute dtype of the returned model (default ``model.compute_dtype``).
+
+  Returns:
+    ``(model, info)``: the module (weights on the default device) and ``{"step", "weights"
+    ("ema" or "params"), "metrics", "checkpoint_dir"}``.
+  """
+  directory = ckpt_lib.checkpoint_dir(path)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints at {path} (looked for {directory})")
+  manager = ckpt_lib.CheckpointManager(
+    directory,
+    keep_top_k=int(config.train.get("keep_top_k", 3)),
+    monitor=str(config.train.get("monitor", "val_loss")),
+    monitor_mode=str(config.train.get("monitor_mode", "min")),
+  )
+  try:
+    found = manager.resolve_step(step)
+    graphdef, abstract_params, abstract_rest = model_graphdef(config, dtype)
+    manager.check_model(found, config.model, abstract_params)
+    weights = "ema" if use_ema and manager.meta(found).get("ema") else "params"
+    restored = manager.restore(found, **{weights: abstract_params})[weights]
+    rest = abstract_rest
+    if jax.tree.leaves(abstract_rest):  # non-parameter model state lives in the "train" item
+      tx = optim.create_optimizer(config.optim, int(config.train.num_steps))
+      train = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "opt_state": jax.eval_shape(tx.init, abstract_params),
+        "rest": abstract_rest,
+      }
+      rest = manager.restore(found, train=train)["train"]["rest"]
+    model = nnx.merge(graphdef, restored, rest)
+    info = {
+      "step": found,
+      "weights": weights,
+      "metrics": manager.meta(found).get("metrics", {}),
+      "checkpoint_dir": manager.directory,
+    }
+  finally:
+    manager.close()
+  return model, info
