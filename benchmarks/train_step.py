@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+sys.path.insert(0, REPO)  # run as a script from a checkout: configs/ and jaxseg/ importable
 
 _NETS = flags.DEFINE_list("nets", ["rsunet", "mednext_l"], "rsunet and/or mednext_l.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per implementation.")
@@ -129,7 +129,10 @@ def nnx_model(graphdef, state):
 
 def time_torch(net: str, jax_result: dict) -> dict:
   import torch
-  import torch_nets
+
+  from jaxseg.common.config_util import load_sibling
+
+  torch_nets = load_sibling(__file__, "torch_nets")  # benchmarks/ is not a package
 
   on_gpu = torch.cuda.is_available()
   dev = torch.device("cuda" if on_gpu else "cpu")
