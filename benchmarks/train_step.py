@@ -95,8 +95,8 @@ def time_jaxseg(net: str) -> dict:
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
 
   for _ in range(_WARMUP.value):
-    state, metrics = step_fn(state, image, labels)
-  jax.block_until_ready(metrics)
+    state, _ = step_fn(state, image, labels)
+  jax.block_until_ready(state)
   t0 = time.perf_counter()
   for _ in range(_STEPS.value):
     state, metrics = step_fn(state, image, labels)
