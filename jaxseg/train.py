@@ -16,47 +16,21 @@ runs the same command; each reads its own share of the batch.
 
 from __future__ import annotations
 
-import logging as py_logging
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from jaxseg.common import config_util
+from jaxseg.common import config_util, runtime
 
 _CONFIG = config_util.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, logs).", required=True)
-
-# Environment variables that name a JAX coordinator: their presence means a multi-process run.
-_COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS",)
-
-
-class _QuietLibraries(py_logging.Filter):
-  """Drops library INFO chatter; warnings still pass.
-
-  orbax logs dozens of lines per checkpoint, matplotlib its font cache, and JAX's backend probe
-  says it found no TPU on every start.
-  """
-
-  _NOISY = ("/orbax/", "/matplotlib/", "/jax/_src/xla_bridge.py")
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    if record.levelno >= py_logging.WARNING:
-      return True
-    return not any(part in record.pathname for part in self._NOISY)
-
-
-def wants_distributed(config, environ=os.environ) -> bool:
-  """True when the config or the environment asks for ``jax.distributed.initialize()``."""
-  if bool(config.train.get("distributed", False)):
-    return True
-  return any(environ.get(name) for name in _COORDINATOR_ENV)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  runtime.quiet_libraries()
   root = config.data.get("root", None)
   if "synth" in config.data and root and not os.path.isdir(root):
     raise app.UsageError(
@@ -66,15 +40,7 @@ def main(argv: list[str]) -> None:
   # Imported after flag parsing: keeps --help fast and lets JAX see the final environment.
   import jax
 
-  if wants_distributed(config):
-    jax.distributed.initialize()
-    logging.info(
-      "jax.distributed: process %d of %d, %d local / %d global devices",
-      jax.process_index(),
-      jax.process_count(),
-      jax.local_device_count(),
-      jax.device_count(),
-    )
+  runtime.initialize_distributed(config)
   from jaxseg.training.train_lib import train_and_evaluate
 
   result = train_and_evaluate(config, _WORKDIR.value)

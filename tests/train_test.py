@@ -285,10 +285,10 @@ def test_metric_writer_and_preview(tmp_path):
 
 
 def test_distributed_switch():
-  from jaxseg import train
+  from jaxseg.common import runtime
 
   config = _config("unused")
-  assert not train.wants_distributed(config, environ={})
-  assert train.wants_distributed(config, environ={"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  assert not runtime.wants_distributed(config, environ={})
+  assert runtime.wants_distributed(config, environ={"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
   config.train.distributed = True
-  assert train.wants_distributed(config, environ={})
+  assert runtime.wants_distributed(config, environ={})

@@ -382,7 +382,7 @@ def padded_indices(index: np.ndarray, size: int, mode: str) -> tuple[np.ndarray,
   return source, inside
 
 
-def _read_mapped(source, lead: tuple, z0: int, axes: Sequence[np.ndarray]) -> np.ndarray:
+def read_mapped(source, lead: tuple, z0: int, axes: Sequence[np.ndarray]) -> np.ndarray:
   """Reads ``source[lead, z0 + axes[0], axes[1], axes[2]]`` (outer product) via one bounding box."""
   boxes = tuple(slice(int(a.min()), int(a.max()) + 1) for a in axes)
   key = (*lead, slice(boxes[0].start + z0, boxes[0].stop + z0), boxes[1], boxes[2])
@@ -609,8 +609,8 @@ class TrainData:
       outside = ~(inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])
     lead = (slice(None),) * (src.image.ndim - 3)
     with src.lock or contextlib.nullcontext():
-      image = _read_mapped(src.image, lead, src.z0, axes)
-      labels = _read_mapped(src.labels, (), src.z0, axes)
+      image = read_mapped(src.image, lead, src.z0, axes)
+      labels = read_mapped(src.labels, (), src.z0, axes)
     if image.ndim == 3:
       image = image[None]
     if outside is not None and self.pad_mode == "constant":

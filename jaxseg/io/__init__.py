@@ -27,6 +27,7 @@ from jaxseg.io.volume import (
   create_zarr,
   open_volume,
   read_volume,
+  reopen_zarr,
   write_volume,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
   "create_zarr",
   "open_volume",
   "read_volume",
+  "reopen_zarr",
   "write_volume",
 ]

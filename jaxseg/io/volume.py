@@ -412,10 +412,10 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def _open_tensorstore(spec: dict, where: str) -> _TensorStoreBackend:
+def _open_tensorstore(spec: dict, where: str, write: bool = False) -> _TensorStoreBackend:
 
   try:
-    store = ts.open(spec, open=True, read=True).result()
+    store = ts.open(spec, open=True, read=True, write=write).result()
   except ValueError as e:
     raise VolumeError(f"{where}: tensorstore could not open it: {e}") from e
   return _TensorStoreBackend(store, where)
@@ -764,6 +764,31 @@ def create_zarr(
     resolution=resolution,
     attrs=attrs,
   )
+
+
+def reopen_zarr(path: str | os.PathLike) -> WritableVolume:
+  """Opens an existing zarr v2 / v3 array for reading *and writing* (resuming a run).
+
+  :func:`open_volume` opens read-only, so that reading never risks a file; a run that continues
+  filling an array it created earlier reopens it with this.
+
+  Raises:
+    VolumeError: no zarr array at ``path``.
+  """
+  path = os.fspath(path)
+  if os.path.exists(os.path.join(path, ".zarray")):
+    attrs_file = os.path.join(path, ".zattrs")
+    attrs = _read_json(attrs_file) if os.path.exists(attrs_file) else {}
+    driver = "zarr"
+  elif os.path.exists(os.path.join(path, "zarr.json")):
+    meta = _read_json(os.path.join(path, "zarr.json"))
+    if meta.get("node_type") == "group":
+      raise _group_error(path)
+    attrs, driver = meta.get("attributes", {}), "zarr3"
+  else:
+    raise VolumeError(f"{path}: no zarr array here to reopen")
+  backend = _open_tensorstore({"driver": driver, "kvstore": _file_kvstore(path)}, path, write=True)
+  return WritableVolume(backend, path=path, attrs=attrs)
 
 
 def _zarr3_dtype(dtype: np.dtype) -> str:
