@@ -122,11 +122,15 @@ def get_config(arg=None):
   infer.activation_before_blend = True  # blend the tempered probabilities
   infer.output_channels = (0, 1, 2)
   infer.output_dtype = "float16"
-  infer.block_shape = (256, 256, 256)
+  # Windows straddling a block face run once per block they touch: 128^3 windows at stride 64
+  # cost (9/8)^3 = 1.42x the unique windows with 512^3 blocks, (5/4)^3 = 1.95x with 256^3.
+  infer.block_shape = (512, 512, 512)
+  infer.chunk_shape = ()  # () = per axis the largest divisor of block_shape <= 128
   infer.tta = ml_collections.ConfigDict()
   infer.tta.enabled = False
   infer.tta.flip_axes = ("z", "y", "x")
   infer.tta.rot90_yx = False  # y and x share a resolution, z does not
+  infer.tta.permute_axes = False  # swaps only axes of equal resolution when enabled
   infer.tta.ensemble = "mean"
 
   # -- decoding --------------------------------------------------------------------------------

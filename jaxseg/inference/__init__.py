@@ -1,0 +1,14 @@
+"""Sliding-window inference: volumes ``[c,] z, y, x`` in, affinity zarrs ``[C, z, y, x]`` out.
+
+- ``jaxseg.inference.settings``: ``config.infer`` checked and resolved (no jax).
+- ``jaxseg.inference.geometry``: window grids, padding, blending weights and the block plan that
+  streams a volume in chunk-aligned blocks with bounded memory (numpy only, no jax).
+- ``jaxseg.inference.tta``: test-time views (flips, yx rotations, axis permutations) with the
+  affinity-correct inverse (channel moves and re-anchoring shifts) and running ensembles.
+- ``jaxseg.inference.engine``: the device side: windows cut from a hull, predicted through every
+  view, blended into an accumulator, one compiled step per geometry, sharded over local devices.
+- ``jaxseg.inference.predict_lib``: batch predict: inputs, output zarrs, prefetch / write threads,
+  resume, multi-host split, previews (``python -m jaxseg.predict``).
+
+This package imports nothing itself; import the submodules.
+"""

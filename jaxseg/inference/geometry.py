@@ -1,0 +1,458 @@
+"""Sliding-window geometry for inference: window starts, blend weights, output blocks, padded reads.
+
+Host side only (numpy; never imports jax). Owns the arithmetic that decides where the model looks
+and how its windows are blended and streamed, so the device engine only sees fixed shapes:
+
+* :func:`stride_for` / :func:`window_starts`: window starts along one axis (PyTC / BANIS rules);
+* :func:`blend_weights`: the per-window blending weight, float32 ``[wz, wy, wx]``;
+* :func:`plan_geometry` -> :class:`Geometry`: the padded volume, the crop back to the output, the
+  window grid, and the output split into blocks (:class:`BlockPlan`), each with the windows that
+  touch it and the hull (bounding box) of those windows, which fits a fixed accumulator
+  ``Geometry.acc_shape``;
+* :func:`read_padded`: one box ``[c, z, y, x]`` of the padded volume, read from a lazy
+  :class:`~jaxseg.io.volume.Volume` (``[c,] z, y, x``) or a numpy array.
+
+Coordinates: the *padded* volume is the volume padded by ``pad`` voxels on both sides of each
+spatial axis (padded coord = volume coord + pad). Window starts and hulls are in padded coords.
+The blended padded result is cropped by ``crop`` (``(lo, hi)`` voxels per axis) to the *output*;
+output coord = padded coord - crop lo. Blocks tile the output.
+
+Recipes (``pytc_spec.md`` section 4):
+
+* SNEMI: pad (8, 128, 128) reflect -> 116 x 1280 x 1280, window 16 x 224 x 224, overlap 0.5 ->
+  stride (8, 112, 112), snapped starts (z: 0, 8, ..., 96, 100), ``bump`` weights, crop_pad
+  (7, 8, 127, 128, 127, 128) -> output 101 x 1025 x 1025.
+* NISB: no padding, window 128^3, overlap 0.5 -> stride 64, snapped starts (0, 64, ..., N - 128),
+  ``distance`` weights (1 at the faces, 64 at the centre).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxseg.data.pipeline import PAD_MODES, padded_indices, read_mapped
+from jaxseg.io.volume import Volume
+
+BLEND_MODES = ("constant", "gaussian", "bump", "distance")
+
+# Gaussian blending: sigma as a fraction of the window, and the floor that keeps weights positive
+# (MONAI's default sigma_scale; the floor keeps sum(w) > 0 wherever a window reaches).
+_GAUSSIAN_SIGMA_SCALE = 0.125
+_GAUSSIAN_FLOOR = 1e-4
+# The bump weight underflows float32 at the corners of large windows (exp(-56) per axis for 224);
+# flooring at the smallest normal float32 keeps every weight positive (and out of denormals, which
+# accelerators flush to zero) without changing any representable value of the formula.
+_BUMP_FLOOR = float(np.finfo(np.float32).tiny)
+
+Triple = tuple[int, int, int]
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows along one axis.
+
+
+def _int_triple(value, name: str, where: str, minimum: int) -> Triple:
+  """An int or 3 ints (z, y, x), each >= ``minimum``."""
+  values = (value,) * 3 if isinstance(value, (int, np.integer)) else tuple(value)
+  if len(values) != 3 or any(int(v) != v or v < minimum for v in values):
+    raise ValueError(f"{where}: {name} must be 3 ints (z, y, x) >= {minimum}, got {value!r}")
+  return tuple(int(v) for v in values)
+
+
+def stride_for(window: Sequence[int], overlap: float | Sequence[float]) -> Triple:
+  """Window stride per axis: ``max(1, round(w * (1 - overlap)))`` (Python rounding).
+
+  Args:
+    window: ``(wz, wy, wx)``.
+    overlap: fraction of the window shared by neighbours, in ``[0, 1)``; one value or one per axis.
+
+  Returns:
+    ``(sz, sy, sx)``, e.g. ``(8, 112, 112)`` for a 16 x 224 x 224 window at overlap 0.5.
+
+  Raises:
+    ValueError: for a bad window or an overlap outside ``[0, 1)``.
+  """
+  window = _int_triple(window, "window", "stride_for", 1)
+  overlaps = (overlap,) * 3 if np.ndim(overlap) == 0 else tuple(overlap)
+  if len(overlaps) != 3 or not all(0.0 <= float(o) < 1.0 for o in overlaps):
+    raise ValueError(f"overlap must be in [0, 1) (one value or 3), got {overlap!r}")
+  return tuple(max(1, round(w * (1.0 - float(o)))) for w, o in zip(window, overlaps, strict=True))
+
+
+def window_starts(size: int, window: int, stride: int, snap_to_edge: bool) -> np.ndarray:
+  """Window starts along one axis of length ``size``: int64, 1-D, increasing, unique.
+
+  With ``snap_to_edge`` (PyTC / BANIS): ``0, stride, 2 stride, ...`` while the window fits, plus
+  ``size - window`` when the last of those does not end at ``size``; every window lies inside the
+  axis, which needs ``window <= size``. Without it: ``0, stride, ...`` up to the first start whose
+  window reaches ``size``; the last window may run past the axis (those voxels are read with the
+  pad mode), and a window longer than the axis gives ``[0]``.
+
+  Raises:
+    ValueError: for non-positive sizes, or ``window > size`` with ``snap_to_edge``.
+  """
+  size, window, stride = int(size), int(window), int(stride)
+  if size < 1 or window < 1 or stride < 1:
+    raise ValueError(
+      f"window_starts needs size, window and stride >= 1, got size={size}, window={window}, "
+      f"stride={stride}"
+    )
+  if snap_to_edge:
+    if window > size:
+      raise ValueError(f"snap_to_edge windows must fit the axis: window {window} > size {size}")
+    starts = np.arange(0, size - window + 1, stride, dtype=np.int64)
+    if starts[-1] + window != size:
+      starts = np.append(starts, np.int64(size - window))
+    return starts
+  # Smallest k with k * stride + window >= size: the first window reaching the end.
+  last = max(0, -(-(size - window) // stride))
+  return np.arange(last + 1, dtype=np.int64) * stride
+
+
+# ---------------------------------------------------------------------------------------------
+# Blend weights.
+
+
+def blend_weights(window: Sequence[int], mode: str) -> np.ndarray:
+  """The blending weight of one window, float32 ``[wz, wy, wx]``, every value > 0.
+
+  Modes:
+    constant: 1 everywhere (plain averaging).
+    gaussian: product over axes of ``exp(-(i - (n - 1) / 2)^2 / (2 (0.125 n)^2))``, each axis
+      peak-normalised (peak 1), floored at 1e-4.
+    bump: DeepEM's bump map: per axis ``u = 2 (i + 1) / (n + 1) - 1``, ``k = exp(-1 / (1 - u^2))``,
+      peak-normalised, product over axes (floored at the smallest normal float32, where the
+      corners of large windows would underflow).
+    distance: BANIS: the chessboard distance to the window face, ``min`` over axes of
+      ``min(i + 1, n - i)``: 1 at the faces, 64 at the centre of 128 (not normalised).
+
+  Raises:
+    ValueError: for an unknown mode or a bad window.
+  """
+  window = _int_triple(window, "window", "blend_weights", 1)
+  if mode not in BLEND_MODES:
+    raise ValueError(f"blend mode must be one of {BLEND_MODES}, got {mode!r}")
+  if mode == "constant":
+    return np.ones(window, np.float32)
+  if mode == "distance":
+    out = None
+    for axis, n in enumerate(window):
+      i = np.arange(n)
+      d = np.minimum(i + 1, n - i).reshape([-1 if a == axis else 1 for a in range(3)])
+      out = d if out is None else np.minimum(out, d)
+    return np.broadcast_to(out, window).astype(np.float32)
+  profiles = []
+  for n in window:
+    i = np.arange(n, dtype=np.float64)
+    if mode == "gaussian":
+      sigma = _GAUSSIAN_SIGMA_SCALE * n
+      p = np.exp(-((i - (n - 1) / 2.0) ** 2) / (2.0 * sigma**2))
+    else:
+      u = 2.0 * (i + 1.0) / (n + 1.0) - 1.0
+      p = np.exp(-1.0 / (1.0 - u * u))
+    profiles.append(p / p.max())
+  out = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
+  floor = _GAUSSIAN_FLOOR if mode == "gaussian" else _BUMP_FLOOR
+  return np.maximum(out, floor).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks of the output and the windows under them.
+
+
+class BlockPlan(NamedTuple):
+  """One block of the output and the windows that write into it.
+
+  Attributes:
+    index: ``(bz, by, bx)`` in the block grid.
+    flat: C-order index of the block in the grid.
+    out_start, out_stop: the box ``[start, stop)`` this block writes, in OUTPUT coords (the last
+      block per axis is clipped to the output).
+    hull_start, hull_stop: PADDED coords: the bounding box of every window that intersects the
+      block's region (the region in padded coords is the output box + crop lo). ``hull_stop`` may
+      pass the padded volume when windows are not snapped to the edge.
+    windows: int32 ``[N, 3]``: starts of those windows relative to ``hull_start``, in C order of
+      their global ``(z, y, x)`` start (every voxel sees its windows in one global order, so a
+      block's result does not depend on the blocking).
+    crop_start: where the block's region begins in the accumulator (region start - hull start).
+  """
+
+  index: Triple
+  flat: int
+  out_start: Triple
+  out_stop: Triple
+  hull_start: Triple
+  hull_stop: Triple
+  windows: np.ndarray
+  crop_start: Triple
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Geometry:
+  """The sliding-window plan of one volume (see :func:`plan_geometry`).
+
+  Attributes:
+    volume_shape: spatial shape ``(z, y, x)`` of the volume.
+    pad: voxels padded on both sides of each axis.
+    padded_shape: ``volume_shape + 2 pad``.
+    crop: ``((z_lo, z_hi), (y_lo, y_hi), (x_lo, x_hi))``: voxels cropped from each side of the
+      blended padded result; output coord = padded coord - lo.
+    output_shape: ``padded_shape - lo - hi``.
+    window: ``(wz, wy, wx)``.
+    stride: ``(sz, sy, sx)``.
+    snap_to_edge: whether the last window per axis is moved back to end at the padded edge.
+    starts: per axis, the int64 window starts in padded coords (read-only arrays).
+    block_shape: the output block shape (clipped to ``output_shape``).
+    grid: ``(nbz, nby, nbx)`` blocks per axis.
+    acc_shape: the fixed accumulator shape: per axis the max over blocks of the hull size and of
+      ``crop_start + block_shape``, so every hull and a full ``block_shape`` slice at
+      ``crop_start`` fit.
+    num_blocks: blocks in the grid.
+    num_windows: windows over the whole padded volume.
+  """
+
+  volume_shape: Triple
+  pad: Triple
+  padded_shape: Triple
+  crop: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+  output_shape: Triple
+  window: Triple
+  stride: Triple
+  snap_to_edge: bool
+  starts: tuple[np.ndarray, np.ndarray, np.ndarray]
+  block_shape: Triple
+  grid: Triple
+  acc_shape: Triple
+  num_blocks: int
+  num_windows: int
+
+  def _axis_windows(self, axis: int, b: int) -> tuple[int, int, int, int]:
+    """Block ``b`` along ``axis``: (region start, region stop) in padded coords and the index
+    range ``[lo, hi)`` of the starts whose windows intersect it."""
+    lo_crop = self.crop[axis][0]
+    p0 = b * self.block_shape[axis] + lo_crop
+    p1 = min((b + 1) * self.block_shape[axis], self.output_shape[axis]) + lo_crop
+    starts = self.starts[axis]
+    # Starts are sorted: windows with start + window > p0 and start < p1.
+    lo = int(np.searchsorted(starts, p0 - self.window[axis], side="right"))
+    hi = int(np.searchsorted(starts, p1, side="left"))
+    return p0, p1, lo, hi
+
+  def block(self, flat_or_index: int | Sequence[int]) -> BlockPlan:
+    """The plan of one block, by C-order flat index or by ``(bz, by, bx)``.
+
+    Raises:
+      IndexError: for a block outside the grid.
+    """
+    if isinstance(flat_or_index, (int, np.integer)):
+      flat = int(flat_or_index)
+      if not 0 <= flat < self.num_blocks:
+        raise IndexError(f"block {flat} outside the {self.num_blocks} blocks of grid {self.grid}")
+      index = tuple(int(i) for i in np.unravel_index(flat, self.grid))
+    else:
+      index = tuple(int(i) for i in flat_or_index)
+      if len(index) != 3 or not all(0 <= i < n for i, n in zip(index, self.grid, strict=True)):
+        raise IndexError(f"block {flat_or_index!r} outside the grid {self.grid}")
+      flat = int(np.ravel_multi_index(index, self.grid))
+    out_start, out_stop, hull_start, hull_stop, crop_start, axis_starts = [], [], [], [], [], []
+    for axis, b in enumerate(index):
+      p0, p1, lo, hi = self._axis_windows(axis, b)
+      starts = self.starts[axis][lo:hi]
+      out_start.append(p0 - self.crop[axis][0])
+      out_stop.append(p1 - self.crop[axis][0])
+      hull_start.append(int(starts[0]))
+      hull_stop.append(int(starts[-1]) + self.window[axis])
+      crop_start.append(p0 - int(starts[0]))
+      axis_starts.append(starts - starts[0])
+    # C order over (z, y, x) starts: the product of the sorted per-axis starts, z slowest.
+    grids = np.meshgrid(*axis_starts, indexing="ij")
+    windows = np.stack([g.reshape(-1) for g in grids], axis=1).astype(np.int32)
+    return BlockPlan(
+      index=index,
+      flat=flat,
+      out_start=tuple(out_start),
+      out_stop=tuple(out_stop),
+      hull_start=tuple(hull_start),
+      hull_stop=tuple(hull_stop),
+      windows=windows,
+      crop_start=tuple(crop_start),
+    )
+
+  def blocks(self) -> Iterator[BlockPlan]:
+    """Every block in C order of the grid."""
+    for flat in range(self.num_blocks):
+      yield self.block(flat)
+
+
+def plan_geometry(
+  volume_shape: Sequence[int],
+  *,
+  window: Sequence[int],
+  overlap: float | Sequence[float],
+  snap_to_edge: bool,
+  pad: int | Sequence[int],
+  crop_pad: Sequence[int] | None,
+  block_shape: Sequence[int] | None,
+  where: str = "volume",
+) -> Geometry:
+  """Plans the windows, the crop back to the output and the output blocks of one volume.
+
+  Args:
+    volume_shape: ``(z, y, x)`` (or ``(c, z, y, x)``; the channel axis is ignored).
+    window: ``(wz, wy, wx)``.
+    overlap: in ``[0, 1)``, one value or per axis; stride = :func:`stride_for`.
+    snap_to_edge: see :func:`window_starts`; windows then must fit the padded volume.
+    pad: voxels padded on both sides of each axis (an int or 3 ints).
+    crop_pad: ``()`` / ``None``: crop exactly ``pad`` (the output is the volume's own support);
+      else 6 ints ``(z0, z1, y0, y1, x0, x1)`` cropped from the padded, blended result (SNEMI:
+      ``(7, 8, 127, 128, 127, 128)``).
+    block_shape: output block shape (clipped to the output); ``None``: one block.
+    where: names the volume in error messages.
+
+  Returns:
+    A :class:`Geometry`.
+
+  Raises:
+    ValueError: naming ``where`` and the numbers, for a window larger than the padded volume
+      (with ``snap_to_edge``), a non-positive output, bad lengths or negative values, or a block
+      shape < 1.
+  """
+  shape = tuple(volume_shape)
+  if len(shape) not in (3, 4):
+    raise ValueError(f"{where}: volume shape must be (z, y, x) or (c, z, y, x), got {shape}")
+  volume = _int_triple(shape[-3:], "volume shape", where, 1)
+  window = _int_triple(window, "window", where, 1)
+  pad = _int_triple(pad, "pad", where, 0)
+  try:
+    stride = stride_for(window, overlap)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  padded = tuple(n + 2 * p for n, p in zip(volume, pad, strict=True))
+  if snap_to_edge and any(w > n for w, n in zip(window, padded, strict=True)):
+    raise ValueError(
+      f"{where}: window {window} is larger than the padded volume {padded} (volume {volume} + 2 "
+      f"x pad {pad}); with snap_to_edge every window must fit: use a smaller window or more pad"
+    )
+  if crop_pad is None or len(crop_pad) == 0:
+    crop = tuple((p, p) for p in pad)
+  else:
+    values = tuple(crop_pad)
+    if len(values) != 6 or any(int(v) != v or v < 0 for v in values):
+      raise ValueError(
+        f"{where}: crop_pad must be empty or 6 non-negative ints (z0, z1, y0, y1, x0, x1), got "
+        f"{crop_pad!r}"
+      )
+    crop = tuple((int(values[2 * a]), int(values[2 * a + 1])) for a in range(3))
+  output = tuple(n - lo - hi for n, (lo, hi) in zip(padded, crop, strict=True))
+  if min(output) < 1:
+    raise ValueError(
+      f"{where}: cropping {crop} ((lo, hi) per axis) from the padded volume {padded} leaves the "
+      f"output {output}; every axis needs at least 1 voxel"
+    )
+  if block_shape is None:
+    block = output
+  else:
+    block = _int_triple(block_shape, "block_shape", where, 1)
+    block = tuple(min(b, n) for b, n in zip(block, output, strict=True))
+  starts = tuple(
+    window_starts(n, w, s, snap_to_edge) for n, w, s in zip(padded, window, stride, strict=True)
+  )
+  for s in starts:
+    s.setflags(write=False)
+  grid = tuple(-(-n // b) for n, b in zip(output, block, strict=True))
+  geometry = Geometry(
+    volume_shape=volume,
+    pad=pad,
+    padded_shape=padded,
+    crop=crop,
+    output_shape=output,
+    window=window,
+    stride=stride,
+    snap_to_edge=bool(snap_to_edge),
+    starts=starts,
+    block_shape=block,
+    grid=grid,
+    acc_shape=(0, 0, 0),
+    num_blocks=int(np.prod(grid)),
+    num_windows=int(np.prod([len(s) for s in starts])),
+  )
+  # Windows per axis depend only on the block's index along that axis, so the accumulator size
+  # is a per-axis maximum.
+  acc = []
+  for axis in range(3):
+    size = 0
+    for b in range(grid[axis]):
+      p0, _, lo, hi = geometry._axis_windows(axis, b)
+      hull0 = int(geometry.starts[axis][lo])
+      hull1 = int(geometry.starts[axis][hi - 1]) + window[axis]
+      size = max(size, hull1 - hull0, p0 - hull0 + block[axis])
+    acc.append(size)
+  return dataclasses.replace(geometry, acc_shape=tuple(acc))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+
+
+def read_padded(
+  volume: Volume | np.ndarray,
+  start: Sequence[int],
+  stop: Sequence[int],
+  pad: int | Sequence[int],
+  pad_mode: str,
+) -> np.ndarray:
+  """Reads the box ``[start, stop)`` (PADDED coords) of the volume padded by ``pad``.
+
+  Padding follows ``np.pad`` with ``pad_mode`` (``"reflect"``, ``"symmetric"``, ``"edge"``, or
+  ``"constant"`` with 0); the box may also extend beyond the padded volume (same rule, as if the
+  pad were larger). Only one bounding box is read from the volume.
+
+  Args:
+    volume: a :class:`Volume` or numpy array, ``[c,] z, y, x``.
+    start, stop: the box, 3 ints each, ``stop > start``.
+    pad: voxels padded on both sides of each axis (an int or 3 ints).
+    pad_mode: one of ``PAD_MODES``.
+
+  Returns:
+    ``[c, z, y, x]`` in the volume's dtype (a channel axis of 1 added for 3-D volumes).
+
+  Raises:
+    ValueError: for a bad box, pad or pad mode, or a volume that is not 3-D / 4-D.
+  """
+  where = getattr(volume, "path", "array")
+  if pad_mode not in PAD_MODES:
+    raise ValueError(f"{where}: pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+  shape = tuple(volume.shape)
+  if len(shape) not in (3, 4):
+    raise ValueError(f"{where}: expected a 3-D (z, y, x) or 4-D (c, z, y, x) volume, got {shape}")
+  start = tuple(int(s) for s in start)
+  stop = tuple(int(s) for s in stop)
+  if len(start) != 3 or len(stop) != 3 or any(e <= s for s, e in zip(start, stop, strict=True)):
+    raise ValueError(f"{where}: bad box {start}..{stop}; need 3 ints each with stop > start")
+  pad = _int_triple(pad, "pad", where, 0)
+  spatial = shape[-3:]
+  lead = (slice(None),) * (len(shape) - 3)
+  # Volume coords of the box.
+  lo = tuple(s - p for s, p in zip(start, pad, strict=True))
+  hi = tuple(e - p for e, p in zip(stop, pad, strict=True))
+  if pad_mode == "constant":
+    # Read only the part inside the volume and leave zeros around it.
+    out = np.zeros((*shape[:-3], *(e - s for s, e in zip(lo, hi, strict=True))), volume.dtype)
+    inner_lo = tuple(max(0, s) for s in lo)
+    inner_hi = tuple(min(n, e) for n, e in zip(spatial, hi, strict=True))
+    if all(a < b for a, b in zip(inner_lo, inner_hi, strict=True)):
+      src = tuple(slice(a, b) for a, b in zip(inner_lo, inner_hi, strict=True))
+      dst = tuple(slice(a - s, b - s) for a, b, s in zip(inner_lo, inner_hi, lo, strict=True))
+      out[(*lead, *dst)] = np.asarray(volume[(*lead, *src)])
+  else:
+    axes = [
+      padded_indices(np.arange(s, e), n, pad_mode)[0]
+      for s, e, n in zip(lo, hi, spatial, strict=True)
+    ]
+    out = read_mapped(volume, lead, 0, axes)
+  out = np.ascontiguousarray(out)
+  return out[None] if out.ndim == 3 else out

@@ -1,0 +1,511 @@
+"""Batch prediction: volumes in, affinity zarrs out, block by block, resumable, on many devices.
+
+For each input volume ``[c,] z, y, x`` this writes ``<output>/<name>.zarr/affinities``, a
+``[C, z, y, x]`` float16 (or configured) zarr covering the input voxel for voxel, plus
+``<name>.zarr/blocks_done`` (one uint8 per block, 1 once the block is durable),
+``<name>_predict.json`` (what was run, timings) and ``<name>_preview.png`` (the middle section and
+its affinities).
+
+The output is cut into chunk-aligned blocks (``infer.block_shape``). For each block the host reads
+the padded input hull of the windows covering it, the device predicts and blends them
+(:class:`~jaxseg.inference.engine.WindowEngine`), and the block is written once. Three things run
+at the same time: a reader thread fetches and normalises the next hull, the device computes the
+current block, and a writer thread copies the previous block off the device and writes it. Host
+memory is a few hulls and blocks, whatever the size of the volume.
+
+Resume: a block is marked done only after its write is durable, so a killed run restarts at the
+first unmarked block and writes the same bytes an uninterrupted run would (every block is computed
+from the input alone, in a fixed order). An output made with other settings, another checkpoint or
+another input is refused unless ``overwrite``.
+
+Many hosts: process ``i`` of ``n`` predicts the blocks whose flat index is ``i`` mod ``n``. Blocks
+own whole chunks, so processes never write the same file; process 0 creates the outputs and the
+others wait for them.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from jaxseg.common.files import atomic_output, write_json
+from jaxseg.common.progress import progress
+from jaxseg.data.pipeline import VolumeStats, needs_volume_stats, normalize_image, volume_stats
+from jaxseg.inference import engine as engine_lib
+from jaxseg.inference import tta as tta_lib
+from jaxseg.inference.geometry import BlockPlan, Geometry, plan_geometry, read_padded
+from jaxseg.inference.settings import InferenceSettings, derive_chunk_shape, inference_settings
+from jaxseg.io import Volume, VolumeError, create_zarr, open_volume, reopen_zarr
+from jaxseg.io.datasets import dataset_volumes, nisb_cube
+
+AFFINITIES = "affinities"
+BLOCKS_DONE = "blocks_done"
+ATTR_KEY = "jaxseg_predict"
+SPLIT_PREFIX = "split:"
+# How long processes other than 0 wait for process 0 to create the outputs.
+_CREATE_TIMEOUT_S = 600.0
+_PREVIEW_MAX_SIDE = 1024
+
+
+@dataclasses.dataclass
+class PredictInput:
+  """One volume to predict: a short name (output file names) and the lazy image."""
+
+  name: str
+  volume: Volume
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+
+
+def _name_from_path(spec: str) -> str:
+  path = os.path.normpath(spec.split(":")[0] if spec.endswith((".h5", ".hdf5")) else spec)
+  parts = path.split(os.sep)
+  # NISB cube: .../seed101/data.zarr/img -> seed101.
+  if len(parts) >= 3 and parts[-2].endswith(".zarr") and parts[-2] == "data.zarr":
+    return parts[-3]
+  base = parts[-1]
+  for suffix in (".zarr", ".zarr3", ".n5", ".h5", ".hdf5", ".tif", ".tiff"):
+    if base.lower().endswith(suffix):
+      return base[: -len(suffix)]
+  return base
+
+
+def resolve_inputs(
+  config, specs: Sequence[str], *, axis_order: str | None = None
+) -> list[PredictInput]:
+  """Opens every input lazily.
+
+  Each spec is a volume path / tensorstore spec that :func:`jaxseg.io.open_volume` takes, a NISB
+  cube folder (holding ``data.zarr``), or ``split:<train|val|test>`` for the images of a split
+  of ``config.data``.
+
+  Raises:
+    VolumeError: a missing or unreadable input, or two inputs that would share an output name.
+  """
+  out: list[PredictInput] = []
+  resolution = tuple(config.data.get("resolution", (1.0, 1.0, 1.0)))
+  for spec in specs:
+    if spec.startswith(SPLIT_PREFIX):
+      split = spec[len(SPLIT_PREFIX) :]
+      volumes = dataset_volumes(config.data, split)
+      if not volumes:
+        raise VolumeError(f"{spec}: config.data has no volumes in split {split!r}")
+      out.extend(PredictInput(v.name, v.image) for v in volumes)
+    elif os.path.isdir(os.path.join(spec, "data.zarr")):
+      cube = nisb_cube(spec, resolution)
+      out.append(PredictInput(cube.name, cube.image))
+    else:
+      order = axis_order
+      default = "xyzc" if spec.rstrip("/").endswith("data.zarr/img") else None
+      volume = open_volume(spec, axis_order=order, default_axis_order=default)
+      if "resolution" not in volume.attrs and not spec.startswith("precomputed://"):
+        volume.resolution = tuple(float(r) for r in resolution)
+      out.append(PredictInput(_name_from_path(spec), volume))
+  names = [p.name for p in out]
+  dupes = sorted({n for n in names if names.count(n) > 1})
+  if dupes:
+    raise VolumeError(
+      f"inputs {list(specs)} give the output name(s) {dupes} more than once; predict them "
+      "into different --output folders"
+    )
+  return out
+
+
+def _check_input(volume: Volume, settings: InferenceSettings) -> None:
+  channels = volume.shape[0] if volume.has_channels else 1
+  if channels != settings.in_channels:
+    raise VolumeError(
+      f"{volume.path}: the image has {channels} channel(s) (canonical shape {volume.shape}, "
+      f"[c,] z, y, x) but the model takes {settings.in_channels} (model.in_channels); check the "
+      "input and its axis order"
+    )
+  if not (np.issubdtype(volume.dtype, np.integer) or np.issubdtype(volume.dtype, np.floating)):
+    raise VolumeError(f"{volume.path}: image dtype {volume.dtype} is not an intensity type")
+
+
+# -- one output ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Job:
+  """The state of one input's prediction."""
+
+  source: PredictInput
+  geometry: Geometry
+  views: tuple
+  stats: VolumeStats | None
+  group: str
+  affinities: Any  # WritableVolume
+  done: Any  # WritableVolume of uint8 [nbz, nby, nbx]
+  todo: list[BlockPlan]
+  skipped: int
+  fingerprint: dict
+  blocks_written: int = 0
+  windows_computed: int = 0
+  seconds: float = 0.0
+
+
+def _fingerprint_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for key in sorted(set(old) | set(new)):
+      out += _fingerprint_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+    return out
+  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def _wait_for(path: str, what: str) -> None:
+  deadline = time.monotonic() + _CREATE_TIMEOUT_S
+  while not os.path.exists(path):
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"waited {_CREATE_TIMEOUT_S:.0f} s for process 0 to create {what}")
+    time.sleep(1.0)
+
+
+def _open_outputs(
+  source: PredictInput,
+  group: str,
+  geometry: Geometry,
+  settings: InferenceSettings,
+  fingerprint: dict,
+  *,
+  overwrite: bool,
+  process_index: int,
+  needs_stats: bool,
+) -> tuple[Any, Any, dict]:
+  """Creates (process 0) or reopens the affinity and completion arrays; returns attrs used."""
+  aff_path = os.path.join(group, AFFINITIES)
+  done_path = os.path.join(group, BLOCKS_DONE)
+  shape = (len(settings.output_channels), *geometry.output_shape)
+  if process_index != 0:
+    _wait_for(os.path.join(done_path, ".zarray"), done_path)
+  elif os.path.exists(group) and overwrite:
+    shutil.rmtree(group)
+  if os.path.exists(aff_path):
+    existing = reopen_zarr(aff_path)
+    if existing.shape != shape or existing.dtype != settings.output_dtype:
+      raise VolumeError(
+        f"{aff_path}: an array of shape {existing.shape} and dtype {existing.dtype} exists, but "
+        f"predicting {source.volume.path} makes shape {shape} and dtype "
+        f"{np.dtype(settings.output_dtype)}; pass --overwrite to replace it or choose another "
+        "--output"
+      )
+    saved = dict(existing.attrs.get(ATTR_KEY, {}))
+    saved_stats = saved.pop("stats", None)
+    differences = _fingerprint_differences(saved, fingerprint)
+    if differences:
+      raise VolumeError(
+        f"{aff_path}: exists from a prediction with other settings, so resuming it would mix two "
+        "predictions:\n  " + "\n  ".join(differences[:10]) + "\npass --overwrite to replace it "
+        "or choose another --output"
+      )
+    if not os.path.exists(os.path.join(done_path, ".zarray")):
+      raise VolumeError(f"{done_path}: missing, so finished blocks are unknown; use --overwrite")
+    return existing, reopen_zarr(done_path), {"stats": saved_stats}
+
+  # A full pass over the image, done once: resumed runs and other processes read the result.
+  stats = volume_stats(source.volume) if needs_stats else None
+  attrs = {
+    ATTR_KEY: {**fingerprint, "stats": list(stats) if stats is not None else None},
+    "offsets": [list(o) for o in settings.output_offsets],
+    "convention": settings.convention,
+    "channels": list(settings.output_channels),
+  }
+  chunks = settings.chunk_shape or derive_chunk_shape(geometry.block_shape)
+  affinities = create_zarr(
+    aff_path,
+    shape,
+    settings.output_dtype,
+    chunks=(shape[0], *chunks),
+    resolution=source.volume.resolution,
+    source=source.volume.path,
+    attributes=attrs,
+  )
+  # The completion array is created last: its presence tells other processes the outputs exist.
+  done = create_zarr(done_path, geometry.grid, np.uint8, chunks=(1, 1, 1), compression=None)
+  return affinities, done, {"stats": attrs[ATTR_KEY]["stats"]}
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+def _read_hull(job: _Job, block: BlockPlan, settings: InferenceSettings, data_config) -> np.ndarray:
+  """The block's padded input hull, normalised, channels-last, zero-filled to the acc shape."""
+  g = job.geometry
+  raw = read_padded(job.source.volume, block.hull_start, block.hull_stop, g.pad, settings.pad_mode)
+  if np.issubdtype(raw.dtype, np.floating) and not np.all(np.isfinite(raw)):
+    raise VolumeError(
+      f"{job.source.volume.path}: NaN or Inf in the image within the (padded) box "
+      f"{tuple(block.hull_start)}..{tuple(block.hull_stop)} (z, y, x)"
+    )
+  values = normalize_image(raw, data_config, job.stats)
+  hull = np.zeros((*g.acc_shape, values.shape[0]), np.float32)
+  hz, hy, hx = values.shape[1:]
+  hull[:hz, :hy, :hx] = np.moveaxis(values, 0, -1)
+  return hull
+
+
+def _write_block(job: _Job, block: BlockPlan, device_block) -> None:
+  """Copies a finished block off the device, writes it, then marks it done (writer thread)."""
+  size = tuple(e - s for s, e in zip(block.out_start, block.out_stop, strict=True))
+  values = np.asarray(device_block)[:, : size[0], : size[1], : size[2]]
+  job.affinities.write((0, *block.out_start), values).result()
+  job.done.write(tuple(block.index), np.ones((1, 1, 1), np.uint8)).result()
+
+
+def _all_done(job: _Job) -> bool:
+  return bool(np.all(job.done.read() == 1))
+
+
+def _preview(job: _Job, settings: InferenceSettings, data_config, path: str) -> None:
+  """Middle z section of the image beside up to three affinity channels, as one PNG."""
+  volume = job.source.volume
+  z = volume.shape[-3] // 2
+  lead = (slice(0, 1),) if volume.has_channels else ()
+  image = normalize_image(np.asarray(volume[(*lead, z)], np.float32), data_config, job.stats)
+  image = np.asarray(image).reshape(volume.shape[-2:])
+  step = max(1, -(-max(image.shape) // _PREVIEW_MAX_SIDE))
+  image = image[::step, ::step]
+  channels = min(3, job.affinities.shape[0])
+  affinity = np.asarray(job.affinities[(slice(0, channels), z)], np.float32)[:, ::step, ::step]
+  lo, hi = float(image.min()), float(image.max())
+  tiles = [(image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)]
+  if settings.activation == "none":  # logits: squash for display only
+    affinity = 1.0 / (1.0 + np.exp(-affinity))
+  tiles += [np.clip(a, 0, 1) for a in affinity]
+  border = 4
+  h, w = image.shape
+  grid = np.ones((h, len(tiles) * (w + border) - border), np.float32)
+  for i, tile in enumerate(tiles):
+    grid[:, i * (w + border) : i * (w + border) + w] = tile
+  with atomic_output(path) as tmp:
+    Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(tmp)
+
+
+def predict_volumes(
+  config,
+  apply: engine_lib.ApplyFn,
+  variables: Any,
+  inputs: Sequence[PredictInput],
+  output_dir: str,
+  *,
+  model_info: dict | None = None,
+  overwrite: bool = False,
+  num_devices: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  show_progress: bool = True,
+  max_blocks: int | None = None,
+) -> list[dict]:
+  """Predicts every input into ``output_dir`` (see the module docstring for the layout).
+
+  Args:
+    config: the run config (``infer``, ``model``, ``target``, ``data`` normalisation).
+    apply: ``apply(variables, x[b, z, y, x, cin]) -> logits[b, z, y, x, C]``.
+    variables: the model variables for ``apply``.
+    inputs: from :func:`resolve_inputs`.
+    output_dir: folder for the outputs (created).
+    model_info: what the weights are (checkpoint folder, step, EMA or not); recorded in the
+      output's attributes, and a resumed run must match it.
+    overwrite: replace outputs made with other settings instead of refusing.
+    num_devices: local devices to use (0 = all).
+    process_index, process_count: this process's share of the blocks (default: JAX's).
+    show_progress: a progress bar over all blocks of all inputs (rate and ETA).
+    max_blocks: stop after this many blocks (tests of resume; ``None`` = all).
+
+  Returns:
+    One summary dict per input: output path, shape, blocks written / already done, seconds,
+    voxels per second, and ``complete`` (every block of every process is done).
+  """
+  settings = inference_settings(config)
+  process_index = jax.process_index() if process_index is None else int(process_index)
+  process_count = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
+  os.makedirs(output_dir, exist_ok=True)
+  mesh = engine_lib.local_mesh(num_devices)
+  variables = jax.device_put(variables, jax.NamedSharding(mesh, jax.P()))
+  engines: dict[tuple, engine_lib.WindowEngine] = {}
+  model_info = dict(model_info or {})
+
+  jobs: list[_Job] = []
+  for source in inputs:
+    _check_input(source.volume, settings)
+    geometry = plan_geometry(
+      source.volume.spatial_shape,
+      window=settings.window,
+      overlap=settings.overlap,
+      snap_to_edge=settings.snap_to_edge,
+      pad=settings.pad,
+      crop_pad=settings.crop_pad,
+      block_shape=settings.block_shape,
+      where=source.volume.path,
+    )
+    views = tta_lib.tta_views(settings.tta, settings.window, source.volume.resolution)
+    fingerprint = {
+      "infer": settings.fingerprint(),
+      "views": [v.name for v in views],
+      "model": model_info,
+      "input": {
+        "path": str(source.volume.path),
+        "shape": list(source.volume.shape),
+        "dtype": np.dtype(source.volume.dtype).name,
+        "normalize": config.data.get("normalize", None),
+        "normalize_scope": config.data.get("normalize_scope", None),
+      },
+    }
+    group = os.path.join(output_dir, f"{source.name}.zarr")
+    affinities, done, saved = _open_outputs(
+      source,
+      group,
+      geometry,
+      settings,
+      fingerprint,
+      overwrite=overwrite,
+      process_index=process_index,
+      needs_stats=needs_volume_stats(config.data),
+    )
+    stats = VolumeStats(*saved["stats"]) if saved["stats"] is not None else None
+    finished = done.read()
+    mine = [b for b in geometry.blocks() if b.flat % process_count == process_index]
+    todo = [b for b in mine if not finished[tuple(b.index)]]
+    jobs.append(
+      _Job(
+        source=source,
+        geometry=geometry,
+        views=views,
+        stats=stats,
+        group=group,
+        affinities=affinities,
+        done=done,
+        todo=todo,
+        skipped=len(mine) - len(todo),
+        fingerprint=fingerprint,
+      )
+    )
+    if views not in engines:
+      engines[views] = engine_lib.WindowEngine(apply, variables, settings, views, mesh)
+    logging.info(
+      "%s: %s -> %s, %d of %d blocks to do (%d windows in all)",
+      source.name,
+      source.volume.shape,
+      os.path.join(group, AFFINITIES),
+      len(todo),
+      geometry.num_blocks,
+      geometry.num_windows,
+    )
+
+  work = [(job, block) for job in jobs for block in job.todo]
+  if max_blocks is not None:
+    work = work[: int(max_blocks)]
+  data_config = config.data
+  with (
+    concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="read") as reader,
+    concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="write") as writer,
+  ):
+    reads = collections.deque()
+    writes: collections.deque = collections.deque()
+    ahead = 2  # hulls read ahead of the device
+    for i in range(min(ahead, len(work))):
+      reads.append(reader.submit(_read_hull, *work[i][:2], settings, data_config))
+    bar = progress(
+      range(len(work)), total=len(work), desc="predict", unit="block", disable=not show_progress
+    )
+    for i in bar:
+      job, block = work[i]
+      started = time.perf_counter()
+      hull = reads.popleft().result()
+      if i + ahead < len(work):
+        reads.append(reader.submit(_read_hull, *work[i + ahead][:2], settings, data_config))
+      engine = engines[job.views]
+      device_block = engine.predict_block(engine.put_hull(hull), block, job.geometry.block_shape)
+      del hull
+      writes.append(writer.submit(_write_block, job, block, device_block))
+      while len(writes) > 2:  # bounds the blocks held on the host and the device
+        writes.popleft().result()
+      job.blocks_written += 1
+      job.windows_computed += len(block.windows)
+      job.seconds += time.perf_counter() - started
+    while writes:
+      writes.popleft().result()
+
+  results = []
+  for job in jobs:
+    job.affinities.flush()
+    complete = _all_done(job)
+    aff_path = os.path.join(job.group, AFFINITIES)
+    voxels = int(np.prod(job.geometry.output_shape))
+    summary = {
+      "name": job.source.name,
+      "input": str(job.source.volume.path),
+      "output": aff_path,
+      "shape": [len(settings.output_channels), *job.geometry.output_shape],
+      "dtype": np.dtype(settings.output_dtype).name,
+      "offsets": [list(o) for o in settings.output_offsets],
+      "convention": settings.convention,
+      "blocks": job.geometry.num_blocks,
+      "blocks_written": job.blocks_written,
+      "blocks_already_done": job.skipped,
+      "windows": job.geometry.num_windows,
+      # Windows that straddle a block face are computed once per block they touch.
+      "windows_computed": job.windows_computed,
+      "views": len(job.views),
+      "devices": int(mesh.devices.size),
+      "process": [process_index, process_count],
+      "seconds": round(job.seconds, 3),
+      "complete": complete,
+    }
+    if job.blocks_written and job.seconds > 0:
+      share = job.blocks_written / max(1, job.geometry.num_blocks)
+      summary["voxels_per_second"] = round(voxels * share / job.seconds, 1)
+    if complete:
+      preview = os.path.join(output_dir, f"{job.source.name}_preview.png")
+      _preview(job, settings, data_config, preview)
+      summary["preview"] = preview
+      write_json(os.path.join(output_dir, f"{job.source.name}_predict.json"), summary)
+    results.append(summary)
+  return results
+
+
+def predict(
+  config,
+  checkpoint: str,
+  inputs: Sequence[str],
+  output_dir: str,
+  *,
+  step: int | str | None = "best",
+  use_ema: bool = True,
+  axis_order: str | None = None,
+  **kwargs,
+) -> list[dict]:
+  """Restores the trained model from ``checkpoint`` and runs :func:`predict_volumes`.
+
+  ``inputs`` are specs for :func:`resolve_inputs`; ``kwargs`` go to :func:`predict_volumes`.
+  """
+  from jaxseg.training.train_lib import restore_inference_model
+
+  inference_settings(config)  # bad settings fail before the checkpoint is read
+  model, info = restore_inference_model(config, checkpoint, step, use_ema=use_ema)
+  apply, variables = engine_lib.model_apply(model)
+  model_info = {
+    "checkpoint_dir": os.path.abspath(info["checkpoint_dir"]),
+    "step": int(info["step"]),
+    "weights": info["weights"],
+    "name": str(config.model.name),
+  }
+  sources = resolve_inputs(config, inputs, axis_order=axis_order)
+  return predict_volumes(
+    config, apply, variables, sources, output_dir, model_info=model_info, **kwargs
+  )

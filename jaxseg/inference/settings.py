@@ -1,0 +1,225 @@
+"""The ``config.infer`` section, checked once and resolved into :class:`InferenceSettings`.
+
+Everything the sliding-window engine and the block streamer need, with every bad value reported
+before any volume is read: window sizes the network cannot take, unknown blending / activation /
+ensemble names, output channels the model does not produce, a model whose output channels do not
+match the affinity preset. Numpy only (no jax).
+
+Shapes are ``(z, y, x)`` voxel triples; ``crop_pad`` is PyTC's six numbers
+``(z0, z1, y0, y1, x0, x1)`` cropped from the padded, blended result, or ``()`` to crop exactly
+``pad`` (the output then covers the input volume voxel for voxel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxseg.data.affinity import Offsets, check_convention, get_preset
+from jaxseg.inference.geometry import BLEND_MODES
+
+ACTIVATIONS = ("sigmoid", "scale_sigmoid", "none")
+ENSEMBLES = ("mean", "min", "max")
+PAD_MODES = ("reflect", "constant")
+OUTPUT_DTYPES = ("float16", "float32")
+# Chunks of the affinity zarr are at most this many voxels per axis (128^3 x 3 channels of float16
+# is 12 MB: big enough for fast sequential reads, small enough for the decoder's blocks).
+MAX_CHUNK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+  """``config.infer`` resolved against the model and the affinity preset.
+
+  Attributes:
+    window: model input window ``(z, y, x)``.
+    overlap: fraction of the window shared by neighbours (stride = round(window * (1 - overlap))).
+    snap_to_edge: the last window of each axis ends flush with the (padded) volume.
+    pad: voxels of padding on both sides of each axis before windowing.
+    pad_mode: ``"reflect"`` or ``"constant"`` (zeros).
+    crop_pad: ``()`` or six ints cropped from the padded result.
+    batch_size: windows per device per model call (``infer.sw_batch_size``).
+    blending: window weight profile (``constant``, ``gaussian``, ``bump``, ``distance``).
+    activation: ``sigmoid``, ``scale_sigmoid`` (``sigmoid(x / temperature)``) or ``none``.
+    temperature: the ``scale_sigmoid`` temperature (5 in BANIS: ``sigmoid(0.2 x)``).
+    activation_before_blend: apply the activation per window (BANIS) or after blending (PyTC
+      SNEMI blends logits).
+    offsets: the ``(dz, dy, dx)`` offset of every model output channel.
+    convention: affinity storage convention of the model's channels.
+    output_channels: model channels written, in this order.
+    output_dtype: numpy dtype of the written affinities.
+    block_shape: output voxels per block (a multiple of ``chunk_shape``).
+    chunk_shape: spatial chunk shape of the output zarr (``()`` in the config = derived).
+    tta: the ``infer.tta`` section as a plain dict (views are built per volume: they depend on
+      its resolution).
+    in_channels: image channels the model takes.
+  """
+
+  window: tuple[int, int, int]
+  overlap: float
+  snap_to_edge: bool
+  pad: tuple[int, int, int]
+  pad_mode: str
+  crop_pad: tuple[int, ...]
+  batch_size: int
+  blending: str
+  activation: str
+  temperature: float
+  activation_before_blend: bool
+  offsets: Offsets
+  convention: str
+  output_channels: tuple[int, ...]
+  output_dtype: np.dtype
+  block_shape: tuple[int, int, int]
+  chunk_shape: tuple[int, ...]
+  tta: dict
+  in_channels: int
+
+  @property
+  def output_offsets(self) -> Offsets:
+    """Offsets of the written channels."""
+    return tuple(self.offsets[c] for c in self.output_channels)
+
+  def fingerprint(self) -> dict[str, Any]:
+    """Everything that changes the bytes written (resuming with other values would mix outputs).
+
+    ``batch_size`` is left out on purpose: it only changes how many windows share a call, so a
+    run may resume on a machine with more or less memory.
+    """
+    out = dataclasses.asdict(self)
+    out.pop("batch_size")
+    out["output_dtype"] = np.dtype(self.output_dtype).name
+    return _plain(out)
+
+
+def _plain(value: Any) -> Any:
+  """Tuples -> lists, recursively (JSON round trips compare equal)."""
+  if isinstance(value, dict):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def _triple(value: Any, name: str, minimum: int) -> tuple[int, int, int]:
+  try:
+    out = tuple(int(v) for v in value)
+  except (TypeError, ValueError):
+    raise ValueError(f"infer.{name} must be three ints (z, y, x), got {value!r}") from None
+  if len(out) != 3 or min(out) < minimum or any(int(v) != v for v in value):
+    raise ValueError(f"infer.{name} must be three ints >= {minimum} (z, y, x), got {value!r}")
+  return out  # type: ignore[return-value]
+
+
+def _choice(value: Any, name: str, choices: Sequence[str]) -> str:
+  if value not in choices:
+    raise ValueError(f"infer.{name} must be one of {', '.join(choices)}; got {value!r}")
+  return str(value)
+
+
+def derive_chunk_shape(block_shape: Sequence[int]) -> tuple[int, int, int]:
+  """Per axis, the largest divisor of the block that is at most :data:`MAX_CHUNK`.
+
+  Blocks are whole numbers of chunks, so two blocks never write into one chunk.
+  """
+  out = []
+  for b in block_shape:
+    b = int(b)
+    out.append(next(c for c in range(min(b, MAX_CHUNK), 0, -1) if b % c == 0))
+  return tuple(out)  # type: ignore[return-value]
+
+
+def inference_settings(config) -> InferenceSettings:
+  """Resolves and checks ``config.infer`` against ``config.model`` and ``config.target``.
+
+  Raises:
+    ValueError: naming the key and the expected values.
+  """
+  # Imported here: jaxseg.models imports jax, and this module stays importable without it.
+  from jaxseg.models import input_multiple
+
+  infer, model = config.infer, config.model
+  window = _triple(infer.window, "window", 1)
+  multiple = input_multiple(model)
+  if any(w % m for w, m in zip(window, multiple, strict=True)):
+    raise ValueError(
+      f"infer.window {window} must be a multiple of {multiple} (z, y, x) for this "
+      f"{model.name} (its pooling); e.g. "
+      f"{tuple(max(m, round(w / m) * m) for w, m in zip(window, multiple, strict=True))}"
+    )
+  overlap = float(infer.overlap)
+  if not 0.0 <= overlap < 1.0:
+    raise ValueError(f"infer.overlap must be in [0, 1), got {overlap}")
+  pad = _triple(infer.get("pad", (0, 0, 0)), "pad", 0)
+  crop_pad = tuple(int(v) for v in (infer.get("crop_pad", ()) or ()))
+  if crop_pad and (len(crop_pad) != 6 or min(crop_pad) < 0):
+    raise ValueError(
+      f"infer.crop_pad must be () or six ints >= 0 (z0, z1, y0, y1, x0, x1), got {crop_pad}"
+    )
+  batch_size = int(infer.sw_batch_size)
+  if batch_size < 1:
+    raise ValueError(f"infer.sw_batch_size must be >= 1, got {batch_size}")
+  temperature = float(infer.get("temperature", 1.0))
+  if temperature <= 0:
+    raise ValueError(f"infer.temperature must be > 0, got {temperature}")
+
+  spec = get_preset(config.target.preset)
+  convention = check_convention(config.target.get("convention", spec.convention))
+  out_channels = int(model.out_channels)
+  if out_channels != spec.num_channels:
+    raise ValueError(
+      f"model.out_channels={out_channels} but target.preset={spec.name!r} has "
+      f"{spec.num_channels} affinity channels"
+    )
+  channels = tuple(int(c) for c in (infer.get("output_channels", ()) or range(out_channels)))
+  if not channels or any(c < 0 or c >= out_channels for c in channels):
+    raise ValueError(
+      f"infer.output_channels {channels} must name channels of the model's {out_channels}"
+    )
+  if len(set(channels)) != len(channels):
+    raise ValueError(f"infer.output_channels {channels} repeats a channel")
+
+  block_shape = _triple(infer.block_shape, "block_shape", 1)
+  chunk_shape = tuple(int(c) for c in (infer.get("chunk_shape", ()) or ()))
+  if chunk_shape:
+    chunk_shape = _triple(chunk_shape, "chunk_shape", 1)
+    if any(b % c for b, c in zip(block_shape, chunk_shape, strict=True)):
+      raise ValueError(
+        f"infer.block_shape {block_shape} must be a multiple of infer.chunk_shape {chunk_shape}: "
+        "a block writes whole chunks, so blocks never share one"
+      )
+
+  tta = infer.tta
+  tta_dict = {
+    "enabled": bool(tta.get("enabled", False)),
+    "flip_axes": tuple(str(a) for a in tta.get("flip_axes", ())),
+    "rot90_yx": bool(tta.get("rot90_yx", False)),
+    "permute_axes": bool(tta.get("permute_axes", False)),
+    "ensemble": _choice(tta.get("ensemble", "mean"), "tta.ensemble", ENSEMBLES),
+  }
+  return InferenceSettings(
+    window=window,
+    overlap=overlap,
+    snap_to_edge=bool(infer.get("snap_to_edge", True)),
+    pad=pad,
+    pad_mode=_choice(infer.get("pad_mode", "reflect"), "pad_mode", PAD_MODES),
+    crop_pad=crop_pad,
+    batch_size=batch_size,
+    blending=_choice(infer.blending, "blending", BLEND_MODES),
+    activation=_choice(infer.activation, "activation", ACTIVATIONS),
+    temperature=temperature,
+    activation_before_blend=bool(infer.activation_before_blend),
+    offsets=spec.offsets,
+    convention=convention,
+    output_channels=channels,
+    output_dtype=np.dtype(_choice(infer.output_dtype, "output_dtype", OUTPUT_DTYPES)),
+    block_shape=block_shape,
+    chunk_shape=chunk_shape,
+    tta=tta_dict,
+    in_channels=int(model.in_channels),
+  )

@@ -1,0 +1,406 @@
+"""Batch prediction end to end: exact blending, streaming, resume, devices, hosts, bad input, CLI.
+
+The blending tests use a "model" whose output depends on the position inside the window, so the
+blending weights matter, and compare with a direct numpy evaluation of the same windows (float64).
+The streaming tests use a tiny random RSUNet; they compare bytes, not tolerances.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxseg.common.config_util import load_config
+from jaxseg.data.affinity import compute_affinities
+from jaxseg.inference import engine as engine_lib
+from jaxseg.inference import predict_lib
+from jaxseg.io import VolumeError, create_zarr, open_volume
+from jaxseg.models import build_model
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO_ROOT, "configs", "demo.py")
+SNEMI = os.path.join(REPO_ROOT, "configs", "snemi.py")
+
+# demo RSUNet widths (4, 8): windows must be multiples of (1, 2, 2).
+TINY_MODEL = {"model.widths": (4, 8), "model.norm_groups": 2}
+
+
+def _config(path=DEMO, **overrides):
+  return load_config(path, {**TINY_MODEL, **overrides})
+
+
+def _ramp_logits(x, channels):
+  """A position-dependent 'model': logits[c] = (c + 1) * image + ramp over the window."""
+  _, z, y, x_ = x.shape[:4]
+  ramp = (
+    np.arange(z)[:, None, None] * 0.5 + np.arange(y)[None, :, None] * 0.25 - np.arange(x_) * 0.125
+  )
+  scale = np.arange(1, channels + 1, dtype=np.float32)
+  return x[..., :1] * scale + ramp[None, ..., None].astype(np.float32)
+
+
+def _ramp_apply(channels):
+  def apply(variables, x):
+    return jnp.asarray(_ramp_logits(x, channels))
+
+  return apply
+
+
+def _write_image(path, image, resolution=(20.0, 9.0, 9.0)):
+  vol = create_zarr(path, image.shape, image.dtype, chunks=image.shape, resolution=resolution)
+  vol.write((0,) * image.ndim, image)
+  vol.flush()
+  return path
+
+
+def _predict(config, apply, variables, image_path, out_dir, **kwargs):
+  sources = predict_lib.resolve_inputs(config, [image_path])
+  kwargs.setdefault("show_progress", False)
+  kwargs.setdefault("num_devices", 1)
+  return predict_lib.predict_volumes(config, apply, variables, sources, out_dir, **kwargs)
+
+
+def _read_output(out_dir, name="image"):
+  return open_volume(os.path.join(out_dir, f"{name}.zarr", "affinities")).read()
+
+
+def _starts(size, window, stride):
+  """PyTC's grid, written out: 0, stride, ... while inside, plus a final window flush at the end."""
+  starts = list(range(0, size - window + 1, stride))
+  if starts[-1] != size - window:
+    starts.append(size - window)
+  return starts
+
+
+def _bump(n):
+  u = 2.0 * (np.arange(n) + 1) / (n + 1) - 1.0
+  k = np.exp(-1.0 / (1.0 - u**2))
+  return k / k.max()
+
+
+def _distance(window):
+  grids = np.meshgrid(*[np.arange(n) for n in window], indexing="ij")
+  per_axis = [np.minimum(g + 1, n - g) for g, n in zip(grids, window, strict=True)]
+  return np.minimum(np.minimum(per_axis[0], per_axis[1]), per_axis[2]).astype(np.float64)
+
+
+def _direct_blend(image, window, stride, pad, weights, channels, act_before, act):
+  """The blended output computed window by window in float64 over the padded volume."""
+  padded = np.pad(image, [(p, p) for p in pad], mode="reflect") if any(pad) else image
+  acc = np.zeros((channels, *padded.shape))
+  wsum = np.zeros(padded.shape)
+  for z in _starts(padded.shape[0], window[0], stride[0]):
+    for y in _starts(padded.shape[1], window[1], stride[1]):
+      for x in _starts(padded.shape[2], window[2], stride[2]):
+        box = (slice(z, z + window[0]), slice(y, y + window[1]), slice(x, x + window[2]))
+        logits = _ramp_logits(padded[box][None, ..., None], channels)[0].astype(np.float64)
+        values = np.moveaxis(act(logits) if act_before else logits, -1, 0)
+        acc[(slice(None), *box)] += weights * values
+        wsum[box] += weights
+  out = acc / np.maximum(wsum, 1e-6)
+  if not act_before:
+    out = act(out)
+  crop = tuple(slice(p, n - p) for p, n in zip(pad, padded.shape, strict=True))
+  return out[(slice(None), *crop)]
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def test_snemi_preset_blending_matches_direct_numpy(tmp_path):
+  """SNEMI: reflect pad, bump weights, logits blended then sigmoid, cropped back to the input."""
+  rng = np.random.default_rng(0)
+  image = rng.random((9, 21, 19)).astype(np.float32)
+  window, pad = (4, 8, 8), (2, 4, 4)
+  config = _config(
+    SNEMI,
+    **{
+      "model.widths": (4, 8),
+      "model.norm_groups": 2,
+      "infer.window": window,
+      "infer.pad": pad,
+      "infer.crop_pad": (2, 2, 4, 4, 4, 4),
+      "infer.sw_batch_size": 3,
+      "infer.block_shape": (4, 8, 8),
+    },
+  )
+  assert config.infer.blending == "bump" and not config.infer.activation_before_blend
+  path = _write_image(str(tmp_path / "image.zarr"), image)
+  (summary,) = _predict(config, _ramp_apply(12), None, path, str(tmp_path / "out"))
+  got = _read_output(str(tmp_path / "out"))
+  assert got.shape == (12, *image.shape) and got.dtype == np.float32
+  weights = _bump(4)[:, None, None] * _bump(8)[None, :, None] * _bump(8)[None, None, :]
+  # minmax over the whole volume: the test image is already in [0, 1] but not exactly 0..1.
+  normalised = (image - image.min()) / (image.max() - image.min())
+  want = _direct_blend(normalised, window, (2, 4, 4), pad, weights, 12, False, _sigmoid)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+  assert summary["blocks"] == 3 * 3 * 3 and summary["complete"]
+
+
+def test_nisb_preset_blending_matches_direct_numpy(tmp_path):
+  """NISB: no pad, snapped 50% windows, distance weights, sigmoid(x / 5) blended, float16."""
+  rng = np.random.default_rng(1)
+  image = (rng.random((1, 13, 20, 18)) * 255).astype(np.uint8)  # NISB images are [c, z, y, x]
+  window = (8, 8, 8)
+  config = _config(
+    **{"infer.window": window, "infer.sw_batch_size": 2, "infer.block_shape": (8, 8, 8)}
+  )
+  assert config.infer.blending == "distance" and config.infer.activation_before_blend
+  assert config.infer.activation == "scale_sigmoid" and config.infer.temperature == 5.0
+  path = _write_image(str(tmp_path / "image.zarr"), image)
+  _predict(config, _ramp_apply(6), None, path, str(tmp_path / "out"))
+  got = _read_output(str(tmp_path / "out"))
+  assert got.shape == (3, 13, 20, 18) and got.dtype == np.float16
+  want = _direct_blend(
+    image[0] / 255.0,
+    window,
+    (4, 4, 4),
+    (0, 0, 0),
+    _distance(window),
+    6,
+    True,
+    lambda x: _sigmoid(x / 5.0),
+  )[:3]
+  np.testing.assert_allclose(got.astype(np.float64), want, rtol=0, atol=1e-3)  # float16 output
+
+
+# -- streaming with a real (tiny, random) network ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+  config = _config()
+  model = build_model(config.model, rngs=nnx.Rngs(0))
+  return engine_lib.model_apply(model)
+
+
+@pytest.fixture(scope="module")
+def volume_path(tmp_path_factory):
+  rng = np.random.default_rng(2)
+  image = rng.integers(0, 256, (1, 12, 40, 36), dtype=np.uint8)
+  return _write_image(str(tmp_path_factory.mktemp("vol") / "image.zarr"), image)
+
+
+STREAM = {
+  "infer.window": (8, 16, 16),
+  "infer.sw_batch_size": 2,
+  "infer.block_shape": (8, 16, 16),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_net, volume_path, tmp_path_factory):
+  """The tiny net's prediction with one block covering the whole volume."""
+  out = str(tmp_path_factory.mktemp("ref"))
+  config = _config(**{**STREAM, "infer.block_shape": (12, 40, 36)})
+  _predict(config, *tiny_net, volume_path, out)
+  return _read_output(out)
+
+
+def test_blocks_and_two_devices_give_the_same_bytes(tiny_net, volume_path, reference, tmp_path):
+  config = _config(**STREAM)
+  one = str(tmp_path / "one")
+  (summary,) = _predict(config, *tiny_net, volume_path, one, show_progress=True)
+  assert summary["blocks"] == 2 * 3 * 3 and summary["blocks_written"] == 18
+  np.testing.assert_array_equal(_read_output(one), reference)
+  two = str(tmp_path / "two")
+  (summary,) = _predict(config, *tiny_net, volume_path, two, num_devices=2)
+  assert summary["devices"] == 2
+  np.testing.assert_array_equal(_read_output(two), reference)
+  assert os.path.exists(summary["preview"])
+  with open(os.path.join(two, "image_predict.json")) as f:
+    saved = json.load(f)
+  assert saved["complete"] and saved["shape"] == [3, 12, 40, 36]
+
+
+def test_killed_run_resumes_to_the_same_bytes(
+  tiny_net, volume_path, reference, tmp_path, monkeypatch
+):
+  config = _config(**STREAM)
+  out = str(tmp_path / "out")
+  (first,) = _predict(config, *tiny_net, volume_path, out, max_blocks=5)
+  assert first["blocks_written"] == 5 and not first["complete"]
+  # Now die inside the writer after two more blocks, with work still in flight.
+  real_write = predict_lib._write_block
+  calls = {"n": 0}
+
+  def dying_write(job, block, device_block):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      raise KeyboardInterrupt("killed")
+    real_write(job, block, device_block)
+
+  monkeypatch.setattr(predict_lib, "_write_block", dying_write)
+  with pytest.raises(KeyboardInterrupt):
+    _predict(config, *tiny_net, volume_path, out)
+  monkeypatch.setattr(predict_lib, "_write_block", real_write)
+  done = open_volume(os.path.join(out, "image.zarr", "blocks_done")).read()
+  assert 5 < done.sum() < 18
+  (last,) = _predict(config, *tiny_net, volume_path, out)
+  assert last["complete"] and last["blocks_already_done"] == done.sum()
+  assert last["blocks_written"] == 18 - done.sum()
+  np.testing.assert_array_equal(_read_output(out), reference)
+
+
+def test_hosts_split_the_blocks(tiny_net, volume_path, reference, tmp_path):
+  config = _config(**STREAM)
+  out = str(tmp_path / "out")
+  (p0,) = _predict(config, *tiny_net, volume_path, out, process_index=0, process_count=2)
+  assert p0["blocks_written"] == 9 and not p0["complete"]
+  (p1,) = _predict(config, *tiny_net, volume_path, out, process_index=1, process_count=2)
+  assert p1["blocks_written"] == 9 and p1["complete"]
+  np.testing.assert_array_equal(_read_output(out), reference)
+
+
+def test_tta_of_an_equivariant_model_equals_plain_prediction(tmp_path):
+  """A 'model' that returns the affinities of the label ids it is given is equivariant by
+  construction: 16 flip/rot90 views through the full pipeline must give the plain output."""
+  rng = np.random.default_rng(3)
+  labels = rng.integers(1, 4, (10, 20, 20)).astype(np.uint8)
+  labels[:, 5:9, :] = 7  # some long structures, so affinities are not all 0
+  labels[3:6] = 9
+  config = _config(
+    SNEMI,
+    **{
+      "model.widths": (4, 8),
+      "model.norm_groups": 2,
+      "data.normalize": "divide_255",
+      "infer.window": (4, 8, 8),
+      "infer.pad": (2, 4, 4),
+      "infer.crop_pad": (),
+      "infer.block_shape": (8, 16, 16),
+      "infer.sw_batch_size": 4,
+      "infer.activation": "none",
+    },
+  )
+  offsets = ((0, 0, 1), (0, 1, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0), (4, 0, 0), (0, 0, 3),
+             (0, 0, 9), (0, 0, 27), (0, 3, 0), (0, 9, 0), (0, 27, 0))  # fmt: skip
+
+  def label_affinities(variables, x):
+    ids = jnp.round(x[..., 0] * 255.0).astype(jnp.int32)
+    aff = jax.vmap(lambda v: compute_affinities(v, offsets, "target")[0])(ids)
+    return jnp.moveaxis(aff.astype(jnp.float32), 1, -1)
+
+  path = _write_image(str(tmp_path / "image.zarr"), labels)
+  plain_dir, tta_dir = str(tmp_path / "plain"), str(tmp_path / "tta")
+  _predict(config, label_affinities, None, path, plain_dir)
+  config.infer.tta.enabled = True
+  (summary,) = _predict(config, label_affinities, None, path, tta_dir)
+  assert summary["views"] == 16
+  plain, tta = _read_output(plain_dir), _read_output(tta_dir)
+  assert 0.1 < plain[:3].mean() < 0.9
+  np.testing.assert_array_equal(tta, plain)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_window_larger_than_the_volume_is_refused(tmp_path):
+  path = _write_image(str(tmp_path / "small.zarr"), np.zeros((1, 6, 40, 40), np.uint8))
+  config = _config(**{"infer.window": (8, 16, 16)})
+  with pytest.raises(ValueError, match=r"small\.zarr.*window"):
+    _predict(config, _ramp_apply(6), None, path, str(tmp_path / "out"))
+
+
+def test_wrong_input_channels_are_refused(tmp_path):
+  path = _write_image(str(tmp_path / "two.zarr"), np.zeros((2, 8, 16, 16), np.uint8))
+  config = _config(**{"infer.window": (8, 16, 16)})
+  with pytest.raises(VolumeError, match=r"two\.zarr.*2 channel.*model takes 1"):
+    _predict(config, _ramp_apply(6), None, path, str(tmp_path / "out"))
+
+
+def test_nan_in_the_image_is_named(tmp_path):
+  image = np.zeros((8, 16, 16), np.float32)
+  image[3, 4, 5] = np.nan
+  path = _write_image(str(tmp_path / "nan.zarr"), image)
+  config = _config(**{"infer.window": (8, 16, 16), "data.normalize": "divide_255"})
+  with pytest.raises(VolumeError, match=r"nan\.zarr.*NaN"):
+    _predict(config, _ramp_apply(6), None, path, str(tmp_path / "out"))
+
+
+def test_existing_output_with_other_shape_or_settings_is_kept(tmp_path):
+  path = _write_image(str(tmp_path / "image.zarr"), np.ones((1, 8, 16, 16), np.uint8))
+  out = str(tmp_path / "out")
+  config = _config(**{"infer.window": (8, 16, 16)})
+  _predict(config, _ramp_apply(6), None, path, out)
+  before = _read_output(out)
+  wider = _config(**{"infer.window": (8, 16, 16), "infer.output_channels": (0, 1, 2, 3)})
+  with pytest.raises(VolumeError, match=r"shape \(3, 8, 16, 16\).*--overwrite"):
+    _predict(wider, _ramp_apply(6), None, path, out)
+  other = _config(**{"infer.window": (8, 16, 16), "infer.blending": "constant"})
+  with pytest.raises(VolumeError, match=r"(?s)other settings.*blending"):
+    _predict(other, _ramp_apply(6), None, path, out)
+  np.testing.assert_array_equal(_read_output(out), before)  # nothing was touched
+  (summary,) = _predict(wider, _ramp_apply(6), None, path, out, overwrite=True)
+  assert summary["complete"] and _read_output(out).shape == (4, 8, 16, 16)
+
+
+# -- the command line, from a trained checkpoint ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """Two training steps of the tiny demo net on a tiny generated dataset."""
+  from jaxseg.synthesis import generate_dataset
+  from jaxseg.training import train_lib
+
+  root = str(tmp_path_factory.mktemp("data"))
+  overrides = {
+    **TINY_MODEL,
+    "data.root": root,
+    "data.synth.shape": (24, 48, 48),
+    "data.synth.chunks": (24, 48, 48),
+    "data.synth.train_seeds": (0,),
+    "data.synth.test_seeds": (101, 102),
+    "data.patch_size": (8, 24, 24),
+    "train.batch_size": 1,
+    "train.mesh_devices": 1,
+    "train.num_steps": 2,
+    "train.eval_every": 0,
+    "train.eval_batches": 0,
+    "train.checkpoint_every": 2,
+  }
+  config = load_config(DEMO, overrides)
+  generate_dataset(config.data.synth, root, show_progress=False)
+  workdir = str(tmp_path_factory.mktemp("run"))
+  train_lib.train_and_evaluate(config, workdir)
+  return overrides, workdir
+
+
+def test_predict_command_on_a_split_and_a_mismatched_checkpoint(trained, tmp_path):
+  overrides, workdir = trained
+  out = str(tmp_path / "pred")
+  flags = [f"--config.{k}={v!r}" if not isinstance(v, str) else f"--config.{k}={v}"
+           for k, v in overrides.items()]  # fmt: skip
+  flags = [f.replace(" ", "") for f in flags]
+  command = [
+    sys.executable, "-m", "jaxseg.predict", f"--config={DEMO}", *flags,
+    "--config.infer.window=(8,16,16)", "--config.infer.block_shape=(16,32,32)",
+    f"--checkpoint={workdir}", "--input=split:test", f"--output={out}",
+  ]  # fmt: skip
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+  assert done.returncode == 0, done.stderr[-3000:]
+  for seed in ("seed101", "seed102"):
+    aff = open_volume(os.path.join(out, f"{seed}.zarr", "affinities"))
+    assert aff.shape == (3, 24, 48, 48) and aff.dtype == np.float16
+    values = aff.read().astype(np.float32)
+    assert np.all((values > 0) & (values < 1))
+    assert os.path.exists(os.path.join(out, f"{seed}_preview.png"))
+    assert f"{seed}: " in done.stdout
+  # Again: everything is done, nothing is recomputed.
+  again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+  assert again.returncode == 0 and "0 block(s) predicted, 8 already done" in again.stdout
+  # A config asking for a different net must not load these weights.
+  wrong = [
+    c.replace("--config.model.widths=(4,8)", "--config.model.widths=(4,16)") for c in command
+  ]
+  failed = subprocess.run(wrong, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+  assert failed.returncode != 0 and "different shape" in failed.stderr
