@@ -33,7 +33,9 @@ def test_snemi_recipe_numbers():
   assert (c.optim.lr, c.optim.weight_decay, c.optim.schedule) == (3e-4, 0.01, "warmup_cosine")
   assert (c.train.num_steps, c.train.batch_size, c.optim.grad_clip) == (100_000, 4, 1.0)
   assert (c.infer.window, c.infer.blending, c.infer.sw_batch_size) == ((16, 224, 224), "bump", 16)
-  assert c.infer.crop_pad == (7, 8, 127, 128, 127, 128)
+  # PyTC's crop (7, 8, 127, 128, 127, 128) plus its deepem crop of one leading voxel = the pad.
+  assert c.infer.pad == (8, 128, 128)
+  assert c.infer.crop_pad == (8, 8, 128, 128, 128, 128)
   assert (c.decode.merge_function, c.decode.thresholds) == ("aff85_his256", (0.5,))
   assert (c.decode.aff_threshold_low, c.decode.aff_threshold_high) == (0.1, 0.999)
   assert (c.decode.dust.size, c.decode.dust.affinity, c.decode.dust.remove_size) == (800, 0.3, 600)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import shutil
 import time
@@ -37,6 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from jaxseg.common.files import atomic_output, write_json
@@ -56,6 +58,7 @@ SPLIT_PREFIX = "split:"
 # How long processes other than 0 wait for process 0 to create the outputs.
 _CREATE_TIMEOUT_S = 600.0
 _PREVIEW_MAX_SIDE = 1024
+_PREVIEW_MIN_SIDE = 256
 
 
 @dataclasses.dataclass
@@ -154,7 +157,8 @@ class _Job:
   fingerprint: dict
   blocks_written: int = 0
   windows_computed: int = 0
-  seconds: float = 0.0
+  started: float | None = None  # perf_counter when its first block was dispatched
+  finished: float | None = None  # perf_counter when its last block was durable
 
 
 def _fingerprint_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -263,6 +267,7 @@ def _write_block(job: _Job, block: BlockPlan, device_block) -> None:
   values = np.asarray(device_block)[:, : size[0], : size[1], : size[2]]
   job.affinities.write((0, *block.out_start), values).result()
   job.done.write(tuple(block.index), np.ones((1, 1, 1), np.uint8)).result()
+  job.finished = time.perf_counter()
 
 
 def _all_done(job: _Job) -> bool:
@@ -280,6 +285,9 @@ def _preview(job: _Job, settings: InferenceSettings, data_config, path: str) -> 
   image = image[::step, ::step]
   channels = min(3, job.affinities.shape[0])
   affinity = np.asarray(job.affinities[(slice(0, channels), z)], np.float32)[:, ::step, ::step]
+  zoom = max(1, _PREVIEW_MIN_SIDE // max(image.shape))  # small demo sections: bigger pixels
+  image = image.repeat(zoom, 0).repeat(zoom, 1)
+  affinity = affinity.repeat(zoom, 1).repeat(zoom, 2)
   lo, hi = float(image.min()), float(image.max())
   tiles = [(image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)]
   if settings.activation == "none":  # logits: squash for display only
@@ -367,7 +375,8 @@ def predict_volumes(
       },
     }
     group = os.path.join(output_dir, f"{source.name}.zarr")
-    affinities, done, saved = _open_outputs(
+    open_outputs = functools.partial(
+      _open_outputs,
       source,
       group,
       geometry,
@@ -377,6 +386,17 @@ def predict_volumes(
       process_index=process_index,
       needs_stats=needs_volume_stats(config.data),
     )
+    if jax.process_count() > 1:
+      # One jax.distributed job: process 0 creates (or replaces) the outputs before anyone opens
+      # them. Separate jobs splitting the blocks by hand wait for the files instead.
+      if process_index == 0:
+        opened = open_outputs()
+      multihost_utils.sync_global_devices(f"jaxseg.predict: outputs of {source.name}")
+      if process_index != 0:
+        opened = open_outputs()
+    else:
+      opened = open_outputs()
+    affinities, done, saved = opened
     stats = VolumeStats(*saved["stats"]) if saved["stats"] is not None else None
     finished = done.read()
     mine = [b for b in geometry.blocks() if b.flat % process_count == process_index]
@@ -425,7 +445,8 @@ def predict_volumes(
     )
     for i in bar:
       job, block = work[i]
-      started = time.perf_counter()
+      if job.started is None:
+        job.started = time.perf_counter()
       hull = reads.popleft().result()
       if i + ahead < len(work):
         reads.append(reader.submit(_read_hull, *work[i + ahead][:2], settings, data_config))
@@ -437,16 +458,22 @@ def predict_volumes(
         writes.popleft().result()
       job.blocks_written += 1
       job.windows_computed += len(block.windows)
-      job.seconds += time.perf_counter() - started
     while writes:
       writes.popleft().result()
 
-  results = []
   for job in jobs:
     job.affinities.flush()
+  if jax.process_count() > 1:  # every process's blocks are durable before process 0 checks
+    multihost_utils.sync_global_devices("jaxseg.predict: blocks written")
+  writes_summary = jax.process_count() == 1 or process_index == 0
+  results = []
+  for job in jobs:
     complete = _all_done(job)
     aff_path = os.path.join(job.group, AFFINITIES)
     voxels = int(np.prod(job.geometry.output_shape))
+    # Wall time from the first dispatch to the last durable write (the first input's includes
+    # compilation); blocks of one input overlap with the neighbours' reads and writes.
+    seconds = job.finished - job.started if job.started and job.finished else 0.0
     summary = {
       "name": job.source.name,
       "input": str(job.source.volume.path),
@@ -464,13 +491,13 @@ def predict_volumes(
       "views": len(job.views),
       "devices": int(mesh.devices.size),
       "process": [process_index, process_count],
-      "seconds": round(job.seconds, 3),
+      "seconds": round(seconds, 3),
       "complete": complete,
     }
-    if job.blocks_written and job.seconds > 0:
+    if job.blocks_written and seconds > 0:
       share = job.blocks_written / max(1, job.geometry.num_blocks)
-      summary["voxels_per_second"] = round(voxels * share / job.seconds, 1)
-    if complete:
+      summary["voxels_per_second"] = round(voxels * share / seconds, 1)
+    if complete and writes_summary:
       preview = os.path.join(output_dir, f"{job.source.name}_preview.png")
       _preview(job, settings, data_config, preview)
       summary["preview"] = preview
