@@ -73,8 +73,13 @@ class PredictInput:
 
 
 def _name_from_path(spec: str) -> str:
-  path = os.path.normpath(spec.split(":")[0] if spec.endswith((".h5", ".hdf5")) else spec)
-  parts = path.split(os.sep)
+  """A short output name: ``.../seed101/data.zarr/img`` -> ``seed101``, ``a/test.h5:raw`` ->
+  ``test``, ``x/vol.zarr`` -> ``vol``."""
+  path = spec
+  for ext in (".h5:", ".hdf5:"):
+    if ext in path:
+      path = path[: path.index(ext) + len(ext) - 1]
+  parts = os.path.normpath(path).split(os.sep)
   # NISB cube: .../seed101/data.zarr/img -> seed101.
   if len(parts) >= 3 and parts[-2].endswith(".zarr") and parts[-2] == "data.zarr":
     return parts[-3]
@@ -274,17 +279,27 @@ def _all_done(job: _Job) -> bool:
   return bool(np.all(job.done.read() == 1))
 
 
+def _strided_plane(volume, lead: tuple, z: int, step: int) -> np.ndarray:
+  """``volume[lead, z, ::step, ::step]`` read in bands of rows, so memory follows the preview."""
+  ny = volume.shape[-2]
+  band = step * max(1, 64 // step)  # rows per read, a multiple of the step
+  parts = [
+    np.asarray(volume[(*lead, z, slice(y, min(ny, y + band)))])[..., ::step, ::step]
+    for y in range(0, ny, band)
+  ]
+  return np.concatenate(parts, axis=-2)
+
+
 def _preview(job: _Job, settings: InferenceSettings, data_config, path: str) -> None:
   """Middle z section of the image beside up to three affinity channels, as one PNG."""
   volume = job.source.volume
   z = volume.shape[-3] // 2
+  step = max(1, -(-max(volume.shape[-2:]) // _PREVIEW_MAX_SIDE))
   lead = (slice(0, 1),) if volume.has_channels else ()
-  image = normalize_image(np.asarray(volume[(*lead, z)], np.float32), data_config, job.stats)
-  image = np.asarray(image).reshape(volume.shape[-2:])
-  step = max(1, -(-max(image.shape) // _PREVIEW_MAX_SIDE))
-  image = image[::step, ::step]
+  raw = _strided_plane(volume, lead, z, step).astype(np.float32)
+  image = np.asarray(normalize_image(raw, data_config, job.stats)).reshape(raw.shape[-2:])
   channels = min(3, job.affinities.shape[0])
-  affinity = np.asarray(job.affinities[(slice(0, channels), z)], np.float32)[:, ::step, ::step]
+  affinity = _strided_plane(job.affinities, (slice(0, channels),), z, step).astype(np.float32)
   zoom = max(1, _PREVIEW_MIN_SIDE // max(image.shape))  # small demo sections: bigger pixels
   image = image.repeat(zoom, 0).repeat(zoom, 1)
   affinity = affinity.repeat(zoom, 1).repeat(zoom, 2)
