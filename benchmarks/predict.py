@@ -125,19 +125,10 @@ def write_image(path: str, shape, seed: int = 0) -> str:
 
 def window_counts(config, volume_shape) -> dict:
   """Windows of the volume, windows run block by block, and model calls (batches) for both."""
-  from jaxseg.inference.geometry import plan_geometry
   from jaxseg.inference.settings import inference_settings
 
   s = inference_settings(config)
-  g = plan_geometry(
-    volume_shape,
-    window=s.window,
-    overlap=s.overlap,
-    snap_to_edge=s.snap_to_edge,
-    pad=s.pad,
-    crop_pad=s.crop_pad,
-    block_shape=s.block_shape,
-  )
+  g = s.plan(volume_shape)
   per_block = [len(b.windows) for b in g.blocks()]
   calls = sum(math.ceil(n / s.batch_size) for n in per_block)
   minimal = math.ceil(g.num_windows / s.batch_size)
@@ -400,22 +391,14 @@ def breakdown(config, apply, variables, image: str, work: str, timer: ModelTimer
   from jaxseg.data.pipeline import normalize_image
   from jaxseg.inference import engine as engine_lib
   from jaxseg.inference import predict_lib, tta
-  from jaxseg.inference.geometry import plan_geometry, read_padded
+  from jaxseg.inference.geometry import read_padded
   from jaxseg.inference.settings import derive_chunk_shape, inference_settings
   from jaxseg.io import create_zarr
 
   s = inference_settings(config)
   (source,) = predict_lib.resolve_inputs(config, [image])
   volume = source.volume
-  g = plan_geometry(
-    volume.spatial_shape,
-    window=s.window,
-    overlap=s.overlap,
-    snap_to_edge=s.snap_to_edge,
-    pad=s.pad,
-    crop_pad=s.crop_pad,
-    block_shape=s.block_shape,
-  )
+  g = s.plan(volume.spatial_shape)
   engine = engine_lib.WindowEngine(apply, variables, s, (tta.IDENTITY,), engine_lib.local_mesh(1))
   channels = len(s.output_channels)
   out = create_zarr(

@@ -46,7 +46,7 @@ from jaxseg.common.progress import progress
 from jaxseg.data.pipeline import VolumeStats, needs_volume_stats, normalize_image, volume_stats
 from jaxseg.inference import engine as engine_lib
 from jaxseg.inference import tta as tta_lib
-from jaxseg.inference.geometry import BlockPlan, Geometry, plan_geometry, read_padded
+from jaxseg.inference.geometry import BlockPlan, Geometry, read_padded
 from jaxseg.inference.settings import InferenceSettings, derive_chunk_shape, inference_settings
 from jaxseg.io import Volume, VolumeError, create_zarr, open_volume, reopen_zarr
 from jaxseg.io.datasets import dataset_volumes, nisb_cube
@@ -366,16 +366,7 @@ def predict_volumes(
   jobs: list[_Job] = []
   for source in inputs:
     _check_input(source.volume, settings)
-    geometry = plan_geometry(
-      source.volume.spatial_shape,
-      window=settings.window,
-      overlap=settings.overlap,
-      snap_to_edge=settings.snap_to_edge,
-      pad=settings.pad,
-      crop_pad=settings.crop_pad,
-      block_shape=settings.block_shape,
-      where=source.volume.path,
-    )
+    geometry = settings.plan(source.volume.spatial_shape, where=source.volume.path)
     views = tta_lib.tta_views(settings.tta, settings.window, source.volume.resolution)
     fingerprint = {
       "infer": settings.fingerprint(),

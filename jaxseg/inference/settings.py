@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from jaxseg.data.affinity import Offsets, check_convention, get_preset
-from jaxseg.inference.geometry import BLEND_MODES
+from jaxseg.inference.geometry import BLEND_MODES, Geometry, plan_geometry
 
 ACTIVATIONS = ("sigmoid", "scale_sigmoid", "none")
 ENSEMBLES = ("mean", "min", "max")
@@ -82,6 +82,19 @@ class InferenceSettings:
   def output_offsets(self) -> Offsets:
     """Offsets of the written channels."""
     return tuple(self.offsets[c] for c in self.output_channels)
+
+  def plan(self, volume_shape: Sequence[int], where: str = "volume") -> Geometry:
+    """The window grid and block plan of a volume of spatial shape ``volume_shape``."""
+    return plan_geometry(
+      volume_shape,
+      window=self.window,
+      overlap=self.overlap,
+      snap_to_edge=self.snap_to_edge,
+      pad=self.pad,
+      crop_pad=self.crop_pad,
+      block_shape=self.block_shape,
+      where=where,
+    )
 
   def fingerprint(self) -> dict[str, Any]:
     """Everything that changes the bytes written (resuming with other values would mix outputs).
