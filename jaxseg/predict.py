@@ -18,6 +18,8 @@ or ``JAX_COORDINATOR_ADDRESS``); each process predicts its share of the blocks.
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 
 from jaxseg.common import config_util, runtime
@@ -61,18 +63,23 @@ def main(argv: list[str]) -> None:
 
   runtime.initialize_distributed(config)
   from jaxseg.inference.predict_lib import predict
+  from jaxseg.io import VolumeError
 
-  results = predict(
-    config,
-    _CHECKPOINT.value,
-    _INPUT.value,
-    _OUTPUT.value,
-    step=_step(_STEP.value),
-    use_ema=not _RAW_WEIGHTS.value,
-    axis_order=_AXIS_ORDER.value,
-    overwrite=_OVERWRITE.value,
-    num_devices=_NUM_DEVICES.value,
-  )
+  try:
+    results = predict(
+      config,
+      _CHECKPOINT.value,
+      _INPUT.value,
+      _OUTPUT.value,
+      step=_step(_STEP.value),
+      use_ema=not _RAW_WEIGHTS.value,
+      axis_order=_AXIS_ORDER.value,
+      overwrite=_OVERWRITE.value,
+      num_devices=_NUM_DEVICES.value,
+    )
+  except (VolumeError, FileNotFoundError, ValueError) as e:
+    # The user's input, checkpoint or settings: say what is wrong, without a traceback.
+    sys.exit(f"jaxseg.predict: {e}")
   for r in results:
     rate = r.get("voxels_per_second")
     print(

@@ -529,7 +529,9 @@ def predict(
   """
   from jaxseg.training.train_lib import restore_inference_model
 
-  inference_settings(config)  # bad settings fail before the checkpoint is read
+  # Bad settings and missing inputs fail before the checkpoint is read.
+  inference_settings(config)
+  sources = resolve_inputs(config, inputs, axis_order=axis_order)
   model, info = restore_inference_model(config, checkpoint, step, use_ema=use_ema)
   apply, variables = engine_lib.model_apply(model)
   model_info = {
@@ -538,7 +540,6 @@ def predict(
     "weights": info["weights"],
     "name": str(config.model.name),
   }
-  sources = resolve_inputs(config, inputs, axis_order=axis_order)
   return predict_volumes(
     config, apply, variables, sources, output_dir, model_info=model_info, **kwargs
   )
