@@ -404,3 +404,30 @@ def test_predict_command_on_a_split_and_a_mismatched_checkpoint(trained, tmp_pat
   ]
   failed = subprocess.run(wrong, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
   assert failed.returncode != 0 and "different shape" in failed.stderr
+
+
+def test_inputs_are_named_and_opened_in_canonical_order(tmp_path):
+  """A NISB cube folder (x, y, z, c on disk), an HDF5 dataset and a zarr array, one name each."""
+  import h5py
+
+  from jaxseg.synthesis import generate_dataset
+
+  config = _config(
+    **{
+      "data.synth.shape": (8, 16, 24),
+      "data.synth.chunks": (8, 16, 24),
+      "data.synth.train_seeds": (),
+    }
+  )
+  config.data.synth.val_seeds = ()
+  generate_dataset(config.data.synth, str(tmp_path / "data"), show_progress=False)
+  with h5py.File(tmp_path / "stack.h5", "w") as f:
+    f["raw"] = np.zeros((5, 6, 7), np.uint8)
+  zarr = _write_image(str(tmp_path / "vol.zarr"), np.zeros((4, 5, 6), np.uint8))
+  cube = str(tmp_path / "data" / "test" / "seed101")
+  sources = predict_lib.resolve_inputs(config, [cube, f"{tmp_path}/stack.h5:raw", zarr])
+  assert [s.name for s in sources] == ["seed101", "stack", "vol"]
+  assert [s.volume.shape for s in sources] == [(1, 8, 16, 24), (5, 6, 7), (4, 5, 6)]
+  assert sources[1].volume.resolution == tuple(config.data.resolution)  # HDF5 names none
+  with pytest.raises(VolumeError, match="more than once"):
+    predict_lib.resolve_inputs(config, [zarr, zarr])
