@@ -394,12 +394,15 @@ def breakdown(config, apply, variables, image: str, work: str, timer: ModelTimer
   from jaxseg.inference.geometry import read_padded
   from jaxseg.inference.settings import derive_chunk_shape, inference_settings
   from jaxseg.io import create_zarr
+  from jaxseg.training import sharding as sharding_lib
 
   s = inference_settings(config)
   (source,) = predict_lib.resolve_inputs(config, [image])
   volume = source.volume
   g = s.plan(volume.spatial_shape)
-  engine = engine_lib.WindowEngine(apply, variables, s, (tta.IDENTITY,), engine_lib.local_mesh(1))
+  engine = engine_lib.WindowEngine(
+    apply, variables, s, (tta.IDENTITY,), sharding_lib.create_sharding(1, local=True)
+  )
   channels = len(s.output_channels)
   out = create_zarr(
     f"{work}/breakdown.zarr/affinities",

@@ -30,8 +30,8 @@ import numpy as np
 from jaxseg.inference import tta as tta_lib
 from jaxseg.inference.geometry import BlockPlan, blend_weights
 from jaxseg.inference.settings import InferenceSettings
+from jaxseg.training import sharding as sharding_lib
 
-DATA_AXIS = "data"
 # PyTC divides by max(sum(w), 1e-6): voxels no window reaches (none, with every profile > 0)
 # must not become NaN.
 _MIN_WEIGHT = 1e-6
@@ -63,21 +63,6 @@ def model_apply(model) -> tuple[ApplyFn, Any]:
   return apply, variables
 
 
-def local_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
-  """A ``('data',)`` mesh over this process's first ``num_devices`` devices (0 = all).
-
-  Prediction never spans hosts inside one call: each process predicts its own blocks on its own
-  devices, so no collective crosses the network.
-  """
-  devices = jax.local_devices()
-  n = len(devices) if not num_devices else int(num_devices)
-  if n < 1 or n > len(devices):
-    raise ValueError(f"num_devices={num_devices}: this process has {len(devices)} device(s)")
-  return jax.make_mesh(
-    (n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n]
-  )
-
-
 class WindowEngine:
   """Predicts blocks of windows with one compiled step per volume geometry.
 
@@ -86,7 +71,8 @@ class WindowEngine:
     variables: the model's variables (any pytree; replicated on every device).
     settings: the resolved ``config.infer``.
     views: the test-time views (``tta.tta_views``); ``(tta.IDENTITY,)`` for none.
-    mesh: devices to use (default: every local device).
+    sharding: the process-local ``('data',)`` mesh and its shardings
+      (``sharding.create_sharding(n, local=True)``; default: every local device).
   """
 
   def __init__(
@@ -95,14 +81,15 @@ class WindowEngine:
     variables: Any,
     settings: InferenceSettings,
     views: tuple = (tta_lib.IDENTITY,),
-    mesh: jax.sharding.Mesh | None = None,
+    sharding: sharding_lib.Sharding | None = None,
   ):
     self.settings = settings
     self.views = tuple(views)
-    self.mesh = mesh if mesh is not None else local_mesh()
-    self.replicated = jax.NamedSharding(self.mesh, jax.P())
-    self.batched = jax.NamedSharding(self.mesh, jax.P(DATA_AXIS))
-    self.num_devices = self.mesh.devices.size
+    if sharding is None:
+      sharding = sharding_lib.create_sharding(local=True)
+    self.replicated = sharding.replicated
+    self.batched = sharding.batch
+    self.num_devices = sharding.num_devices
     self.batch_size = settings.batch_size * self.num_devices  # windows per call, all devices
     self.variables = jax.device_put(variables, self.replicated)
     self._apply = apply

@@ -50,6 +50,7 @@ from jaxseg.inference.geometry import BlockPlan, Geometry, read_padded
 from jaxseg.inference.settings import InferenceSettings, derive_chunk_shape, inference_settings
 from jaxseg.io import Volume, VolumeError, create_zarr, open_volume, reopen_zarr
 from jaxseg.io.datasets import dataset_volumes, nisb_cube
+from jaxseg.training import sharding as sharding_lib
 
 AFFINITIES = "affinities"
 BLOCKS_DONE = "blocks_done"
@@ -358,8 +359,8 @@ def predict_volumes(
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
   os.makedirs(output_dir, exist_ok=True)
-  mesh = engine_lib.local_mesh(num_devices)
-  variables = jax.device_put(variables, jax.NamedSharding(mesh, jax.P()))
+  sharding = sharding_lib.create_sharding(num_devices, local=True)
+  variables = jax.device_put(variables, sharding.replicated)
   engines: dict[tuple, engine_lib.WindowEngine] = {}
   model_info = dict(model_info or {})
 
@@ -422,7 +423,7 @@ def predict_volumes(
       )
     )
     if views not in engines:
-      engines[views] = engine_lib.WindowEngine(apply, variables, settings, views, mesh)
+      engines[views] = engine_lib.WindowEngine(apply, variables, settings, views, sharding)
     logging.info(
       "%s: %s -> %s, %d of %d blocks to do (%d windows in all)",
       source.name,
@@ -495,7 +496,7 @@ def predict_volumes(
       # Windows that straddle a block face are computed once per block they touch.
       "windows_computed": job.windows_computed,
       "views": len(job.views),
-      "devices": int(mesh.devices.size),
+      "devices": sharding.num_devices,
       "process": [process_index, process_count],
       "seconds": round(seconds, 3),
       "complete": complete,

@@ -38,17 +38,21 @@ class Sharding(NamedTuple):
     return sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
 
 
-def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+def make_mesh(num_devices: int = 0, *, local: bool = False) -> jax.sharding.Mesh:
   """A ``('data',)`` mesh over the first ``num_devices`` devices (0 = all devices).
 
   Multi-host runs must use every device (a mesh that skips some host's devices would leave that
-  host without data); a subset is for single-host experiments and tests.
+  host without data); a subset is for single-host experiments and tests. ``local=True`` builds
+  the mesh over this process's devices only (prediction: each process works on its own blocks,
+  so no collective crosses the network).
   """
-  devices = jax.devices()
+  devices = jax.local_devices() if local else jax.devices()
   n = len(devices) if not num_devices else int(num_devices)
   if n < 1 or n > len(devices):
+    if local:
+      raise ValueError(f"num_devices={num_devices}: this process has {len(devices)} device(s)")
     raise ValueError(f"train.mesh_devices={num_devices}: this run has {len(devices)} device(s)")
-  if jax.process_count() > 1 and n != len(devices):
+  if not local and jax.process_count() > 1 and n != len(devices):
     raise ValueError(
       f"train.mesh_devices={num_devices} with {jax.process_count()} processes: a multi-host run "
       f"must use all {len(devices)} devices (set train.mesh_devices=0)"
@@ -59,9 +63,9 @@ def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
   )
 
 
-def create_sharding(num_devices: int = 0) -> Sharding:
+def create_sharding(num_devices: int = 0, *, local: bool = False) -> Sharding:
   """The mesh of :func:`make_mesh` with its replicated and batch shardings."""
-  mesh = make_mesh(num_devices)
+  mesh = make_mesh(num_devices, local=local)
   return Sharding(
     mesh=mesh,
     replicated=jax.NamedSharding(mesh, jax.P()),
