@@ -116,9 +116,8 @@ def resolve_inputs(
       cube = nisb_cube(spec, resolution)
       out.append(PredictInput(cube.name, cube.image))
     else:
-      order = axis_order
       default = "xyzc" if spec.rstrip("/").endswith("data.zarr/img") else None
-      volume = open_volume(spec, axis_order=order, default_axis_order=default)
+      volume = open_volume(spec, axis_order=axis_order, default_axis_order=default)
       if "resolution" not in volume.attrs and not spec.startswith("precomputed://"):
         volume.resolution = tuple(float(r) for r in resolution)
       out.append(PredictInput(_name_from_path(spec), volume))
@@ -160,7 +159,6 @@ class _Job:
   done: Any  # WritableVolume of uint8 [nbz, nby, nbx]
   todo: list[BlockPlan]
   skipped: int
-  fingerprint: dict
   blocks_written: int = 0
   windows_computed: int = 0
   started: float | None = None  # perf_counter when its first block was dispatched
@@ -194,8 +192,13 @@ def _open_outputs(
   overwrite: bool,
   process_index: int,
   needs_stats: bool,
-) -> tuple[Any, Any, dict]:
-  """Creates (process 0) or reopens the affinity and completion arrays; returns attrs used."""
+) -> tuple[Any, Any, VolumeStats | None]:
+  """Creates (process 0) or reopens the affinity and completion arrays.
+
+  Returns:
+    ``(affinities, blocks_done, stats)``: the two arrays and the image statistics the output was
+    (or is now) made with, recorded in its attributes so a resumed run does not recompute them.
+  """
   aff_path = os.path.join(group, AFFINITIES)
   done_path = os.path.join(group, BLOCKS_DONE)
   shape = (len(settings.output_channels), *geometry.output_shape)
@@ -223,7 +226,8 @@ def _open_outputs(
       )
     if not os.path.exists(os.path.join(done_path, ".zarray")):
       raise VolumeError(f"{done_path}: missing, so finished blocks are unknown; use --overwrite")
-    return existing, reopen_zarr(done_path), {"stats": saved_stats}
+    stats = VolumeStats(*saved_stats) if saved_stats is not None else None
+    return existing, reopen_zarr(done_path), stats
 
   # A full pass over the image, done once: resumed runs and other processes read the result.
   stats = volume_stats(source.volume) if needs_stats else None
@@ -245,7 +249,7 @@ def _open_outputs(
   )
   # The completion array is created last: its presence tells other processes the outputs exist.
   done = create_zarr(done_path, geometry.grid, np.uint8, chunks=(1, 1, 1), compression=None)
-  return affinities, done, {"stats": attrs[ATTR_KEY]["stats"]}
+  return affinities, done, stats
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -403,8 +407,7 @@ def predict_volumes(
         opened = open_outputs()
     else:
       opened = open_outputs()
-    affinities, done, saved = opened
-    stats = VolumeStats(*saved["stats"]) if saved["stats"] is not None else None
+    affinities, done, stats = opened
     finished = done.read()
     mine = [b for b in geometry.blocks() if b.flat % process_count == process_index]
     todo = [b for b in mine if not finished[tuple(b.index)]]
@@ -419,7 +422,6 @@ def predict_volumes(
         done=done,
         todo=todo,
         skipped=len(mine) - len(todo),
-        fingerprint=fingerprint,
       )
     )
     if views not in engines:

@@ -20,9 +20,9 @@ import numpy as np
 
 from jaxseg.data.affinity import Offsets, check_convention, get_preset
 from jaxseg.inference.geometry import BLEND_MODES, Geometry, plan_geometry
+from jaxseg.inference.tta import ENSEMBLES
 
 ACTIVATIONS = ("sigmoid", "scale_sigmoid", "none")
-ENSEMBLES = ("mean", "min", "max")
 PAD_MODES = ("reflect", "constant")
 OUTPUT_DTYPES = ("float16", "float32")
 # Chunks of the affinity zarr are at most this many voxels per axis (128^3 x 3 channels of float16
