@@ -209,8 +209,9 @@ class WindowEngine:
     acc_shape = tuple(int(n) for n in hull.shape[:3])
     cin = int(hull.shape[3])
     step = self._step_fn(acc_shape, cin)
-    acc = jax.device_put(jnp.zeros((*acc_shape, self.num_channels), jnp.float32), self.replicated)
-    wsum = jax.device_put(jnp.zeros(acc_shape, jnp.float32), self.replicated)
+    # Made on every device at once, not on the first device and then copied to the others.
+    acc = jnp.zeros((*acc_shape, self.num_channels), jnp.float32, device=self.replicated)
+    wsum = jnp.zeros(acc_shape, jnp.float32, device=self.replicated)
     windows = np.asarray(block.windows, np.int32).reshape(-1, 3)
     b = self.batch_size
     for first in range(0, len(windows), b):
