@@ -134,13 +134,11 @@ def get_config(arg=None):
   infer.tta.ensemble = "mean"
 
   # -- decoding --------------------------------------------------------------------------------
-  config.decode = decode = ml_collections.ConfigDict()
+  config.decode = decode = _common.decode_defaults()
   decode.method = "cc"
-  decode.channels = (0, 1, 2)
   decode.channel_order = "xyz"  # banis6 channels 0-2 are +x, +y, +z
   decode.convention = "source"
   decode.threshold = 0.75  # strict >; tuned values: about 0.66 (base), 0.70 (LICONN)
-  decode.affinity_mask_path = ""
   decode.min_size = 0  # PyTC applies no size filter
   decode.block_shape = (256, 512, 512)
 

@@ -149,32 +149,13 @@ def get_config(arg=None):
   infer.tta.ensemble = "min"
 
   # -- decoding --------------------------------------------------------------------------------
-  config.decode = decode = ml_collections.ConfigDict()
+  config.decode = decode = _common.decode_defaults()
   decode.method = "waterz"
-  decode.channels = (0, 1, 2)
   decode.channel_order = "xyz"  # channels 0-2 of aff12 are x, y, z
   decode.convention = "target"
-  decode.merge_function = "aff85_his256"
-  decode.thresholds = (0.5,)
-  decode.aff_threshold_low = 0.1
-  decode.aff_threshold_high = 0.999
-  decode.dust = ml_collections.ConfigDict()
-  decode.dust.enabled = True
-  decode.dust.size = 800
-  decode.dust.affinity = 0.3
-  decode.dust.remove_size = 600
-  # PyTC silently drops these four keys; we apply every configured stage.
-  decode.branch_merge = ml_collections.ConfigDict()
+  # PyTC silently drops the branch merge keys; we apply every configured stage.
   decode.branch_merge.enabled = not pytc_compat
-  decode.branch_merge.iou_threshold = 0.5
-  decode.branch_merge.size_ratio = (0.5, 2.0)
-  decode.branch_merge.best_buddy = True
-  decode.branch_merge.one_sided_threshold = 0.8
-  decode.branch_merge.one_sided_min_size = 100
-  decode.branch_merge.affinity_threshold = 0.0  # 0 disables the mean z-affinity gate
-  decode.affinity_mask_path = ""
-  decode.min_size = 0
-  decode.block_shape = (100, 1024, 1024)
+  decode.block_shape = (100, 1024, 1024)  # the whole SNEMI3D volume: whole-volume waterz
 
   # -- affinity QC -----------------------------------------------------------------------------
   config.qc = _common.qc_defaults(enabled=False)
