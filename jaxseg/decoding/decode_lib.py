@@ -1,0 +1,470 @@
+"""Affinity zarr in, segmentation zarr out: the decoder behind ``python -m jaxseg.decode``.
+
+Owns:
+  * :func:`open_affinities`: an affinity volume ``[C, z, y, x]`` and which three stored channels
+    are the decoded edges, their offsets and storage convention (from the file's attributes, which
+    ``jaxseg.predict`` writes, else from ``config.decode``).
+  * :func:`decode_array`: the whole-volume decoders on in-memory arrays (connected components, or
+    waterz with dust / branch merges), returning one ``[z, y, x]`` segmentation per threshold.
+  * :func:`decode`: the file-level job: checks, whole-volume or blockwise (``blockwise.py``),
+    output arrays, preview PNG and a ``decode.json`` summary; refuses to overwrite other work.
+
+Output layout: ``<output>/segmentation`` (one threshold) or ``<output>/segmentation_t<thr>`` (one
+per waterz threshold), each a ``[z, y, x]`` zarr in the smallest unsigned dtype that holds its ids,
+with ``resolution``, ``source`` and the decode fingerprint in its attributes.
+
+Never imports JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxseg.common.files import write_json
+from jaxseg.data.affinity import convert_convention
+from jaxseg.decoding import cc, labels
+from jaxseg.decoding.settings import DecodeSettings
+from jaxseg.io import VolumeError, create_zarr, open_volume
+from jaxseg.io.volume import Volume
+
+ATTR_KEY = "jaxseg_decode"
+SUMMARY = "decode.json"
+_AXES = "zyx"
+
+
+@dataclasses.dataclass(frozen=True)
+class AffinitySource:
+  """The three decoded channels of an affinity volume.
+
+  Attributes:
+    volume: the lazy ``[C, z, y, x]`` volume.
+    positions: stored channel index of the z, y and x edge (in that order).
+    distances: edge length along z, y, x (1 = nearest neighbour; a long-range triple has more).
+    convention: ``source`` or ``target``.
+  """
+
+  volume: Volume
+  positions: tuple[int, int, int]
+  distances: tuple[int, int, int]
+  convention: str
+
+  @property
+  def offsets(self) -> tuple[tuple[int, int, int], ...]:
+    """Offsets of the decoded channels in z, y, x order."""
+    return tuple(
+      tuple(self.distances[a] if b == a else 0 for b in range(3)) for a in range(3)
+    )  # fmt: skip
+
+  @property
+  def spatial_shape(self) -> tuple[int, int, int]:
+    return tuple(self.volume.shape[1:])
+
+  def read(self, box: Sequence[slice] | None = None) -> np.ndarray:
+    """The z, y, x channels of a box as ``[3, z, y, x]`` in the stored dtype."""
+    box = tuple(box or ()) + (slice(None),) * (3 - len(box or ()))
+    return np.stack([np.asarray(self.volume[(p, *box)]) for p in self.positions])
+
+
+def open_affinities(spec: str, settings: DecodeSettings) -> AffinitySource:
+  """Opens an affinity volume and finds the decoded channels.
+
+  Args:
+    spec: an affinity array (``pred.zarr/affinities``, ``file.h5:dataset``, ...), or a predict
+      output folder holding an ``affinities`` array.
+    settings: ``config.decode``; its ``channels`` are the preset's channel numbers, mapped to
+      stored positions through the file's ``channels`` attribute when it has one.
+
+  Raises:
+    VolumeError: not a ``[C, z, y, x]`` float volume, channels missing, offsets that are not one
+      positive axis-aligned edge per axis, or a convention that contradicts the config.
+  """
+  spec = os.fspath(spec)
+  if os.path.isdir(spec) and os.path.isdir(os.path.join(spec, "affinities")):
+    spec = os.path.join(spec, "affinities")
+  volume = open_volume(spec)
+  if not volume.has_channels or len(volume.shape) != 4:
+    raise VolumeError(f"{spec}: expected affinities [C, z, y, x], got shape {volume.shape}")
+  if not np.issubdtype(volume.dtype, np.floating):
+    raise VolumeError(f"{spec}: affinities must be floating point, got {volume.dtype}")
+  stored = volume.attrs.get("channels")
+  if stored is not None:
+    stored = [int(c) for c in stored]
+    missing = [c for c in settings.channels if c not in stored]
+    if missing:
+      raise VolumeError(
+        f"{spec}: decode.channels {list(settings.channels)} asks for channel(s) {missing}, but "
+        f"the file holds channels {stored}"
+      )
+    positions = [stored.index(c) for c in settings.channels]
+  else:
+    positions = list(settings.channels)
+    if max(positions) >= volume.shape[0]:
+      raise VolumeError(
+        f"{spec}: decode.channels {positions} out of range for {volume.shape[0]} channels"
+      )
+  if "offsets" in volume.attrs:
+    offsets = [tuple(int(v) for v in volume.attrs["offsets"][p]) for p in positions]
+    where = f"{spec} (its 'offsets' attribute)"
+  else:
+    offsets = [tuple(1 if a == axis else 0 for a in _AXES) for axis in settings.channel_order]
+    where = f"{spec} (config.decode.channel_order={settings.channel_order!r})"
+  convention = volume.attrs.get("convention", settings.convention)
+  if convention != settings.convention:
+    raise VolumeError(
+      f"{spec}: stored in the {convention!r} convention but config.decode.convention is "
+      f"{settings.convention!r}; fix the config"
+    )
+  axes = []
+  for o in offsets:
+    nonzero = [a for a in range(3) if o[a] != 0]
+    if len(nonzero) != 1 or o[nonzero[0]] < 0:
+      raise VolumeError(f"{where}: each decoded channel must be one positive axis edge, got {o}")
+    axes.append(nonzero[0])
+  if sorted(axes) != [0, 1, 2]:
+    raise VolumeError(f"{where}: decoded channels must cover z, y and x once each, got {offsets}")
+  by_axis = sorted(range(3), key=lambda i: axes[i])
+  return AffinitySource(
+    volume=volume,
+    positions=tuple(positions[i] for i in by_axis),
+    distances=tuple(offsets[i][axes[i]] for i in by_axis),
+    convention=convention,
+  )
+
+
+def open_mask(path: str, shape: Sequence[int]) -> Volume:
+  """Opens an affinity mask (integer or bool ``[z, y, x]``, non-zero = keep) lazily."""
+  mask = open_volume(path)
+  if mask.has_channels or tuple(mask.shape) != tuple(shape):
+    raise VolumeError(f"{path}: affinity mask must be [z, y, x] {tuple(shape)}, got {mask.shape}")
+  if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+    raise VolumeError(f"{path}: affinity mask must be uint8 (1 = keep), got {mask.dtype}")
+  return mask
+
+
+# -- whole-volume decoding ------------------------------------------------------------------------
+
+
+def _masked(aff: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+  """PyTC's mask step: the decoded channels are zeroed at masked voxels (stored convention)."""
+  if mask is None:
+    return aff
+  return np.where(mask.astype(bool)[None], aff, np.zeros((), aff.dtype))
+
+
+def long_range_crop(distances: Sequence[int], convention: str) -> tuple[slice, slice, slice]:
+  """The region where every decoded edge has its partner inside the volume.
+
+  Nearest-neighbour channels need no crop. A long-range triple (e.g. PyTC's ``[6, 9, 4]``) is
+  decoded as if its edges were unit edges, which is only meaningful where they exist: the
+  ``d - 1`` extra planes at the face that holds edges leaving the volume are cut (the leading
+  face for ``target``, the trailing one for ``source``), decoded without them, and come back as
+  background.
+  """
+  out = []
+  for d in distances:
+    extra = int(d) - 1
+    if extra <= 0:
+      out.append(slice(None))
+    elif convention == "target":
+      out.append(slice(extra, None))
+    else:
+      out.append(slice(None, -extra))
+  return tuple(out)
+
+
+def decode_array(
+  aff: np.ndarray,
+  settings: DecodeSettings,
+  *,
+  distances: Sequence[int] = (1, 1, 1),
+  convention: str | None = None,
+  mask: np.ndarray | None = None,
+  verbose: bool = False,
+) -> list[tuple[float, np.ndarray]]:
+  """Decodes in-memory affinities.
+
+  Args:
+    aff: ``[3, z, y, x]`` edges along z, y, x (float16/32/64).
+    settings: the decoder.
+    distances: each channel's edge length (1, 1, 1 for nearest neighbours).
+    convention: storage convention (default ``settings.convention``).
+    mask: optional ``[z, y, x]`` (non-zero = keep).
+    verbose: let waterz print.
+
+  Returns:
+    ``[(threshold, segmentation [z, y, x])]``, one per threshold, ascending; segmentations in the
+    smallest unsigned dtype, ids 1..K (0 = background).
+  """
+  convention = convention or settings.convention
+  aff = np.asarray(aff)
+  if aff.ndim != 4 or aff.shape[0] != 3:
+    raise ValueError(f"affinities must be [3, z, y, x], got {aff.shape}")
+  if settings.method == "cc":
+    if tuple(distances) != (1, 1, 1):
+      raise ValueError(
+        f"connected components decode nearest-neighbour edges only, got distances {distances}"
+      )
+    if convention == "target":
+      offsets = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+      aff, _ = convert_convention(_masked(aff, mask), offsets, "target", "source")
+      mask = None
+    seg = cc.decode_affinity_cc(aff, settings.threshold, mask=mask, min_size=settings.min_size)
+    return [(settings.threshold, seg)]
+  return _decode_waterz(aff, settings, distances, convention, mask, verbose)
+
+
+def branch_merge_kwargs(settings: DecodeSettings) -> dict:
+  """``config.decode.branch_merge`` as :func:`branch_merge.branch_merge_pairs` takes it."""
+  kwargs = dataclasses.asdict(settings.branch_merge)
+  kwargs["size_ratio"] = settings.branch_merge.size_ratio[0]  # the range is [r, 1 / r]
+  return kwargs
+
+
+def _decode_waterz(aff, settings, distances, convention, mask, verbose):
+  from jaxseg.decoding import branch_merge, dust, waterz_ops
+
+  offsets = tuple(tuple(d if b == a else 0 for b in range(3)) for a, d in enumerate(distances))
+  shape = aff.shape[1:]
+  crop = long_range_crop(distances, convention)
+  aff_w = waterz_ops.to_waterz_affinities(_masked(aff, mask), offsets, convention)
+  aff_w = np.ascontiguousarray(aff_w[(slice(None), *crop)])
+  scoring, _ = waterz_ops.scoring_function(settings.merge_function)
+  results = waterz_ops.agglomerate(
+    aff_w,
+    settings.thresholds,
+    low=settings.aff_threshold_low,
+    high=settings.aff_threshold_high,
+    merge_function=scoring,
+    discretize_queue=settings.discretize_queue,
+    verbose=verbose,
+  )
+  out = []
+  for r in results:
+    seg = r.segmentation
+    if settings.dust is not None:
+      seg = dust.dust_merge(
+        seg,
+        r.rg_u,
+        r.rg_v,
+        r.rg_score,
+        threshold=r.threshold,
+        size=settings.dust.size,
+        affinity=settings.dust.affinity,
+        remove_size=settings.dust.remove_size,
+      )
+    if settings.branch_merge is not None:
+      seg = branch_merge.branch_merge(seg, aff_w[0], **branch_merge_kwargs(settings))
+    seg, _ = labels.relabel_sequential(seg, min_size=settings.min_size)
+    full = np.zeros(shape, seg.dtype)
+    full[crop] = seg
+    out.append((float(r.threshold), full))
+  return out
+
+
+# -- the file-level job ---------------------------------------------------------------------------
+
+
+def output_names(settings: DecodeSettings) -> list[str]:
+  """Array names under the output folder, one per threshold."""
+  if len(settings.thresholds) == 1:
+    return ["segmentation"]
+  return [f"segmentation_t{t:g}" for t in settings.thresholds]
+
+
+def wants_blockwise(settings: DecodeSettings, shape: Sequence[int]) -> bool:
+  """``auto``: blockwise exactly when the volume does not fit in one block."""
+  if settings.blockwise != "auto":
+    return settings.blockwise == "always"
+  return any(s > b for s, b in zip(shape, settings.block_shape, strict=True))
+
+
+def _job_fingerprint(settings: DecodeSettings, source: AffinitySource, blockwise: bool) -> dict:
+  out = {
+    **settings.fingerprint(),
+    "affinities": os.path.abspath(source.volume.path),
+    "shape": list(source.spatial_shape),
+    "blockwise": blockwise,
+  }
+  if blockwise:
+    out["block_shape"] = list(settings.block_shape)
+    if settings.method == "waterz":
+      out["context"] = list(settings.context)
+  return out
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+  keys = sorted(set(old) | set(new))
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def check_existing(output: str, fingerprint: dict, overwrite: bool) -> dict | None:
+  """The saved summary of a finished identical job, or None to (re)do it.
+
+  Raises:
+    VolumeError: the folder holds a decode made with other settings or input (the differences
+      are listed), unless ``overwrite``; nothing is touched then.
+  """
+  summary_path = os.path.join(output, SUMMARY)
+  state_path = os.path.join(output, "_blockwise", "job.json")
+  saved = None
+  for path in (summary_path, state_path):
+    if os.path.exists(path):
+      import json
+
+      with open(path) as f:
+        saved = json.load(f)
+      break
+  if saved is None:
+    leftovers = [n for n in os.listdir(output) if n.startswith("segmentation")] if (
+      os.path.isdir(output)
+    ) else []  # fmt: skip
+    if leftovers and not overwrite:
+      raise VolumeError(
+        f"{output}: holds {leftovers} without a {SUMMARY}; use --overwrite or another --output"
+      )
+    return None
+  diff = _differences(saved.get("fingerprint", {}), fingerprint)
+  if diff and not overwrite:
+    raise VolumeError(
+      f"{output}: already holds a decode made differently ({'; '.join(diff)}); use --overwrite "
+      "or another --output"
+    )
+  if not diff and os.path.exists(summary_path) and saved.get("complete"):
+    return saved
+  return None
+
+
+def _clear(output: str) -> None:
+  """Removes what a previous decode wrote here (only jaxseg's own names)."""
+  if not os.path.isdir(output):
+    return
+  for name in os.listdir(output):
+    if name.startswith("segmentation") or name in (SUMMARY, "_blockwise", "preview.png"):
+      path = os.path.join(output, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _chunks(shape: Sequence[int], block_shape: Sequence[int]) -> tuple[int, ...]:
+  # Chunks that tile every block: the largest divisor of the block edge that is <= 128.
+  out = []
+  for s, b in zip(shape, block_shape, strict=True):
+    b = min(b, s)
+    out.append(max(d for d in range(1, min(b, 128) + 1) if b % d == 0))
+  return tuple(out)
+
+
+def create_output(output, name, threshold, dtype, source: AffinitySource, settings, fingerprint):
+  """Creates one output array ``<output>/<name>`` (refuses to replace an existing one)."""
+  shape = source.spatial_shape
+  return create_zarr(
+    os.path.join(output, name),
+    shape,
+    dtype,
+    chunks=_chunks(shape, settings.block_shape),
+    resolution=source.volume.resolution,
+    source=source.volume.path,
+    attributes={ATTR_KEY: {**fingerprint, "threshold": threshold}},
+  )
+
+
+def write_preview(path: str, source: AffinitySource, segmentation: Volume) -> str:
+  """A PNG of three z sections: the mean decoded affinity on top, the labels tinted below."""
+  from jaxseg.synthesis.preview import save_preview
+
+  nz = source.spatial_shape[0]
+  zs = sorted({min(nz - 1, max(0, int(nz * f))) for f in (0.25, 0.5, 0.75)})
+  seg = np.stack([np.asarray(segmentation[z]) for z in zs])
+  aff = np.stack([source.read((slice(z, z + 1),))[:, 0].astype(np.float32).mean(0) for z in zs])
+  img = np.clip(np.nan_to_num(aff) * 255, 0, 255).astype(np.uint8)
+  return save_preview(path, img, seg)
+
+
+def decode(
+  settings: DecodeSettings,
+  affinities: str,
+  output: str,
+  *,
+  overwrite: bool = False,
+  verbose: bool = False,
+  show_progress: bool = True,
+) -> dict:
+  """Decodes an affinity volume into ``output`` (a folder), whole-volume or blockwise.
+
+  Returns:
+    The summary written to ``<output>/decode.json``: arrays, segment counts, timings.
+
+  Raises:
+    VolumeError: unreadable or inconsistent input or mask, or an output made differently.
+    ValueError: settings the decoder cannot run.
+  """
+  start = time.perf_counter()
+  source = open_affinities(affinities, settings)
+  shape = source.spatial_shape
+  mask = open_mask(settings.affinity_mask_path, shape) if settings.affinity_mask_path else None
+  blockwise = wants_blockwise(settings, shape)
+  fingerprint = _job_fingerprint(settings, source, blockwise)
+  done = check_existing(output, fingerprint, overwrite)
+  if done is not None:
+    return {**done, "already_done": True}
+  if overwrite:
+    _clear(output)
+  os.makedirs(output, exist_ok=True)
+
+  if blockwise:
+    from jaxseg.decoding import blockwise as blockwise_lib
+
+    arrays, counts, info = blockwise_lib.decode_blockwise(
+      settings,
+      source,
+      mask,
+      output,
+      fingerprint,
+      verbose=verbose,
+      show_progress=show_progress,
+    )
+  else:
+    aff = source.read()
+    if not np.isfinite(aff).all():
+      raise VolumeError(f"{source.volume.path}: affinities contain NaN or Inf")
+    results = decode_array(
+      aff,
+      settings,
+      distances=source.distances,
+      convention=source.convention,
+      mask=None if mask is None else np.asarray(mask[:]),
+      verbose=verbose,
+    )
+    arrays = [
+      create_output(output, name, threshold, seg.dtype, source, settings, fingerprint)
+      for name, (threshold, seg) in zip(output_names(settings), results, strict=True)
+    ]
+    for array, (_, seg) in zip(arrays, results, strict=True):
+      array.write((0, 0, 0), seg).result()
+    counts = [int(seg.max()) if seg.size else 0 for _, seg in results]
+    info = {"blocks": 1}
+  names = output_names(settings)
+  preview = write_preview(os.path.join(output, "preview.png"), source, arrays[-1])
+  summary = {
+    "fingerprint": fingerprint,
+    "complete": True,
+    "affinities": source.volume.path,
+    "arrays": [os.path.join(output, n) for n in names],
+    "thresholds": list(settings.thresholds),
+    "segments": counts,
+    "shape": list(shape),
+    "method": settings.method,
+    "blockwise": blockwise,
+    "seconds": round(time.perf_counter() - start, 3),
+    "preview": preview,
+    **info,
+  }
+  write_json(os.path.join(output, SUMMARY), summary)
+  # Scratch goes only once the summary marks the job complete: a run killed before that resumes.
+  shutil.rmtree(os.path.join(output, "_blockwise"), ignore_errors=True)
+  return summary
