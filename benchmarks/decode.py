@@ -89,7 +89,7 @@ sys.path.insert(0, REPO)  # run as a script from a checkout: configs/ and jaxseg
 SNEMI = os.path.join(REPO, "configs", "snemi.py")
 NISB = os.path.join(REPO, "configs", "nisb_base.py")
 DATA = Path(REPO).parent / "shared" / "data"
-CASES = ("cc", "waterz", "memory")
+CASES = ("cc", "waterz", "memory", "blockwise_waterz")
 WATERZ_DATA = ("pinky", "snemi_mini", "voronoi")
 ZYX = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
 
@@ -641,6 +641,111 @@ def waterz_case() -> dict:
   return result
 
 
+# -- case blockwise_waterz -------------------------------------------------------------------------
+
+
+def _real_boundary_maps() -> list[tuple[str, np.ndarray, np.ndarray]]:
+  """``(name, p low on membranes [z, y, x] float32, labels)`` for the staged real volumes."""
+  import h5py
+  import tifffile
+
+  data = Path(_DATA.value)
+  out = []
+  fib = data / "gala_fibsem_example"
+  if (fib / "test-p1.lzf.h5").exists():
+    with h5py.File(fib / "test-p1.lzf.h5") as f:
+      p = 1.0 - np.asarray(f["stack"], np.float32)  # p1 is the boundary probability
+    with h5py.File(fib / "test-gt.lzf.h5") as f:
+      gt = np.asarray(f["stack"])
+    out.append(("gala_fibsem test (1 - p1)", p, gt))
+  mini = data / "gala_snemi_mini"
+  if (mini / "train-probabilities.tif").exists():
+    p = tifffile.imread(mini / "train-probabilities.tif").astype(np.float32) / 255.0
+    out.append(("gala_snemi_mini probabilities", p, tifffile.imread(mini / "train-labels.tif")))
+  if _QUICK.value:
+    out = [(n, p[:16, :64, :64], g[:16, :64, :64]) for n, p, g in out]
+  return out
+
+
+def blockwise_waterz_case(work: str) -> dict:
+  """Blockwise waterz (8 blocks) against whole-volume waterz on real boundary maps."""
+  from jaxseg.decoding import decode_lib
+  from jaxseg.io import create_zarr, open_volume
+  from jaxseg.metrics.rand import adapted_rand
+  from jaxseg.metrics.voi import voi
+
+  # Three thresholds, so each volume shows over- and under-merged regimes (at 0.5 the SNEMI-mini
+  # map merges almost everything: its membranes sit near 0.56).
+  base = dataclasses.replace(snemi_settings(), thresholds=(0.1, 0.3, 0.5))
+  names = [f"segmentation_t{t:g}" for t in base.thresholds]
+  rows = []
+  for name, p, gt in _real_boundary_maps():
+    aff = boundary_affinities(p)  # target convention, channels z, y, x
+    path = os.path.join(work, f"bw_{len(rows)}.zarr")
+    create_zarr(
+      path, aff.shape, np.float32, attributes={
+        "offsets": [[1, 0, 0], [0, 1, 0], [0, 0, 1]], "convention": "target", "channels": [0, 1, 2],
+      },
+    ).write((0, 0, 0, 0), aff).result()  # fmt: skip
+    block = tuple(-(-s // 2) for s in p.shape)
+    whole_settings = dataclasses.replace(base, blockwise="never")
+    out = os.path.join(work, f"bw_{len(rows)}_whole")
+    start = time.perf_counter()
+    decode_lib.decode(whole_settings, path, out, show_progress=False)
+    whole_s = time.perf_counter() - start
+    wholes = [np.asarray(open_volume(os.path.join(out, n))[:]) for n in names]
+    variants = [("recipe", c) for c in ((0, 0, 0), (4, 16, 16), (8, 32, 32))]
+    variants.append(("agglomeration only", (8, 32, 32)))
+    for post, context in variants:
+      settings = dataclasses.replace(base, blockwise="always", block_shape=block, context=context)
+      if post != "recipe":
+        settings = dataclasses.replace(settings, dust=None, branch_merge=None)
+        whole_settings = dataclasses.replace(settings, blockwise="never")
+        out = os.path.join(work, f"bw_{len(rows)}_whole_plain")
+        decode_lib.decode(whole_settings, path, out, show_progress=False)
+        wholes = [np.asarray(open_volume(os.path.join(out, n))[:]) for n in names]
+      out = os.path.join(work, f"bw_{len(rows)}_{'_'.join(map(str, context))}")
+      start = time.perf_counter()
+      decode_lib.decode(settings, path, out, show_progress=False)
+      split_s = time.perf_counter() - start
+      for threshold, n, whole in zip(base.thresholds, names, wholes, strict=True):
+        split = np.asarray(open_volume(os.path.join(out, n))[:])
+        gap = adapted_rand(whole.astype(np.int64), split)
+        split_voi = voi(whole.astype(np.int64), split)
+        rows.append(
+          {
+            "data": name,
+            "post": post,
+            "threshold": threshold,
+            "shape": list(p.shape),
+            "block": list(block),
+            "context": list(context),
+            "segments_whole": int(whole.max()),
+            "segments_blockwise": int(split.max()),
+            "are_blockwise_vs_whole": gap.error,
+            "voi_blockwise_vs_whole": [float(split_voi.split), float(split_voi.merge)],
+            "are_whole_vs_gt": adapted_rand(gt, whole).error,
+            "are_blockwise_vs_gt": adapted_rand(gt, split).error,
+            "identical": bool(np.array_equal(whole, split)),
+            "whole_s": whole_s,
+            "blockwise_s": split_s,
+          }
+        )
+  print("\n### blockwise waterz vs whole-volume waterz (SNEMI settings, 2 x 2 x 2 blocks)\n")
+  print("| data | threshold | steps | context | segments whole / blockwise | ARE blockwise vs whole | VOI split, merge "
+        "| ARE vs GT: whole / blockwise | s whole / blockwise |")  # fmt: skip
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  for r in rows:
+    print(
+      f"| {r['data']} {tuple(r['shape'])} | {r['threshold']:g} | {r['post']} | {tuple(r['context'])} | {r['segments_whole']} / "
+      f"{r['segments_blockwise']} | {r['are_blockwise_vs_whole']:.4f} | "
+      f"{r['voi_blockwise_vs_whole'][0]:.3f}, {r['voi_blockwise_vs_whole'][1]:.3f} | "
+      f"{r['are_whole_vs_gt']:.4f} / {r['are_blockwise_vs_gt']:.4f} | "
+      f"{r['whole_s']:.2f} / {r['blockwise_s']:.2f} |"
+    )
+  return {"rows": rows}
+
+
 # -- case memory ----------------------------------------------------------------------------------
 
 
@@ -925,6 +1030,8 @@ def main(argv):
       results["waterz"] = waterz_case()
     if "memory" in _CASES.value:
       results["memory"] = memory_case(work)
+    if "blockwise_waterz" in _CASES.value:
+      results["blockwise_waterz"] = blockwise_waterz_case(work)
   finally:
     shutil.rmtree(work, ignore_errors=True)
   if _OUTPUT.value:

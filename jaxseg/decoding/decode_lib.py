@@ -381,7 +381,9 @@ def write_preview(path: str, source: AffinitySource, segmentation: Volume) -> st
   zs = sorted({min(nz - 1, max(0, int(nz * f))) for f in (0.25, 0.5, 0.75)})
   seg = np.stack([np.asarray(segmentation[z]) for z in zs])
   aff = np.stack([source.read((slice(z, z + 1),))[:, 0].astype(np.float32).mean(0) for z in zs])
-  img = np.clip(np.nan_to_num(aff) * 255, 0, 255).astype(np.uint8)
+  # Stretched: a young net's affinities can sit in a narrow band around 0.5.
+  lo, hi = np.percentile(np.nan_to_num(aff), (1, 99))
+  img = np.clip((np.nan_to_num(aff) - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
   return save_preview(path, img, seg)
 
 
@@ -449,7 +451,8 @@ def decode(
     counts = [int(seg.max()) if seg.size else 0 for _, seg in results]
     info = {"blocks": 1}
   names = output_names(settings)
-  preview = write_preview(os.path.join(output, "preview.png"), source, arrays[-1])
+  # The middle threshold's segmentation (the only one, usually).
+  preview = write_preview(os.path.join(output, "preview.png"), source, arrays[len(arrays) // 2])
   summary = {
     "fingerprint": fingerprint,
     "complete": True,
