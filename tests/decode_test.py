@@ -143,6 +143,22 @@ def test_blockwise_cc_with_mask_and_two_workers(volume, tmp_path):
   assert not a[:3].any() and not a[:, :, 31:].any() and a[3:, :, 30].any()
 
 
+def test_blockwise_cc_through_a_cluster_worker_command(volume, tmp_path):
+  path, _, _ = volume
+  marks = tmp_path / "marks"
+  marks.mkdir()
+  # Stands in for "srun ...": a prefix that records each worker start, then runs the worker.
+  command = f"sh -c 'mktemp -p {marks} && exec \"$@\"' sh"
+  settings = cc_settings(
+    blockwise="always", threshold=0.5, block_shape=(12, 20, 22), worker_command=command,
+    num_workers=2,
+  )  # fmt: skip
+  decode_lib.decode(settings, path, str(tmp_path / "b"), show_progress=False)
+  decode_lib.decode(cc_settings(blockwise="never", threshold=0.5), path, str(tmp_path / "w"))
+  assert np.array_equal(read_seg(tmp_path / "w"), read_seg(tmp_path / "b"))
+  assert len(list(marks.iterdir())) >= 3  # at least one worker per stage came through it
+
+
 def test_blockwise_resumes_after_a_failure(volume, tmp_path, monkeypatch):
   path, _, _ = volume
   settings = cc_settings(blockwise="always", threshold=0.5, block_shape=(12, 20, 22))
