@@ -151,10 +151,8 @@ def _branch_merge_lut(job, k: int, keys: np.ndarray, values: np.ndarray):
       ranges.append((f[f"{k}_ids"], f[f"{k}_first_z"], f[f"{k}_last_z"]))
   table = branch_merge.concat_overlaps(tables)
   ids, first_z, last_z = branch_merge.merge_ranges(ranges)
-  from jaxseg.decoding.decode_lib import branch_merge_kwargs
-
   a, b = branch_merge.branch_merge_pairs(
-    table, ids, first_z, last_z, **branch_merge_kwargs(job.settings)
+    table, ids, first_z, last_z, **job.settings.branch_merge.as_kwargs()
   )
   # Segment ids (values) are 1..K: union them, then renumber by smallest member.
   count = int(values.max()) if values.size else 0

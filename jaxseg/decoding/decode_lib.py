@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxseg.common.files import write_json
 from jaxseg.data.affinity import convert_convention
-from jaxseg.decoding import cc, labels
+from jaxseg.decoding import cc
 from jaxseg.decoding.settings import DecodeSettings
 from jaxseg.io import VolumeError, create_zarr, open_volume
 from jaxseg.io.volume import Volume
@@ -219,15 +219,8 @@ def decode_array(
   return _decode_waterz(aff, settings, distances, convention, mask, verbose)
 
 
-def branch_merge_kwargs(settings: DecodeSettings) -> dict:
-  """``config.decode.branch_merge`` as :func:`branch_merge.branch_merge_pairs` takes it."""
-  kwargs = dataclasses.asdict(settings.branch_merge)
-  kwargs["size_ratio"] = settings.branch_merge.size_ratio[0]  # the range is [r, 1 / r]
-  return kwargs
-
-
 def _decode_waterz(aff, settings, distances, convention, mask, verbose):
-  from jaxseg.decoding import branch_merge, dust, waterz_ops
+  from jaxseg.decoding import waterz_ops, waterz_post
 
   offsets = tuple(tuple(d if b == a else 0 for b in range(3)) for a, d in enumerate(distances))
   shape = aff.shape[1:]
@@ -246,24 +239,23 @@ def _decode_waterz(aff, settings, distances, convention, mask, verbose):
   )
   out = []
   for r in results:
-    seg = r.segmentation
-    if settings.dust is not None:
-      seg = dust.dust_merge(
-        seg,
-        r.rg_u,
-        r.rg_v,
-        r.rg_score,
-        threshold=r.threshold,
-        size=settings.dust.size,
-        affinity=settings.dust.affinity,
-        remove_size=settings.dust.remove_size,
-      )
-    if settings.branch_merge is not None:
-      seg = branch_merge.branch_merge(seg, aff_w[0], **branch_merge_kwargs(settings))
-    seg, _ = labels.relabel_sequential(seg, min_size=settings.min_size)
-    full = np.zeros(shape, seg.dtype)
-    full[crop] = seg
-    out.append((float(r.threshold), full))
+    # Dust merge, branch merge, size filter and renumbering with one pass over the volume.
+    seg = waterz_post.postprocess(
+      r.segmentation,
+      r.rg_u,
+      r.rg_v,
+      r.rg_score,
+      threshold=r.threshold,
+      z_affinity=aff_w[0],
+      dust=settings.dust,
+      branch_merge=settings.branch_merge,
+      min_size=settings.min_size,
+    )
+    if seg.shape != tuple(shape):  # a long-range crop: the cut planes come back as background
+      full = np.zeros(shape, seg.dtype)
+      full[crop] = seg
+      seg = full
+    out.append((float(r.threshold), seg))
   return out
 
 

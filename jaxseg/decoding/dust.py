@@ -70,6 +70,12 @@ def _edge_index(ids: np.ndarray, edge_ids: np.ndarray) -> np.ndarray:
   edge_ids = np.asarray(edge_ids, np.uint64)
   if ids.size == 0:
     return np.full(edge_ids.shape, -1, np.int64)
+  top = int(ids[-1])
+  if top <= 4 * ids.size + 1024:  # dense ids (waterz's): a position table beats binary search
+    table = np.full(top + 2, -1, np.int64)
+    table[ids.astype(np.intp)] = np.arange(ids.size)
+    table[0] = -1
+    return table[np.minimum(edge_ids, np.uint64(top + 1)).astype(np.intp)]
   pos = np.searchsorted(ids, edge_ids)
   np.minimum(pos, ids.size - 1, out=pos)
   found = (ids[pos] == edge_ids) & (edge_ids != 0)
@@ -122,10 +128,12 @@ def dust_merge_lut(
     )
   ids = ids.astype(np.uint64)
 
-  keep = rg_score >= np.float32(threshold)
+  edge_aff = np.float32(1.0) - rg_score  # float32, like PyTC's inversion
+  # The scan stops at the first edge with a <= affinity: the weaker edges are dropped unsorted.
+  keep = (rg_score >= np.float32(threshold)) & (edge_aff > np.float32(affinity))
   rg_u = rg_u[keep].astype(np.uint64)
   rg_v = rg_v[keep].astype(np.uint64)
-  edge_aff = np.float32(1.0) - rg_score[keep]  # float32, like PyTC's inversion
+  edge_aff = edge_aff[keep]
   lo = np.minimum(rg_u, rg_v)
   hi = np.maximum(rg_u, rg_v)
   order = np.lexsort((hi, lo, -edge_aff))  # descending affinity, ties by ids (see module doc)

@@ -52,6 +52,13 @@ class BranchMergeSettings:
   one_sided_min_size: int
   affinity_threshold: float
 
+  def as_kwargs(self) -> dict:
+    """As :func:`jaxseg.decoding.branch_merge.branch_merge_pairs` takes them (its
+    ``size_ratio`` is the lower end r of the range [r, 1 / r])."""
+    kwargs = dataclasses.asdict(self)
+    kwargs["size_ratio"] = self.size_ratio[0]
+    return kwargs
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSettings:
