@@ -50,6 +50,7 @@ import time
 
 import numpy as np
 
+from jaxseg.common import runtime
 from jaxseg.common.files import atomic_output, write_json
 from jaxseg.decoding import cc, labels
 from jaxseg.decoding.settings import DecodeSettings
@@ -155,6 +156,7 @@ def _cc_fragments(job: BlockJob, block) -> None:
       plane = [slice(None)] * 3
       plane[axis] = 0
       faces[f"ids_{axis}"] = fragments[tuple(plane)]
+  faces.update(last_planes(fragments, stop, job.shape))
   _volume(os.path.join(job.scratch, "fragments"), True).write(start, fragments).result()
   _save_npz(
     os.path.join(job.scratch, "fragments_npz", _block_name(start) + ".npz"),
@@ -164,19 +166,63 @@ def _cc_fragments(job: BlockJob, block) -> None:
   )
 
 
+def last_planes(fragments: np.ndarray, stop, shape) -> dict:
+  """``{"last_<axis>": plane}`` of a block's last plane on each axis that has a next block.
+
+  Saved in the block's ``.npz`` for the next block's face work, so that it never decodes this
+  block's whole scratch chunk for one plane.
+  """
+  out = {}
+  for axis in range(3):
+    if stop[axis] < shape[axis]:
+      plane = [slice(None)] * 3
+      plane[axis] = -1
+      out[f"last_{axis}"] = np.ascontiguousarray(fragments[tuple(plane)])
+  return out
+
+
+def _previous_last_plane(job: BlockJob, start, axis: int) -> np.ndarray:
+  previous = list(start)
+  previous[axis] -= job.settings.block_shape[axis]
+  with np.load(os.path.join(job.scratch, "fragments_npz", _block_name(previous) + ".npz")) as f:
+    return f[f"last_{axis}"]
+
+
+def with_leading_planes(job: BlockJob, start, stop, lead) -> np.ndarray:
+  """The block's fragments with the previous blocks' last planes before it (``lead`` per axis).
+
+  Only the three face planes are filled in the leading region (its edges and corner stay 0):
+  every voxel pair with its higher voxel in the block has its lower voxel in the block or in one
+  of those planes.
+  """
+  box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+  core = np.asarray(_volume(os.path.join(job.scratch, "fragments"))[box])
+  out = np.zeros([n + ld for n, ld in zip(core.shape, lead, strict=True)], core.dtype)
+  lz, ly, lx = lead
+  out[lz:, ly:, lx:] = core
+  for axis in range(3):
+    if lead[axis]:
+      plane = [slice(lz, None), slice(ly, None), slice(lx, None)]
+      plane[axis] = 0
+      out[tuple(plane)] = _previous_last_plane(job, start, axis)
+  return out
+
+
 def _cc_faces(job: BlockJob, block) -> None:
-  start, stop = _block_box(block, job.shape)
+  """Pairs of fragment ids joined by active edges across the block's leading faces.
+
+  The previous block's last plane comes from its ``.npz`` (stage 1 saved it), not from the
+  scratch zarr, whose chunks would have to be decoded whole for one plane.
+  """
+  start, _ = _block_box(block, job.shape)
   saved = np.load(os.path.join(job.scratch, "fragments_npz", _block_name(start) + ".npz"))
-  fragments = _volume(os.path.join(job.scratch, "fragments"))
   a_all, b_all = [], []
   for axis in range(3):
     if f"active_{axis}" not in saved:
       continue
-    box = [slice(s, e) for s, e in zip(start, stop, strict=True)]
-    box[axis] = slice(start[axis] - 1, start[axis])
-    before = np.asarray(fragments[tuple(box)]).squeeze(axis)
+    last = _previous_last_plane(job, start, axis)
     active = saved[f"active_{axis}"]
-    a_all.append(before[active])
+    a_all.append(last[active])
     b_all.append(saved[f"ids_{axis}"][active])
   pairs = np.zeros((0, 2), np.uint64)
   if a_all:
@@ -229,6 +275,16 @@ def _relabel(job: BlockJob, block) -> None:
 # -- scheduling -----------------------------------------------------------------------------------
 
 
+def _process_block(function, job: BlockJob, block) -> None:
+  """One block in any worker: the stage's function between malloc housekeeping calls, so that
+  resident memory stays at about one block's worth however many blocks a worker runs."""
+  runtime.limit_malloc_arenas()
+  try:
+    function(job, block)
+  finally:
+    runtime.release_free_memory()
+
+
 def _worker_main(command: str, spec: str, *, context=None) -> None:
   """A daisy worker function: starts one block worker through the cluster command."""
   env = dict(os.environ)
@@ -252,7 +308,7 @@ def _run_stage(job: BlockJob, name: str, function, show_progress: bool) -> int:
   settings = job.settings
   total = daisy.Roi((0, 0, 0), job.shape)
   write = daisy.Roi((0, 0, 0), settings.block_shape)
-  process = functools.partial(function, job)
+  process = functools.partial(_process_block, function, job)
   if settings.worker_command:
     # Each cluster worker unpickles the job and the block function from this file.
     spec = os.path.join(job.scratch, f"worker_{name}.pkl")

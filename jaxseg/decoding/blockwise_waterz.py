@@ -76,6 +76,7 @@ def fragments(job, block) -> None:
     os.path.join(job.scratch, "fragments_npz", bw._block_name(start) + ".npz"),
     ids=names[order],
     sizes=sizes[order].astype(np.int64),
+    **bw.last_planes(frag, stop, job.shape),
   )
 
 
@@ -84,8 +85,7 @@ def edges(job, block) -> None:
   start, stop = bw._block_box(block, job.shape)
   lead = [1 if s > 0 else 0 for s in start]
   rstart = [s - ld for s, ld in zip(start, lead, strict=True)]
-  box = tuple(slice(a, b) for a, b in zip(rstart, stop, strict=True))
-  frag = np.asarray(bw._volume(os.path.join(job.scratch, "fragments"))[box])
+  frag = bw.with_leading_planes(job, start, stop, lead)
   aff_w = _waterz_box(job, rstart, stop)
   table = graph_agglomeration.edge_statistics(frag, aff_w, _scoring(job), lead=lead)
   arrays = {
