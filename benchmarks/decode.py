@@ -76,7 +76,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -85,6 +84,10 @@ from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a script from a checkout: configs/ and jaxseg/ importable
+
+from jaxseg.common.config_util import load_sibling  # noqa: E402
+
+_memory = load_sibling(__file__, "memory_probe")
 
 SNEMI = os.path.join(REPO, "configs", "snemi.py")
 NISB = os.path.join(REPO, "configs", "nisb_base.py")
@@ -856,60 +859,6 @@ def memory_case(work: str) -> dict:
 # -- memory children ------------------------------------------------------------------------------
 
 
-def _status_mb(key: str) -> float:
-  """A ``/proc/self/status`` size field (``VmRSS``, ``VmHWM``) in MB."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(key + ":"):
-        return int(line.split()[1]) / 1024  # kB
-  raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-  """Resets the RSS high-water mark (Linux >= 4.0); False where not allowed."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
-
-
-class RssSampler:
-  """Samples this process's RSS every ``interval`` seconds on a thread (the course over time)."""
-
-  def __init__(self, interval: float = 0.02):
-    self.interval = interval
-    self.samples: list[tuple[float, float]] = []
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-
-  def _run(self) -> None:
-    t0 = time.perf_counter()
-    while not self._stop.is_set():
-      self.samples.append((time.perf_counter() - t0, _status_mb("VmRSS")))
-      self._stop.wait(self.interval)
-
-  def __enter__(self):
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
-
-  def quarters(self) -> list[float]:
-    """The highest sampled RSS (MB) in each quarter of the sampled time."""
-    if not self.samples:
-      return []
-    end = self.samples[-1][0] or 1.0
-    out = [0.0] * 4
-    for t, rss in self.samples:
-      q = min(3, int(4 * t / end))
-      out[q] = max(out[q], rss)
-    return out
-
-
 def child_memory(spec: dict) -> dict:
   """Decodes one affinity zarr blockwise in this process; RSS before, decode peak, process peak."""
   from jaxseg.common.config_util import load_config
@@ -934,12 +883,12 @@ def child_memory(spec: dict) -> dict:
   decode_lib.decode(warm_settings, warm + ".zarr", warm, show_progress=False)
   shutil.rmtree(warm)
   shutil.rmtree(warm + ".zarr")
-  before = _status_mb("VmRSS")
-  startup_peak = _status_mb("VmHWM")
-  reset = _reset_peak()
-  with RssSampler() as sampler:
+  before = _memory.status_mb("VmRSS")
+  startup_peak = _memory.status_mb("VmHWM")
+  reset = _memory.reset_peak()
+  with _memory.RssSampler(interval=0.02) as sampler:
     summary = decode_lib.decode(settings, spec["affinities"], spec["output"], show_progress=False)
-  decode_peak = _status_mb("VmHWM")
+  decode_peak = _memory.status_mb("VmHWM")
   return {
     "volume": list(source.shape[1:]),
     "input_mb": float(np.prod(source.shape)) * 2 / MB,

@@ -52,7 +52,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -60,6 +59,10 @@ from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a script from a checkout: configs/ and jaxseg/ importable
+
+from jaxseg.common.config_util import load_sibling  # noqa: E402
+
+_memory = load_sibling(__file__, "memory_probe")
 
 DEMO = os.path.join(REPO, "configs", "demo.py")
 SNEMI = os.path.join(REPO, "configs", "snemi.py")
@@ -241,61 +244,11 @@ def build_apply(config):
   return engine_lib.model_apply(build_model(config.model, rngs=nnx.Rngs(0)))
 
 
-def _rss_mb() -> float:
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
-
-
 def _peak_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _reset_peak() -> bool:
-  """Resets the RSS high-water mark (Linux >= 4.0); False where not allowed."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
-
-
 # -- child processes (CPU cases) ------------------------------------------------------------------
-
-
-class RssSampler:
-  """Samples this process's RSS every ``interval`` seconds on a thread (the course over time)."""
-
-  def __init__(self, interval: float = 0.05):
-    self.interval = interval
-    self.samples: list[tuple[float, float]] = []
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-
-  def _run(self) -> None:
-    t0 = time.perf_counter()
-    while not self._stop.is_set():
-      self.samples.append((time.perf_counter() - t0, _rss_mb()))
-      self._stop.wait(self.interval)
-
-  def __enter__(self):
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
-
-  def quarters(self) -> list[float]:
-    """The highest sampled RSS (MB) in each quarter of the sampled time."""
-    if not self.samples:
-      return []
-    end = self.samples[-1][0] or 1.0
-    out = [0.0] * 4
-    for t, rss in self.samples:
-      q = min(3, int(4 * t / end))
-      out[q] = max(out[q], rss)
-    return out
 
 
 def child_memory(spec: dict) -> dict:
@@ -305,10 +258,10 @@ def child_memory(spec: dict) -> dict:
   import jax
 
   jax.block_until_ready(variables)
-  before = _rss_mb()
+  before = _memory.status_mb("VmRSS")
   startup_peak = _peak_mb()
-  reset = _reset_peak()
-  with RssSampler() as sampler:
+  reset = _memory.reset_peak()
+  with _memory.RssSampler() as sampler:
     run = timed_predict(config, apply, variables, spec["image"], spec["out_dir"])
   predict_peak = _peak_mb()
   summary = run["summary"]

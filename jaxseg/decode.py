@@ -59,8 +59,9 @@ def main(argv: list[str]) -> None:
       verbose=_VERBOSE.value,
       show_progress=_PROGRESS.value,
     )
-  except (VolumeError, FileNotFoundError, ValueError) as e:
-    # The user's input or settings: say what is wrong, without a traceback.
+  except (VolumeError, FileNotFoundError, ValueError, RuntimeError) as e:
+    # The user's input, settings or machine (a waterz merge function that needs Boost, failed
+    # blocks to rerun): say what is wrong, without a traceback.
     sys.exit(f"jaxseg.decode: {e}")
   done = " (already decoded)" if summary.get("already_done") else ""
   for path, threshold, count in zip(

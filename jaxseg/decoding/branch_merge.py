@@ -149,7 +149,8 @@ def _group_sum(keys: Sequence[np.ndarray], weights: Sequence[np.ndarray]):
   )
 
 
-def _check_segmentation(segmentation: np.ndarray) -> np.ndarray:
+def check_segmentation(segmentation: np.ndarray) -> np.ndarray:
+  """The array as ``[z, y, x]`` non-negative integer ids, or a ValueError / TypeError."""
   segmentation = np.asarray(segmentation)
   if segmentation.ndim != 3:
     raise ValueError(f"segmentation must be [z, y, x], got shape {segmentation.shape}")
@@ -475,7 +476,7 @@ def slice_overlaps(
     The :class:`OverlapTable`. ``aff_sum`` adds the float64 z-affinities of a row's pixel pairs
     one by one in C order, so it is the same bits whichever way the volume is handed in.
   """
-  segmentation = _check_segmentation(segmentation)
+  segmentation = check_segmentation(segmentation)
   depth = segmentation.shape[0]
   aff = _kernel_affinity(z_affinity, segmentation.shape)
   if lut is None:
@@ -550,7 +551,7 @@ def id_ranges(segmentation: np.ndarray, z0: int = 0) -> tuple[np.ndarray, np.nda
   Returns:
     ``(ids uint64 sorted, first_z int64, last_z int64)``.
   """
-  segmentation = _check_segmentation(segmentation)
+  segmentation = check_segmentation(segmentation)
   (_, _, _, _, _, area_z, area_id, _), _ = _measure(
     np.ascontiguousarray(segmentation),
     np.zeros(1, np.int64),
@@ -821,7 +822,7 @@ def branch_merge(
     ``[z, y, x]`` ids ``1..K`` in the smallest unsigned dtype, numbered by each merged set's
     smallest original id; 0 stays 0.
   """
-  segmentation = _check_segmentation(segmentation)
+  segmentation = check_segmentation(segmentation)
   table = slice_overlaps(segmentation, z_affinity)
   ids, first_z, last_z = id_ranges(segmentation)
   a, b = branch_merge_pairs(table, ids, first_z, last_z, **settings)

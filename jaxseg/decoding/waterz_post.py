@@ -195,13 +195,7 @@ def postprocess(
     ``[z, y, x]`` ids ``1..K`` in C-order scan order of first appearance, 0 = background, in the
     smallest unsigned dtype that holds K.
   """
-  segmentation = np.asarray(segmentation)
-  if segmentation.ndim != 3:
-    raise ValueError(f"segmentation must be [z, y, x], got shape {segmentation.shape}")
-  if not np.issubdtype(segmentation.dtype, np.integer):
-    raise TypeError(f"segmentation must be integer, got {segmentation.dtype}")
-  if np.issubdtype(segmentation.dtype, np.signedinteger) and segmentation.min(initial=0) < 0:
-    raise ValueError("segmentation ids must be non-negative")
+  segmentation = branch_lib.check_segmentation(segmentation)
   shape = segmentation.shape
   volume, keys, counts, first = _index(np.ascontiguousarray(segmentation).reshape(-1))
   present = np.flatnonzero(counts)
