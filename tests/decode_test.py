@@ -143,6 +143,22 @@ def test_blockwise_cc_with_mask_and_two_workers(volume, tmp_path):
   assert not a[:3].any() and not a[:, :, 31:].any() and a[3:, :, 30].any()
 
 
+def test_blockwise_cc_of_target_convention_affinities(tmp_path):
+  labels = voronoi_labels((20, 36, 36), 20, seed=7)
+  path = str(tmp_path / "t.zarr")
+  write_affinities(path, labels, noise=0.25, seed=8, convention="target")
+  common = dict(convention="target", threshold=0.5)
+  whole = decode_lib.decode(cc_settings(blockwise="never", **common), path, str(tmp_path / "w"))
+  decode_lib.decode(
+    cc_settings(blockwise="always", block_shape=(7, 12, 16), **common),
+    path,
+    str(tmp_path / "b"),
+    show_progress=False,
+  )
+  assert whole["segments"][0] > 10
+  assert np.array_equal(read_seg(tmp_path / "w"), read_seg(tmp_path / "b"))
+
+
 def test_blockwise_cc_through_a_cluster_worker_command(volume, tmp_path):
   path, _, _ = volume
   marks = tmp_path / "marks"

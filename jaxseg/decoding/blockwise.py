@@ -52,6 +52,7 @@ import numpy as np
 
 from jaxseg.common import runtime
 from jaxseg.common.files import atomic_output, write_json
+from jaxseg.data.affinity import convert_convention
 from jaxseg.decoding import cc, labels
 from jaxseg.decoding.settings import DecodeSettings
 from jaxseg.io import VolumeError, create_zarr, open_volume, reopen_zarr
@@ -95,6 +96,23 @@ def _read_affinities(job: BlockJob, start, stop) -> np.ndarray:
   return aff
 
 
+def _read_source_affinities(job: BlockJob, start, stop) -> np.ndarray:
+  """:func:`_read_affinities` in the ``source`` convention the connected components take.
+
+  ``target`` volumes are read one voxel further on each axis (where the volume goes on) and
+  converted: the edge ``v <-> v + e_c`` is stored at ``v + e_c`` there. The mask applies before
+  the conversion, in the stored convention, as in the whole-volume decoder.
+  """
+  if job.convention == "source":
+    return _read_affinities(job, start, stop)
+  more = [min(e + 1, m) for e, m in zip(stop, job.shape, strict=True)]
+  aff = _read_affinities(job, start, more)
+  aff, _ = convert_convention(aff, ((1, 0, 0), (0, 1, 0), (0, 0, 1)), "target", "source")
+  return np.ascontiguousarray(
+    aff[:, : stop[0] - start[0], : stop[1] - start[1], : stop[2] - start[2]]
+  )
+
+
 def _block_box(block, shape):
   """The block's write box ``(start, stop)`` in volume voxels."""
   start = tuple(int(v) for v in block.write_roi.offset)
@@ -126,7 +144,7 @@ def _global_ids(first_local: np.ndarray, start, block_shape, shape) -> np.ndarra
 def _cc_fragments(job: BlockJob, block) -> None:
   start, stop = _block_box(block, job.shape)
   lead = tuple(1 if s > 0 else 0 for s in start)
-  aff = _read_affinities(job, [s - ld for s, ld in zip(start, lead, strict=True)], stop)
+  aff = _read_source_affinities(job, [s - ld for s, ld in zip(start, lead, strict=True)], stop)
   bits = cc.edge_bits(aff, job.settings.threshold)
   lz, ly, lx = lead
   core = np.ascontiguousarray(bits[lz:, ly:, lx:])
@@ -379,12 +397,6 @@ def decode_blockwise(
     raise ValueError(
       f"blockwise decoding takes nearest-neighbour edges only, not {source.offsets}; use "
       "config.decode.blockwise='never' for long-range channels"
-    )
-  if settings.method == "cc" and source.convention != "source":
-    raise ValueError(
-      "blockwise connected components read source-convention affinities (jaxseg.predict writes "
-      "NISB affinities that way); decode target-convention volumes with config.decode.blockwise="
-      "'never' or convert them"
     )
   timings = {}
   fragments_path = os.path.join(scratch, "fragments")
