@@ -136,7 +136,6 @@ MB = 1024 * 1024
 GOAL_CC_RATIO = 2.0
 GOAL_WATERZ_OVERHEAD = 0.15
 GOAL_RSS_RATIO = 1.25
-MAX_CHUNK = 128  # jaxseg.predict's largest chunk edge
 QUICK = {
   "repeats": 2,
   "cc_size": (48, 64, 64),
@@ -754,17 +753,12 @@ def blockwise_waterz_case(work: str) -> dict:
 # -- case memory ----------------------------------------------------------------------------------
 
 
-def chunk_shape(block) -> tuple[int, ...]:
-  """``jaxseg.predict``'s chunks: per axis the largest divisor of the block edge <= 128."""
-  return tuple(next(c for c in range(min(b, MAX_CHUNK), 0, -1) if b % c == 0) for b in block)
-
-
 def write_affinities(path: str, aff_zyx: np.ndarray, block) -> str:
   """Writes ``source`` z, y, x affinities as ``jaxseg.predict`` writes NISB's (x, y, z channels)."""
-  from jaxseg.io import create_zarr
+  from jaxseg.io import block_chunks, create_zarr
 
   shape = aff_zyx.shape[1:]
-  chunks = chunk_shape(block)
+  chunks = block_chunks(block)
   out = create_zarr(
     path,
     (3, *shape),

@@ -345,8 +345,8 @@ def breakdown(config, apply, variables, image: str, work: str, timer: ModelTimer
   from jaxseg.inference import engine as engine_lib
   from jaxseg.inference import predict_lib, tta
   from jaxseg.inference.geometry import read_padded
-  from jaxseg.inference.settings import derive_chunk_shape, inference_settings
-  from jaxseg.io import create_zarr
+  from jaxseg.inference.settings import inference_settings
+  from jaxseg.io import block_chunks, create_zarr
   from jaxseg.training import sharding as sharding_lib
 
   s = inference_settings(config)
@@ -361,7 +361,7 @@ def breakdown(config, apply, variables, image: str, work: str, timer: ModelTimer
     f"{work}/breakdown.zarr/affinities",
     (channels, *g.output_shape),
     s.output_dtype,
-    chunks=(channels, *derive_chunk_shape(g.block_shape)),
+    chunks=(channels, *block_chunks(g.block_shape)),
   )
   done = create_zarr(f"{work}/breakdown.zarr/done", g.grid, np.uint8, chunks=(1, 1, 1))
   stages = dict.fromkeys(["read", "normalise", "device_put", "engine", "fetch", "write"], 0.0)

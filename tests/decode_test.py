@@ -226,6 +226,14 @@ def test_blockwise_waterz_in_one_block_equals_whole_volume_waterz(waterz_volume,
     assert np.array_equal(read_seg(tmp_path / "w", name), read_seg(tmp_path / "b", name))
 
 
+def test_blockwise_waterz_refuses_merge_functions_it_cannot_agglomerate(waterz_volume, tmp_path):
+  path, _ = waterz_volume
+  settings = waterz_settings(blockwise="always", merge_function="max10")
+  with pytest.raises(ValueError, match=r"blockwise waterz.*does not implement"):
+    decode_lib.decode(settings, path, str(tmp_path / "b"), show_progress=False)
+  assert not os.path.exists(tmp_path / "b" / blockwise.SCRATCH)  # refused before writing anything
+
+
 def test_blockwise_waterz_over_many_blocks_stays_close(waterz_volume, tmp_path):
   from jaxseg.metrics.rand import adapted_rand
 

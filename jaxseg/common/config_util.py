@@ -100,3 +100,13 @@ def load_sibling(this_file: str, name: str):
   ``load_sibling(__file__, "nisb_base").get_config()``.
   """
   return _load_module(os.path.join(os.path.dirname(os.path.abspath(this_file)), f"{name}.py"))
+
+
+def fingerprint_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+  """``"key.sub: old -> new"`` for every leaf where two nested dicts (saved settings) differ."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for key in sorted(set(old) | set(new)):
+      out += fingerprint_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+    return out
+  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]

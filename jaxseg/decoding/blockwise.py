@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import json
 import os
 import pickle
 import shlex
@@ -53,7 +52,7 @@ import numpy as np
 from jaxseg.common import runtime
 from jaxseg.common.files import atomic_output, write_json
 from jaxseg.data.affinity import convert_convention
-from jaxseg.decoding import cc, labels
+from jaxseg.decoding import cc, decode_lib, labels
 from jaxseg.decoding.settings import DecodeSettings
 from jaxseg.io import VolumeError, create_zarr, open_volume, reopen_zarr
 
@@ -86,13 +85,11 @@ def _volume(path: str, writable: bool = False):
 def _read_affinities(job: BlockJob, start, stop) -> np.ndarray:
   """``[3, z, y, x]`` (z, y, x edges) of a box clipped to the volume; masked voxels zeroed."""
   box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
-  volume = _volume(job.affinities)
-  aff = np.stack([np.asarray(volume[(p, *box)]) for p in job.positions])
+  aff = decode_lib.read_channels(_volume(job.affinities), job.positions, box)
   if not np.isfinite(aff).all():
     raise VolumeError(f"{job.affinities}: NaN or Inf in the box {start} - {stop}")
   if job.mask:
-    keep = np.asarray(_volume(job.mask)[box]).astype(bool)
-    aff = np.where(keep[None], aff, np.zeros((), aff.dtype))
+    aff = decode_lib.mask_affinities(aff, np.asarray(_volume(job.mask)[box]))
   return aff
 
 
@@ -375,8 +372,22 @@ def decode_blockwise(
   Returns:
     ``(output arrays, segment counts per threshold, info dict)``.
   """
-  from jaxseg.decoding import decode_lib
+  if tuple(source.distances) != (1, 1, 1):
+    raise ValueError(
+      f"blockwise decoding takes nearest-neighbour edges only, not {source.offsets}; use "
+      "config.decode.blockwise='never' for long-range channels"
+    )
+  if settings.method == "waterz":
+    # Checked before anything is written, not in the edges stage after the fragments.
+    from jaxseg.decoding import graph_agglomeration, waterz_ops
 
+    scoring, _ = waterz_ops.scoring_function(settings.merge_function)
+    try:
+      graph_agglomeration.parse_merge_function(scoring)
+    except NotImplementedError as e:
+      raise ValueError(
+        f"blockwise waterz: {e}; use config.decode.blockwise='never' for this merge function"
+      ) from e
   scratch = os.path.join(output, SCRATCH)
   os.makedirs(scratch, exist_ok=True)
   state_path = os.path.join(scratch, "job.json")
@@ -393,11 +404,6 @@ def decode_blockwise(
     shape=shape,
     scratch=scratch,
   )
-  if tuple(source.distances) != (1, 1, 1):
-    raise ValueError(
-      f"blockwise decoding takes nearest-neighbour edges only, not {source.offsets}; use "
-      "config.decode.blockwise='never' for long-range channels"
-    )
   timings = {}
   fragments_path = os.path.join(scratch, "fragments")
   if not os.path.exists(fragments_path):
@@ -446,8 +452,3 @@ def decode_blockwise(
 def _scratch_chunks(settings: DecodeSettings, shape) -> tuple[int, ...]:
   # One chunk per block: every block write is chunk aligned, whatever the block shape.
   return tuple(min(b, s) for b, s in zip(settings.block_shape, shape, strict=True))
-
-
-def load_job(scratch: str) -> dict:
-  with open(os.path.join(scratch, "job.json")) as f:
-    return json.load(f)

@@ -19,6 +19,7 @@ Never imports JAX.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -26,11 +27,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxseg.common import config_util
 from jaxseg.common.files import write_json
 from jaxseg.data.affinity import convert_convention
 from jaxseg.decoding import cc
 from jaxseg.decoding.settings import DecodeSettings
-from jaxseg.io import VolumeError, create_zarr, open_volume
+from jaxseg.io import VolumeError, block_chunks, create_zarr, open_volume
 from jaxseg.io.volume import Volume
 
 ATTR_KEY = "jaxseg_decode"
@@ -68,7 +70,12 @@ class AffinitySource:
   def read(self, box: Sequence[slice] | None = None) -> np.ndarray:
     """The z, y, x channels of a box as ``[3, z, y, x]`` in the stored dtype."""
     box = tuple(box or ()) + (slice(None),) * (3 - len(box or ()))
-    return np.stack([np.asarray(self.volume[(p, *box)]) for p in self.positions])
+    return read_channels(self.volume, self.positions, box)
+
+
+def read_channels(volume: Volume, positions: Sequence[int], box: Sequence[slice]) -> np.ndarray:
+  """Stored channels ``positions`` of a spatial box, as ``[len(positions), z, y, x]``."""
+  return np.stack([np.asarray(volume[(p, *box)]) for p in positions])
 
 
 def open_affinities(spec: str, settings: DecodeSettings) -> AffinitySource:
@@ -150,7 +157,7 @@ def open_mask(path: str, shape: Sequence[int]) -> Volume:
 # -- whole-volume decoding ------------------------------------------------------------------------
 
 
-def _masked(aff: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+def mask_affinities(aff: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
   """PyTC's mask step: the decoded channels are zeroed at masked voxels (stored convention)."""
   if mask is None:
     return aff
@@ -212,7 +219,7 @@ def decode_array(
       )
     if convention == "target":
       offsets = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
-      aff, _ = convert_convention(_masked(aff, mask), offsets, "target", "source")
+      aff, _ = convert_convention(mask_affinities(aff, mask), offsets, "target", "source")
       mask = None
     seg = cc.decode_affinity_cc(aff, settings.threshold, mask=mask, min_size=settings.min_size)
     return [(settings.threshold, seg)]
@@ -225,7 +232,7 @@ def _decode_waterz(aff, settings, distances, convention, mask, verbose):
   offsets = tuple(tuple(d if b == a else 0 for b in range(3)) for a, d in enumerate(distances))
   shape = aff.shape[1:]
   crop = long_range_crop(distances, convention)
-  aff_w = waterz_ops.to_waterz_affinities(_masked(aff, mask), offsets, convention)
+  aff_w = waterz_ops.to_waterz_affinities(mask_affinities(aff, mask), offsets, convention)
   aff_w = np.ascontiguousarray(aff_w[(slice(None), *crop)])
   scoring, _ = waterz_ops.scoring_function(settings.merge_function)
   results = waterz_ops.agglomerate(
@@ -290,11 +297,6 @@ def _job_fingerprint(settings: DecodeSettings, source: AffinitySource, blockwise
   return out
 
 
-def _differences(old: dict, new: dict) -> list[str]:
-  keys = sorted(set(old) | set(new))
-  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
 def check_existing(output: str, fingerprint: dict, overwrite: bool) -> dict | None:
   """The saved summary of a finished identical job, or None to (re)do it.
 
@@ -304,24 +306,18 @@ def check_existing(output: str, fingerprint: dict, overwrite: bool) -> dict | No
   """
   summary_path = os.path.join(output, SUMMARY)
   state_path = os.path.join(output, "_blockwise", "job.json")
-  saved = None
-  for path in (summary_path, state_path):
-    if os.path.exists(path):
-      import json
-
-      with open(path) as f:
-        saved = json.load(f)
-      break
-  if saved is None:
-    leftovers = [n for n in os.listdir(output) if n.startswith("segmentation")] if (
-      os.path.isdir(output)
-    ) else []  # fmt: skip
+  saved_path = next((p for p in (summary_path, state_path) if os.path.exists(p)), None)
+  if saved_path is None:
+    names = os.listdir(output) if os.path.isdir(output) else []
+    leftovers = [n for n in names if n.startswith("segmentation")]
     if leftovers and not overwrite:
       raise VolumeError(
         f"{output}: holds {leftovers} without a {SUMMARY}; use --overwrite or another --output"
       )
     return None
-  diff = _differences(saved.get("fingerprint", {}), fingerprint)
+  with open(saved_path) as f:
+    saved = json.load(f)
+  diff = config_util.fingerprint_differences(saved.get("fingerprint", {}), fingerprint)
   if diff and not overwrite:
     raise VolumeError(
       f"{output}: already holds a decode made differently ({'; '.join(diff)}); use --overwrite "
@@ -342,15 +338,6 @@ def _clear(output: str) -> None:
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def _chunks(shape: Sequence[int], block_shape: Sequence[int]) -> tuple[int, ...]:
-  # Chunks that tile every block: the largest divisor of the block edge that is <= 128.
-  out = []
-  for s, b in zip(shape, block_shape, strict=True):
-    b = min(b, s)
-    out.append(max(d for d in range(1, min(b, 128) + 1) if b % d == 0))
-  return tuple(out)
-
-
 def create_output(output, name, threshold, dtype, source: AffinitySource, settings, fingerprint):
   """Creates one output array ``<output>/<name>`` (refuses to replace an existing one)."""
   shape = source.spatial_shape
@@ -358,7 +345,7 @@ def create_output(output, name, threshold, dtype, source: AffinitySource, settin
     os.path.join(output, name),
     shape,
     dtype,
-    chunks=_chunks(shape, settings.block_shape),
+    chunks=block_chunks([min(b, n) for b, n in zip(settings.block_shape, shape, strict=True)]),
     resolution=source.volume.resolution,
     source=source.volume.path,
     attributes={ATTR_KEY: {**fingerprint, "threshold": threshold}},

@@ -41,14 +41,15 @@ from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from jaxseg.common import config_util
 from jaxseg.common.files import atomic_output, write_json
 from jaxseg.common.progress import progress
 from jaxseg.data.pipeline import VolumeStats, needs_volume_stats, normalize_image, volume_stats
 from jaxseg.inference import engine as engine_lib
 from jaxseg.inference import tta as tta_lib
 from jaxseg.inference.geometry import BlockPlan, Geometry, read_padded
-from jaxseg.inference.settings import InferenceSettings, derive_chunk_shape, inference_settings
-from jaxseg.io import Volume, VolumeError, create_zarr, open_volume, reopen_zarr
+from jaxseg.inference.settings import InferenceSettings, inference_settings
+from jaxseg.io import Volume, VolumeError, block_chunks, create_zarr, open_volume, reopen_zarr
 from jaxseg.io.datasets import dataset_volumes, nisb_cube
 from jaxseg.training import sharding as sharding_lib
 
@@ -165,15 +166,6 @@ class _Job:
   finished: float | None = None  # perf_counter when its last block was durable
 
 
-def _fingerprint_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-  if isinstance(old, dict) and isinstance(new, dict):
-    out = []
-    for key in sorted(set(old) | set(new)):
-      out += _fingerprint_differences(old.get(key), new.get(key), f"{prefix}{key}.")
-    return out
-  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
 def _wait_for(path: str, what: str) -> None:
   deadline = time.monotonic() + _CREATE_TIMEOUT_S
   while not os.path.exists(path):
@@ -217,7 +209,7 @@ def _open_outputs(
       )
     saved = dict(existing.attrs.get(ATTR_KEY, {}))
     saved_stats = saved.pop("stats", None)
-    differences = _fingerprint_differences(saved, fingerprint)
+    differences = config_util.fingerprint_differences(saved, fingerprint)
     if differences:
       raise VolumeError(
         f"{aff_path}: exists from a prediction with other settings, so resuming it would mix two "
@@ -237,7 +229,7 @@ def _open_outputs(
     "convention": settings.convention,
     "channels": list(settings.output_channels),
   }
-  chunks = settings.chunk_shape or derive_chunk_shape(geometry.block_shape)
+  chunks = settings.chunk_shape or block_chunks(geometry.block_shape)
   affinities = create_zarr(
     aff_path,
     shape,

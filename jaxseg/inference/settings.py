@@ -25,9 +25,6 @@ from jaxseg.inference.tta import ENSEMBLES
 ACTIVATIONS = ("sigmoid", "scale_sigmoid", "none")
 PAD_MODES = ("reflect", "constant")
 OUTPUT_DTYPES = ("float16", "float32")
-# Chunks of the affinity zarr are at most this many voxels per axis (128^3 x 3 channels of float16
-# is 12 MB: big enough for fast sequential reads, small enough for the decoder's blocks).
-MAX_CHUNK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,18 +130,6 @@ def _choice(value: Any, name: str, choices: Sequence[str]) -> str:
   if value not in choices:
     raise ValueError(f"infer.{name} must be one of {', '.join(choices)}; got {value!r}")
   return str(value)
-
-
-def derive_chunk_shape(block_shape: Sequence[int]) -> tuple[int, int, int]:
-  """Per axis, the largest divisor of the block that is at most :data:`MAX_CHUNK`.
-
-  Blocks are whole numbers of chunks, so two blocks never write into one chunk.
-  """
-  out = []
-  for b in block_shape:
-    b = int(b)
-    out.append(next(c for c in range(min(b, MAX_CHUNK), 0, -1) if b % c == 0))
-  return tuple(out)  # type: ignore[return-value]
 
 
 def inference_settings(config) -> InferenceSettings:

@@ -24,6 +24,7 @@ from jaxseg.io.errors import VolumeError
 from jaxseg.io.volume import (
   Volume,
   WritableVolume,
+  block_chunks,
   create_zarr,
   open_volume,
   read_volume,
@@ -35,6 +36,7 @@ __all__ = [
   "Volume",
   "VolumeError",
   "WritableVolume",
+  "block_chunks",
   "create_zarr",
   "open_volume",
   "read_volume",

@@ -593,6 +593,22 @@ def read_volume(spec, **kwargs) -> np.ndarray:
 # Creating and writing.
 
 
+# Chunks of streamed outputs are at most this many voxels per axis (128^3 x 3 channels of float16
+# is 12 MB: big enough for fast sequential reads, small enough for the decoder's blocks).
+MAX_BLOCK_CHUNK = 128
+
+
+def block_chunks(block_shape: Sequence[int]) -> tuple[int, ...]:
+  """Per axis, the largest divisor of the block edge that is at most :data:`MAX_BLOCK_CHUNK`.
+
+  Blocks are whole numbers of chunks, so two blocks never write into one chunk.
+  """
+  return tuple(
+    next(c for c in range(min(int(b), MAX_BLOCK_CHUNK), 0, -1) if int(b) % c == 0)
+    for b in block_shape
+  )
+
+
 def _default_chunks(shape: Sequence[int]) -> tuple[int, ...]:
   spatial = tuple(min(n, 64) for n in shape[-3:])
   return (shape[0], *spatial) if len(shape) == 4 else spatial
