@@ -61,3 +61,53 @@ def decode_defaults() -> ml_collections.ConfigDict:
   decode.num_workers = 1  # daisy worker processes (1 = in this process)
   decode.worker_command = ""  # e.g. "srun -N1 -n1 -c4": how a cluster starts each worker
   return decode
+
+
+def tune_defaults() -> ml_collections.ConfigDict:
+  """Decoder tuning (``pytc_spec.md`` section 8): one sub-section per decoder, both always present.
+
+  ``jaxseg.tune`` tunes ``decode.method`` (or each of ``run.decoders`` in ``jaxseg.run``) on the
+  ``split`` volumes, reusing cached affinities; trials only decode and score. The objective's
+  direction follows from its name: ``nerl`` is maximised, ``adapted_rand`` and ``voi`` minimised.
+  """
+  tune = ml_collections.ConfigDict()
+  # PyTC tunes SNEMI3D on its test volume; we tune on validation volumes and refuse the test
+  # split unless force_test is set (or --force_test is given).
+  tune.split = "val"
+  tune.force_test = False
+  tune.trial_timeout_s = 300.0  # per trial, in a child process; a timed-out trial scores worst
+  # -- connected components (NISB): a grid over the threshold
+  tune.cc = cc = ml_collections.ConfigDict()
+  cc.sampler = "grid"
+  cc.objective = "nerl"
+  cc.threshold_grid = (0.50, 0.90, 0.02)  # (low, high, step): 21 points, both ends included
+  # -- waterz (SNEMI): TPE over the merge function and the watershed thresholds
+  tune.waterz = wz = ml_collections.ConfigDict()
+  wz.sampler = "tpe"
+  wz.objective = "adapted_rand"
+  wz.n_trials = 25
+  wz.n_startup_trials = 10
+  wz.enqueue_defaults = True  # trial 0 runs the config's own decode settings
+  wz.merge_functions = (
+    "aff85_his256",
+    "aff75_his256",
+    "aff50_his256",
+    "aff25_his256",
+    "aff15_his256",
+  )
+  wz.aff_threshold_low = (0.0, 0.5, 0.1)  # (low, high, step)
+  wz.aff_threshold_high = (0.7, 1.0, 0.1)
+  # Not sampled: every trial decodes all of them in one pass and reports the best.
+  wz.thresholds = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+  return tune
+
+
+def run_defaults(decoders: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """The chain (``python -m jaxseg.run``): which decoders ``test`` / ``tune`` run, and how."""
+  run = ml_collections.ConfigDict()
+  run.decoders = decoders  # each is decoded, scored and tuned; "cc" and / or "waterz"
+  run.checkpoint_step = "best"  # "best" (by train.monitor), "latest" or a step number
+  run.use_ema = True
+  run.baselines = True  # score trivial segmentations of the test volumes for the report
+  run.preview_slices = 3  # z sections per volume in the report's PNG previews
+  return run

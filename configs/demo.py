@@ -70,6 +70,21 @@ def get_config(arg=None):
   # test cube, 2% above 0.75), so NISB's 0.75 leaves almost everything background: 0.5 scores
   # adapted Rand 0.33 / NERL 0.43 there, 0.75 scores 1.0 / 0. Tuning (the tune section) refines it.
   config.decode.threshold = 0.5
-  config.tune.threshold_grid = (0.5, 0.9, 0.1)
-  config.tune.n_trials = 5
+  # waterz on the demo cube: PyTC's dust sizes are for 1024^2 sections; the demo's are 96^2.
+  config.decode.dust.size = 100
+  config.decode.dust.remove_size = 50
+
+  # -- QC: 64 sections sampled every 4th leave 16 samples, 2 excluded at each end.
+  config.qc.z_stride = 4
+  config.qc.k_edge = 2
+  config.qc.refine_window = 8
+  config.qc.border_width = 8
+  config.qc.n_z_border = 4
+
+  # -- tuning and the chain: both decoders are decoded, scored and tuned.
+  config.tune.trial_timeout_s = 120.0
+  config.tune.cc.threshold_grid = (0.3, 0.8, 0.05)
+  config.tune.waterz.n_trials = 12
+  config.tune.waterz.n_startup_trials = 6
+  config.run.decoders = ("cc", "waterz")
   return config

@@ -1,6 +1,9 @@
 """NISB ``liconn`` setting: the BANIS+ recipe of ``nisb_base.py`` on LICONN data.
 
-Only the data paths, the resolution and the affinity mask path differ from ``nisb_base.py``.
+Only the data paths and the resolution differ from ``nisb_base.py``. The affinity mask (bad z-ends,
+background ring) comes from the QC that ``python -m jaxseg.run`` runs on every prediction
+(``qc.enabled``); for a standalone decode, ``python -m jaxseg.qc`` writes one and
+``--config.decode.affinity_mask_path`` points at it.
 """
 
 from jaxseg.common.config_util import load_sibling
@@ -16,6 +19,4 @@ def get_config(arg=None):
   # PyTC's LICONN config sets [18, 18, 25] nm in x, y, z (the NISB site quotes 9 x 9 x 12 nm for
   # the raw LICONN cubes); the recipe's value is kept.
   config.data.resolution = (25.0, 18.0, 18.0)
-  # Written by `python -m jaxseg.qc` for the test cube (drops the bad z-ends and background ring).
-  config.decode.affinity_mask_path = "datasets/nisb/liconn/test/seed6/affinity_mask.zarr"
   return config

@@ -153,14 +153,14 @@ def get_config(arg=None):
   ev.merge_threshold = 1  # node count; PyTC moved to 50 in 78264698, funlib uses > 0
 
   # -- tuning ----------------------------------------------------------------------------------
-  config.tune = tune = ml_collections.ConfigDict()
-  tune.sampler = "grid"
-  tune.direction = "maximize"
-  tune.objective = "nerl"
+  config.tune = tune = _common.tune_defaults()
   tune.split = "val"
-  tune.threshold_grid = (0.50, 0.90, 0.02)  # (low, high, step): 21 points, inclusive
-  tune.n_trials = 21
-  tune.trial_timeout_s = 3600
+  tune.trial_timeout_s = 3600.0
+  tune.cc.objective = "nerl"
+  tune.cc.threshold_grid = (0.50, 0.90, 0.02)  # (low, high, step): 21 points, inclusive
+
+  # -- the chain (python -m jaxseg.run) ---------------------------------------------------------
+  config.run = _common.run_defaults(decoders=("cc",))
   del pytc_compat  # every NISB fix (EMA saved, same normalisation) has no PyTC switch
   return config
 

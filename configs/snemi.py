@@ -170,25 +170,15 @@ def get_config(arg=None):
   ev.merge_threshold = 1
 
   # -- tuning ----------------------------------------------------------------------------------
-  config.tune = tune = ml_collections.ConfigDict()
-  tune.sampler = "tpe"
-  tune.n_trials = 25
-  tune.n_startup_trials = 10
-  tune.trial_timeout_s = 300
-  tune.direction = "minimize"
-  tune.objective = "adapted_rand"
+  config.tune = tune = _common.tune_defaults()
   tune.split = "test" if pytc_compat else "val"
-  tune.enqueue_defaults = True
-  tune.merge_functions = (
-    "aff85_his256",
-    "aff75_his256",
-    "aff50_his256",
-    "aff25_his256",
-    "aff15_his256",
-  )
-  tune.aff_threshold_low = (0.0, 0.5, 0.1)  # (low, high, step)
-  tune.aff_threshold_high = (0.7, 1.0, 0.1)
-  tune.thresholds = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # all run in one waterz pass
+  tune.force_test = pytc_compat  # PyTC's SNEMI3D tuning set is its test volume
+  tune.trial_timeout_s = 300.0
+  tune.waterz.n_trials = 25
+  tune.waterz.n_startup_trials = 10
+
+  # -- the chain (python -m jaxseg.run) ---------------------------------------------------------
+  config.run = _common.run_defaults(decoders=("waterz",))
   return config
 
 

@@ -12,7 +12,19 @@ from jaxseg.common import config_util
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 RECIPES = ["snemi.py", "nisb_base.py", "liconn.py", "demo.py"]
-SECTIONS = ("data", "target", "model", "optim", "train", "infer", "decode", "qc", "eval", "tune")
+SECTIONS = (
+  "data",
+  "target",
+  "model",
+  "optim",
+  "train",
+  "infer",
+  "decode",
+  "qc",
+  "eval",
+  "tune",
+  "run",
+)
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -41,8 +53,11 @@ def test_snemi_recipe_numbers():
   assert (c.decode.dust.size, c.decode.dust.affinity, c.decode.dust.remove_size) == (800, 0.3, 600)
   assert c.decode.branch_merge.one_sided_threshold == 0.8
   assert c.decode.branch_merge.one_sided_min_size == 100
-  assert (c.tune.n_trials, c.tune.n_startup_trials, c.tune.trial_timeout_s) == (25, 10, 300)
-  assert c.tune.split == "val"
+  wz = c.tune.waterz
+  assert (wz.n_trials, wz.n_startup_trials, c.tune.trial_timeout_s) == (25, 10, 300)
+  assert wz.merge_functions[0] == "aff85_his256" and len(wz.merge_functions) == 5
+  assert (wz.aff_threshold_low, wz.aff_threshold_high) == ((0.0, 0.5, 0.1), (0.7, 1.0, 0.1))
+  assert c.tune.split == "val" and not c.tune.force_test
   aug = c.data.aug
   assert (aug.name, aug.elastic_p, aug.elastic_sigma, aug.gamma) == (
     "aug_em_neuron",
@@ -52,7 +67,8 @@ def test_snemi_recipe_numbers():
   )
   assert (aug.defects.misalignment_max_shift, aug.defects.missing_parts_p) == (17, 0.2)
   pytc = config_util.load_config(str(REPO_ROOT / "configs" / "snemi.py") + ":pytc")
-  assert pytc.tune.split == "test" and not pytc.decode.branch_merge.enabled
+  assert pytc.tune.split == "test" and pytc.tune.force_test
+  assert not pytc.decode.branch_merge.enabled
 
 
 def test_nisb_and_liconn_recipe_numbers():
@@ -69,7 +85,8 @@ def test_nisb_and_liconn_recipe_numbers():
     "float16",
   )
   assert (base.decode.method, base.decode.threshold) == ("cc", 0.75)
-  assert base.tune.threshold_grid == (0.50, 0.90, 0.02)
+  assert (base.tune.cc.threshold_grid, base.tune.cc.objective) == ((0.50, 0.90, 0.02), "nerl")
+  assert base.run.decoders == ("cc",)
   aug = base.data.aug
   assert (aug.name, aug.slice_shift_max, aug.affine_shear, aug.noise_std) == (
     "aug_banis",
@@ -77,7 +94,7 @@ def test_nisb_and_liconn_recipe_numbers():
     0.5,
     (0.0, 0.5),
   )
-  # LICONN changes only data paths, resolution and the mask path.
+  # LICONN changes only data paths and resolution.
   diff = _diff(config_util.config_to_dict(base), config_util.config_to_dict(liconn))
   assert set(diff) == {
     "name",
@@ -85,7 +102,6 @@ def test_nisb_and_liconn_recipe_numbers():
     "data.val_seeds",
     "data.test_seeds",
     "data.resolution",
-    "decode.affinity_mask_path",
   }
 
 

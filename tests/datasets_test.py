@@ -83,6 +83,14 @@ def test_snemi_layout_with_validation_holdout(tmp_path):
   assert train.z_range == (0, 7) and val.z_range == (7, 10) and test.z_range is None
   assert train.spatial_shape == (7, 16, 16) and val.spatial_shape == (3, 16, 16)
   np.testing.assert_array_equal(test.labels.read(), lab)
+  # Prediction and scoring of the held-out sections see only them, read lazily.
+  held_out = val.windowed()
+  assert held_out.z_range is None and held_out.image.shape == (3, 16, 16)
+  np.testing.assert_array_equal(held_out.image.read(), img[7:])
+  np.testing.assert_array_equal(held_out.labels[1:3, 4:9, :], lab[8:10, 4:9, :])
+  assert "[z 7:10]" in held_out.image.path
+  with pytest.raises(VolumeError, match=r"z range \[5, 11\) is outside its 10 sections"):
+    train.image.z_window(5, 11)
   data.val_sections = 0
   assert dataset_volumes(data, "val") == []
   assert dataset_volumes(data, "train")[0].z_range is None

@@ -112,7 +112,8 @@ def resolve_inputs(
       volumes = dataset_volumes(config.data, split)
       if not volumes:
         raise VolumeError(f"{spec}: config.data has no volumes in split {split!r}")
-      out.extend(PredictInput(v.name, v.image) for v in volumes)
+      # A held-out z range (SNEMI3D's validation sections) is predicted on its own.
+      out.extend(PredictInput(v.name, v.windowed().image) for v in volumes)
     elif os.path.isdir(os.path.join(spec, "data.zarr")):
       cube = nisb_cube(spec, resolution)
       out.append(PredictInput(cube.name, cube.image))

@@ -58,6 +58,22 @@ class LabeledVolume:
       z = self.z_range[1] - self.z_range[0]
     return (z, y, x)
 
+  def windowed(self) -> LabeledVolume:
+    """The same volume with ``z_range`` applied: image and labels cut to the usable sections.
+
+    Training reads around ``z_range`` for context; prediction and scoring of a held-out range
+    (SNEMI3D's validation sections) see only the range itself.
+    """
+    if self.z_range is None:
+      return self
+    z0, z1 = self.z_range
+    return LabeledVolume(
+      name=self.name,
+      image=self.image.z_window(z0, z1),
+      labels=self.labels.z_window(z0, z1) if self.labels is not None else None,
+      skeleton=self.skeleton,
+    )
+
 
 def check_pair(image: Volume, labels: Volume | None) -> None:
   """Checks that an image and its labels can be used together (shape, dtypes)."""

@@ -215,6 +215,26 @@ class _SliceFolderBackend:
     return out
 
 
+class _ZRangeBackend:
+  """A read-only window of another backend: sections ``[z0, z1)`` along disk axis ``z_axis``."""
+
+  def __init__(self, inner, z_axis: int, z0: int, z1: int):
+    self.inner = inner
+    self.z_axis = z_axis
+    self.z0 = z0
+    shape = list(inner.shape)
+    shape[z_axis] = z1 - z0
+    self.shape = tuple(shape)
+    self.dtype = inner.dtype
+    self.chunks = getattr(inner, "chunks", None)
+
+  def read(self, slices: Sequence[slice]) -> np.ndarray:
+    slices = list(slices)
+    s = slices[self.z_axis]
+    slices[self.z_axis] = slice(s.start + self.z0, s.stop + self.z0)
+    return self.inner.read(slices)
+
+
 def _read_image(path: str) -> np.ndarray:
   if path.lower().endswith(_TIFF_SUFFIXES):
     return tifffile.imread(path)
@@ -336,6 +356,23 @@ class Volume:
   def __array__(self, dtype=None, copy=None):
     data = self.read()
     return data if dtype is None else data.astype(dtype)
+
+  def z_window(self, z0: int, z1: int) -> Volume:
+    """A lazy read-only view of sections ``[z0, z1)`` (e.g. a held-out validation range).
+
+    The view's index 0 is this volume's ``z0``; its ``path`` names the range.
+    """
+    depth = self.spatial_shape[0]
+    if not 0 <= z0 < z1 <= depth:
+      raise VolumeError(f"{self.path}: z range [{z0}, {z1}) is outside its {depth} sections")
+    z_axis = self._to_disk[self.ndim - 3]
+    return Volume(
+      _ZRangeBackend(self._backend, z_axis, int(z0), int(z1)),
+      path=f"{self.path}[z {z0}:{z1}]",
+      axis_order=self.axis_order,
+      resolution=self.resolution,
+      attrs=self.attrs,
+    )
 
 
 class WritableVolume(Volume):
