@@ -37,6 +37,7 @@ from jaxseg.io.volume import Volume
 
 ATTR_KEY = "jaxseg_decode"
 SUMMARY = "decode.json"
+MASK_SPEC_ATTR = "jaxseg_affinity_mask"  # what jaxseg.quality.mask records in a mask it builds
 _AXES = "zyx"
 
 
@@ -283,13 +284,19 @@ def wants_blockwise(settings: DecodeSettings, shape: Sequence[int]) -> bool:
   return any(s > b for s, b in zip(shape, settings.block_shape, strict=True))
 
 
-def _job_fingerprint(settings: DecodeSettings, source: AffinitySource, blockwise: bool) -> dict:
+def _job_fingerprint(
+  settings: DecodeSettings, source: AffinitySource, blockwise: bool, mask: Volume | None = None
+) -> dict:
   out = {
     **settings.fingerprint(),
     "affinities": os.path.abspath(source.volume.path),
     "shape": list(source.spatial_shape),
     "blockwise": blockwise,
   }
+  if mask is not None:
+    # The path alone would let a mask rebuilt in place (jaxseg.qc --overwrite) pass for the old
+    # one; the spec that jaxseg.qc stores in its attributes names what it keeps.
+    out["affinity_mask"] = mask.attrs.get(MASK_SPEC_ATTR, "")
   if blockwise:
     out["block_shape"] = list(settings.block_shape)
     if settings.method == "waterz":
@@ -389,7 +396,7 @@ def decode(
   shape = source.spatial_shape
   mask = open_mask(settings.affinity_mask_path, shape) if settings.affinity_mask_path else None
   blockwise = wants_blockwise(settings, shape)
-  fingerprint = _job_fingerprint(settings, source, blockwise)
+  fingerprint = _job_fingerprint(settings, source, blockwise, mask)
   done = check_existing(output, fingerprint, overwrite)
   if done is not None:
     return {**done, "already_done": True}
