@@ -1,0 +1,217 @@
+"""The affinity cache: each split's predictions made once per checkpoint and input, then reused.
+
+Layout under ``cache_root`` (``DIR/predictions`` in a run)::
+
+  <key>/cache.json                       what the key was made of (checkpoint, steps, inputs, ...)
+  <key>/<name>.zarr/affinities           [C, z, y, x] affinities (jaxseg.predict's layout)
+  <key>/<name>_predict.json              complete: true once every block is written
+  <key>/<name>_qc/report.md, mask.zarr   QC report and affinity mask (when config.qc.enabled)
+
+``<key>`` is a short hash of the absolute checkpoint folder, the sorted step folder names in it,
+the step spec (``run.checkpoint_step``), ``run.use_ema``, every input (path, z range, shape), the
+input normalisation and the ``infer`` fingerprint: a new checkpoint or input gets a new folder, an
+identical one is reused. When every volume's ``_predict.json`` says ``complete`` nothing is
+predicted and JAX is never imported; otherwise :func:`jaxseg.inference.predict_lib.predict`
+(imported only then) fills in what is missing (finished blocks are kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+
+from jaxseg.common import config_util
+from jaxseg.common.files import write_json
+from jaxseg.io import VolumeError
+from jaxseg.io.datasets import LabeledVolume, dataset_volumes
+
+CACHE_FILE = "cache.json"
+_KEY_CHARS = 12
+
+
+@dataclasses.dataclass
+class CachedAffinities:
+  """One volume's cached prediction.
+
+  Attributes:
+    name: the volume's short name (``seed100``).
+    affinities: path of ``<name>.zarr/affinities`` (``[C, z, y, x]``).
+    volume: the volume with its z range applied (:meth:`LabeledVolume.windowed`): image, labels,
+      skeleton.
+    mask: path of the QC affinity mask (uint8 ``[z, y, x]``, 1 = keep), or None.
+    reused: True when the prediction existed before this call.
+    qc: the QC summary (``low_z``, ``high_z``, report paths, ...) or None when QC is off.
+  """
+
+  name: str
+  affinities: str
+  volume: LabeledVolume
+  mask: str | None = None
+  reused: bool = False
+  qc: dict | None = None
+
+
+def checkpoint_folder(checkpoint: str) -> str:
+  """The absolute checkpoint folder for a workdir (``<workdir>/checkpoints``) or the folder."""
+  path = os.path.abspath(os.fspath(checkpoint))
+  sub = os.path.join(path, "checkpoints")
+  if os.path.isdir(sub):
+    return sub
+  if os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path)):
+    return path
+  return sub
+
+
+def _step_spec(config) -> int | str:
+  step = config.run.get("checkpoint_step", "best")
+  return int(step) if isinstance(step, int) or str(step).isdigit() else str(step)
+
+
+def _abs(path: str) -> str:
+  return path if "://" in path else os.path.abspath(path)
+
+
+def cache_key(config, checkpoint: str, split: str) -> tuple[str, dict]:
+  """The cache key of a split's predictions and what it was made of.
+
+  Opens the split's volumes lazily (no voxels are read) and lists the checkpoint folder; needs
+  no JAX.
+
+  Returns:
+    ``(key, ingredients)``: a 12-character hex hash and the JSON-ready dict it hashes.
+  """
+  folder = checkpoint_folder(checkpoint)
+  steps = (
+    sorted((n for n in os.listdir(folder) if n.isdigit()), key=int) if os.path.isdir(folder) else []
+  )
+  volumes = []
+  for v in dataset_volumes(config.data, split):
+    w = v.windowed()
+    volumes.append(
+      {
+        "name": v.name,
+        "path": _abs(str(v.image.path)),
+        "z_range": list(v.z_range) if v.z_range else None,
+        "shape": list(w.image.shape),
+      }
+    )
+  ingredients = {
+    "checkpoint_dir": folder,
+    "steps": steps,
+    "step": _step_spec(config),
+    "use_ema": bool(config.run.get("use_ema", True)),
+    "split": split,
+    "inputs": volumes,
+    "normalize": [config.data.get("normalize", None), config.data.get("normalize_scope", None)],
+    "infer": _infer_fingerprint(config),
+  }
+  ingredients = json.loads(json.dumps(ingredients))
+  digest = hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()
+  return digest[:_KEY_CHARS], ingredients
+
+
+def _infer_fingerprint(config) -> dict:
+  """``config.infer`` and the target's preset and convention: what changes predicted bytes.
+
+  Read from the config rather than through :func:`jaxseg.inference.settings.inference_settings`,
+  which checks the window against the model and so imports ``jaxseg.models`` (and JAX).
+  """
+  infer = config_util.config_to_dict(config.infer)
+  infer.pop("sw_batch_size", None)  # how many windows share a call: the same bytes
+  target = config.get("target", {})
+  return {
+    "infer": infer,
+    "preset": target.get("preset", None),
+    "convention": target.get("convention", None),
+    "in_channels": config.model.get("in_channels", None),
+  }
+
+
+def _complete(out_dir: str, name: str) -> bool:
+  path = os.path.join(out_dir, f"{name}_predict.json")
+  if not os.path.exists(path) or not os.path.isdir(
+    os.path.join(out_dir, f"{name}.zarr", "affinities")
+  ):
+    return False
+  try:
+    with open(path) as f:
+      return bool(json.load(f).get("complete"))
+  except (OSError, ValueError):
+    return False  # a half-written summary (cannot happen with atomic writes) means redo
+
+
+def cached_predictions(
+  config, checkpoint: str, split: str, cache_root: str, *, show_progress: bool = True
+) -> list[CachedAffinities]:
+  """The split's affinities, predicted now only if not cached; QC'd when ``config.qc.enabled``.
+
+  Args:
+    config: the run config (``data``, ``infer``, ``model``, ``run.checkpoint_step``,
+      ``run.use_ema``, ``qc``).
+    checkpoint: the training workdir or its ``checkpoints`` folder.
+    split: ``train`` / ``val`` / ``test``.
+    cache_root: folder holding the ``<key>`` folders.
+    show_progress: progress bars while predicting.
+
+  Returns:
+    One :class:`CachedAffinities` per volume of the split, in the split's order.
+
+  Raises:
+    VolumeError: the split has no volumes, or prediction did not complete.
+  """
+  volumes = [v.windowed() for v in dataset_volumes(config.data, split)]
+  if not volumes:
+    raise VolumeError(f"config.data has no volumes in split {split!r}")
+  key, ingredients = cache_key(config, checkpoint, split)
+  out_dir = os.path.join(cache_root, key)
+  reused = all(_complete(out_dir, v.name) for v in volumes)
+  if not reused:
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, CACHE_FILE), ingredients)
+    # Imported here: JAX is loaded only when something must be predicted.
+    predict_lib = importlib.import_module("jaxseg.inference.predict_lib")
+    predict_lib.predict(
+      config,
+      checkpoint,
+      [f"split:{split}"],
+      out_dir,
+      step=_step_spec(config),
+      use_ema=bool(config.run.get("use_ema", True)),
+      show_progress=show_progress,
+    )
+    missing = [v.name for v in volumes if not _complete(out_dir, v.name)]
+    if missing:
+      raise VolumeError(
+        f"{out_dir}: prediction of {missing} did not complete (another process's blocks are "
+        "pending?); rerun to finish it"
+      )
+  out = []
+  for v in volumes:
+    cached = CachedAffinities(
+      name=v.name,
+      affinities=os.path.join(out_dir, f"{v.name}.zarr", "affinities"),
+      volume=v,
+      reused=reused,
+    )
+    if config.qc.get("enabled", False):
+      _quality_check(config, cached, out_dir, show_progress)
+    out.append(cached)
+  return out
+
+
+def _quality_check(config, cached: CachedAffinities, out_dir: str, show_progress: bool) -> None:
+  """Runs (or reuses) the affinity QC and fills ``cached.mask`` and ``cached.qc``."""
+  from jaxseg.quality import run_qc
+
+  result = run_qc(
+    config,
+    cached.affinities,
+    os.path.join(out_dir, f"{cached.name}_qc"),
+    image=cached.volume.image,
+    show_progress=show_progress,
+  )
+  cached.mask = str(result.mask) if result.mask else None
+  cached.qc = result.summary()

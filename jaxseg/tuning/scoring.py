@@ -1,0 +1,315 @@
+"""Decode and score: a decoder's config with tuned parameters, segmentation metrics, objectives.
+
+Owns:
+  * :func:`decoder_config`: a config copy whose ``decode`` section runs one decoder with tuned
+    parameters (``best_params.json``'s ``params``).
+  * :func:`score` / :func:`evaluate_loaded`: the metrics of :func:`jaxseg.evaluate.evaluate` for a
+    ``[z, y, x]`` segmentation against a volume's dense labels and / or skeletons.
+  * :func:`decode_and_evaluate`: decode one cached affinity volume to disk
+    (:func:`jaxseg.decoding.decode_lib.decode`), score every output segmentation and write
+    ``metrics.json`` beside them; a finished identical job is reused.
+  * Objectives: ``nerl`` is maximised, ``adapted_rand`` and ``voi`` minimised.
+
+Never imports JAX.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from jaxseg.common import config_util
+from jaxseg.common.files import write_json
+
+if TYPE_CHECKING:
+  from jaxseg.io.datasets import LabeledVolume
+  from jaxseg.tuning.cache import CachedAffinities
+
+OBJECTIVES = {"nerl": "maximize", "adapted_rand": "minimize", "voi": "minimize"}
+DECODERS = ("cc", "waterz")
+METRICS_FILE = "metrics.json"
+# The decode keys each decoder's tuning sets (``thresholds`` for waterz holds the best one).
+TUNED_KEYS = {
+  "cc": ("threshold",),
+  "waterz": ("merge_function", "aff_threshold_low", "aff_threshold_high", "thresholds"),
+}
+
+
+def check_decoder(decoder: str) -> str:
+  if decoder not in DECODERS:
+    raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
+  return decoder
+
+
+def direction(objective: str) -> str:
+  """``"maximize"`` or ``"minimize"`` for an objective name."""
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, not {objective!r}")
+  return OBJECTIVES[objective]
+
+
+def worst_value(direction_: str) -> float:
+  """What a failed or timed-out trial scores: the worst possible value."""
+  return -math.inf if direction_ == "maximize" else math.inf
+
+
+def better(a: float, b: float, direction_: str) -> bool:
+  """Whether ``a`` is strictly better than ``b``."""
+  return a > b if direction_ == "maximize" else a < b
+
+
+def objective_value(metrics: Mapping[str, Any], objective: str) -> float:
+  """The objective's value in a metrics dict (NaN when the metric is missing or undefined)."""
+  value = metrics.get(objective)
+  return float("nan") if value is None else float(value)
+
+
+def needs(objective: str) -> str:
+  """Which ground truth an objective needs: ``"skeleton"`` or ``"labels"``."""
+  direction(objective)
+  return "skeleton" if objective == "nerl" else "labels"
+
+
+def eval_settings(config) -> dict:
+  """The ``config.eval`` values that change scores (``arand``, ``crop_fraction``,
+  ``merge_threshold``)."""
+  ev = config.eval
+  return {
+    "arand": str(ev.get("arand", "snemi")),
+    "crop_fraction": float(ev.get("crop_fraction", 1.0)),
+    "merge_threshold": int(ev.get("merge_threshold", 1)),
+  }
+
+
+def json_ready(value: Any) -> Any:
+  """A JSON-safe copy: numpy scalars to Python, tuples to lists, NaN / Inf to None."""
+  if isinstance(value, Mapping):
+    return {str(k): json_ready(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_ready(v) for v in value]
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+# -- configs ---------------------------------------------------------------------------------------
+
+
+def decoder_config(config, decoder: str, params: Mapping[str, Any] | None = None):
+  """A copy of ``config`` with ``decode.method = decoder`` and tuned ``params`` applied.
+
+  Args:
+    config: the run config (left untouched).
+    decoder: ``"cc"`` or ``"waterz"``.
+    params: ``{"threshold": t}`` for cc; for waterz any of ``merge_function``,
+      ``aff_threshold_low``, ``aff_threshold_high`` and ``thresholds`` (a sequence; a single
+      ``threshold`` is taken as ``thresholds = (threshold,)``).
+
+  Raises:
+    ValueError: an unknown decoder or a parameter the decoder's tuning does not set.
+  """
+  check_decoder(decoder)
+  out = config.copy_and_resolve_references()
+  decode = out.decode
+  decode.method = decoder
+  params = dict(params or {})
+  if decoder == "waterz" and "threshold" in params:
+    if "thresholds" in params:
+      raise ValueError("give waterz 'threshold' or 'thresholds', not both")
+    params["thresholds"] = (params.pop("threshold"),)
+  unknown = sorted(set(params) - set(TUNED_KEYS[decoder]))
+  if unknown:
+    raise ValueError(
+      f"tuned parameters {unknown} are not {decoder} parameters; expected some of "
+      f"{list(TUNED_KEYS[decoder])}"
+    )
+  for key, value in params.items():
+    if key == "thresholds":
+      decode.thresholds = tuple(float(t) for t in value)
+    elif key == "merge_function":
+      decode.merge_function = str(value)
+    else:
+      decode[key] = float(value)
+  return out
+
+
+def _with_mask(config, mask: str | None):
+  if not mask:
+    return config
+  out = config.copy_and_resolve_references()
+  out.decode.affinity_mask_path = str(mask)
+  return out
+
+
+# -- scores ----------------------------------------------------------------------------------------
+
+
+def evaluate_loaded(
+  segmentation,
+  labels,
+  skeletons,
+  resolution: Sequence[float] | None,
+  eval_config: Mapping[str, Any],
+) -> dict:
+  """:func:`jaxseg.evaluate.evaluate` with the ground truth already opened or loaded.
+
+  Args:
+    segmentation: ``[z, y, x]`` labels (array or lazy volume).
+    labels: dense GT ``[z, y, x]`` (array or volume) or None.
+    skeletons: :class:`jaxseg.io.skeleton.Skeletons`, a skeleton path, or None.
+    resolution: (z, y, x) nm, to place skeleton nodes.
+    eval_config: ``config.eval`` or :func:`eval_settings`'s dict.
+  """
+  from jaxseg.evaluate import evaluate
+
+  settings = dict(eval_config) if isinstance(eval_config, Mapping) else eval_config.to_dict()
+  return evaluate(
+    segmentation,
+    labels,
+    skeletons,
+    resolution=resolution,
+    arand=str(settings.get("arand", "snemi")),
+    crop_fraction=float(settings.get("crop_fraction", 1.0)),
+    merge_threshold=int(settings.get("merge_threshold", 1)),
+  )
+
+
+def score(segmentation, volume: LabeledVolume, eval_config) -> dict:
+  """Metrics of a ``[z, y, x]`` segmentation against a (windowed) volume's ground truth.
+
+  Dense metrics (adapted Rand, VOI) when the volume has labels, NERL / ERL when it has a
+  skeleton: the dict of :func:`jaxseg.evaluate.evaluate`.
+
+  Raises:
+    ValueError: the volume has neither labels nor a skeleton.
+    VolumeError: shapes differ.
+  """
+  if volume.labels is None and volume.skeleton is None:
+    raise ValueError(f"volume {volume.name} has no labels and no skeleton to score against")
+  return evaluate_loaded(
+    segmentation, volume.labels, volume.skeleton, tuple(volume.image.resolution), eval_config
+  )
+
+
+def decode_and_evaluate(
+  config,
+  cached: CachedAffinities,
+  output_dir: str,
+  *,
+  overwrite: bool = False,
+  show_progress: bool = True,
+) -> dict:
+  """Decodes one cached affinity volume with ``config.decode`` and scores every segmentation.
+
+  Writes ``output_dir/segmentation[_t<thr>]``, ``decode.json``, ``preview.png`` (by
+  :func:`jaxseg.decoding.decode_lib.decode`, masked with ``cached.mask`` when set) and
+  ``output_dir/metrics.json``.
+
+  Args:
+    config: the run config (``decode``, ``eval``, and ``tune.<method>.objective`` to pick the
+      best threshold).
+    cached: from :func:`jaxseg.tuning.cache.cached_predictions`.
+    output_dir: the decode folder.
+    overwrite: replace a decode made with other settings instead of refusing.
+    show_progress: progress bars for blockwise decodes.
+
+  Returns:
+    The ``metrics.json`` contents: ``volume``, ``decoder``, ``affinities``, ``mask``,
+    ``results`` (``[{"threshold", "segmentation", "segments", **metrics}]``, one per
+    threshold), ``best`` (index into ``results`` by the decoder's tuning objective, or None
+    without ground truth), ``objective``, ``decode`` (the decode summary), ``seconds``,
+    ``reused`` (True when a finished identical job was found).
+
+  Raises:
+    VolumeError: bad inputs, or ``output_dir`` holds a decode made differently (unless
+      ``overwrite``).
+  """
+  from jaxseg.decoding.decode_lib import decode
+  from jaxseg.decoding.settings import decode_settings
+  from jaxseg.io import open_volume
+
+  start = time.perf_counter()
+  config = _with_mask(config, cached.mask)
+  settings = decode_settings(config)
+  volume = cached.volume
+  has_gt = volume.labels is not None or volume.skeleton is not None
+  objective = str(config.tune[settings.method].objective) if "tune" in config else None
+  fingerprint = json.loads(
+    json.dumps(
+      {
+        "decode": settings.fingerprint(),
+        "affinities": os.path.abspath(cached.affinities),
+        "eval": eval_settings(config),
+        "labels": _abs(volume.labels.path) if volume.labels is not None else None,
+        "skeleton": _abs(volume.skeleton) if volume.skeleton else None,
+        "objective": objective,
+      }
+    )
+  )
+  metrics_path = os.path.join(output_dir, METRICS_FILE)
+  if os.path.exists(metrics_path):
+    saved = _read_json(metrics_path)
+    if saved.get("complete") and not config_util.fingerprint_differences(
+      saved.get("fingerprint"), fingerprint
+    ):
+      return {**saved, "reused": True}
+  summary = decode(
+    settings, cached.affinities, output_dir, overwrite=overwrite, show_progress=show_progress
+  )
+  results = []
+  for path, threshold, count in zip(
+    summary["arrays"], summary["thresholds"], summary["segments"], strict=True
+  ):
+    row = {"threshold": float(threshold), "segmentation": path, "segments": int(count)}
+    if has_gt:
+      metrics = score(open_volume(path), volume, config.eval)
+      metrics["eval_seconds"] = metrics.pop("seconds")
+      row.update(metrics)
+    results.append(row)
+  best = None
+  if has_gt and objective is not None and objective in results[0]:
+    best_direction = direction(objective)
+    values = [objective_value(r, objective) for r in results]
+    for i, value in enumerate(values):
+      if math.isfinite(value) and (best is None or better(value, values[best], best_direction)):
+        best = i
+  out = {
+    "volume": cached.name,
+    "decoder": settings.method,
+    "affinities": cached.affinities,
+    "mask": cached.mask,
+    "fingerprint": fingerprint,
+    "complete": True,
+    "objective": objective,
+    "results": results,
+    "best": best,
+    "decode": {
+      k: summary.get(k) for k in ("seconds", "preview", "blockwise", "shape", "already_done")
+    },
+    "seconds": round(time.perf_counter() - start, 3),
+  }
+  out = json_ready(out)
+  write_json(metrics_path, out)
+  return {**out, "reused": False}
+
+
+def _abs(path: str) -> str:
+  """Local paths made absolute (a fingerprint must not depend on the working directory)."""
+  path = str(path)
+  return path if "://" in path else os.path.abspath(path)
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: unreadable JSON ({e}); delete it to redo the job") from e

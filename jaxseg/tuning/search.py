@@ -1,0 +1,353 @@
+"""Search spaces, samplers and resumable Optuna studies for decoder tuning (``config.tune``).
+
+Owns:
+  * :class:`SearchSpace` (:func:`search_space`): the parameters one decoder's tuning samples,
+    as value lists on an inclusive grid (``(low, high, step)`` in the config, rounded so that
+    ``0.3 + 0.05 * k`` is exactly ``0.45``, not ``0.45000000000000007``) or categorical choices.
+    cc: ``threshold``; waterz: ``merge_function``, ``aff_threshold_low``,
+    ``aff_threshold_high`` (its merge ``thresholds`` are decoded in every trial, not sampled).
+  * :func:`make_sampler`: ``grid`` (:class:`ResumableGridSampler`, every grid point once) or
+    ``tpe`` (Optuna's TPE, seeded by ``config.seed``).
+  * :func:`open_study`: the SQLite study under the tune folder, loaded if it exists; it carries a
+    fingerprint of what it tunes (search space, affinities, scoring) and refuses to continue with
+    another; trials left RUNNING by a killed job are marked FAIL, so their points are rerun.
+  * :func:`pending_trials`: how many trials a (resumed) study still needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
+
+from jaxseg.common import config_util
+from jaxseg.tuning import scoring
+
+FINGERPRINT_ATTR = "jaxseg_fingerprint"
+SAMPLERS = ("grid", "tpe")
+# Grid values are rounded to this many decimals (no float drift from low + k * step).
+_DECIMALS = 10
+# A sampled float within this of a grid value is that value.
+_SNAP_TOL = 1e-6
+
+
+def grid_values(spec: Sequence[float], name: str) -> tuple[float, ...]:
+  """The inclusive grid ``low, low + step, ..., high`` of a ``(low, high, step)`` triple.
+
+  Raises:
+    ValueError: not three numbers, ``step <= 0`` or ``high < low`` (naming ``name``).
+  """
+  try:
+    low, high, step = (float(v) for v in spec)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be (low, high, step), not {spec!r}") from None
+  if step <= 0 or high < low:
+    raise ValueError(f"{name} must be (low, high, step) with step > 0 and high >= low: {spec!r}")
+  count = math.floor((high - low) / step + 1e-9) + 1
+  return tuple(round(low + i * step, _DECIMALS) + 0.0 for i in range(count))
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+  """What one decoder's tuning samples.
+
+  Attributes:
+    decoder: ``cc`` or ``waterz``.
+    sampler: ``grid`` or ``tpe``.
+    objective: ``nerl``, ``adapted_rand`` or ``voi``.
+    choices: parameter -> its values (floats on a grid, or strings), in order.
+    thresholds: waterz merge thresholds decoded in every trial (not sampled); ``()`` for cc.
+    n_trials: trials a full study runs (the grid size for ``grid``).
+    n_startup_trials: TPE's random trials before it models the objective.
+    defaults: the config's own values, run first (waterz ``enqueue_defaults``), or None.
+  """
+
+  decoder: str
+  sampler: str
+  objective: str
+  choices: dict[str, tuple]
+  thresholds: tuple[float, ...] = ()
+  n_trials: int = 0
+  n_startup_trials: int = 10
+  defaults: dict | None = None
+
+  @property
+  def direction(self) -> str:
+    return scoring.direction(self.objective)
+
+  def distributions(self) -> dict[str, BaseDistribution]:
+    """Optuna distributions: grid floats as stepped floats (TPE samples on the grid)."""
+    out: dict[str, BaseDistribution] = {}
+    for name, values in self.choices.items():
+      if isinstance(values[0], str):
+        out[name] = CategoricalDistribution(values)
+      elif len(values) == 1:
+        out[name] = FloatDistribution(values[0], values[0])
+      else:
+        step = round(values[1] - values[0], _DECIMALS)
+        out[name] = FloatDistribution(values[0], values[-1], step=step)
+    return out
+
+  def snap(self, params: Mapping[str, Any]) -> dict:
+    """``params`` with floats moved onto their grid value (off-grid values, such as enqueued
+    config defaults, are only rounded)."""
+    out = {}
+    for name, value in params.items():
+      values = self.choices.get(name)
+      if values is None or isinstance(value, str):
+        out[name] = value
+        continue
+      nearest = min(values, key=lambda v, x=float(value): abs(v - x))
+      out[name] = nearest if abs(nearest - value) <= _SNAP_TOL else round(float(value), _DECIMALS)
+    return out
+
+  def grid_points(self) -> list[dict]:
+    """Every combination of the choices (the grid sampler's points), in order."""
+    names = list(self.choices)
+    return [
+      dict(zip(names, combo, strict=True)) for combo in itertools.product(*self.choices.values())
+    ]
+
+  @property
+  def grid_size(self) -> int:
+    return math.prod(len(v) for v in self.choices.values())
+
+  def fingerprint(self) -> dict:
+    """What makes two studies comparable (not the trial budget or the TPE settings)."""
+    return {
+      "decoder": self.decoder,
+      "sampler": self.sampler,
+      "objective": self.objective,
+      "choices": {k: list(v) for k, v in self.choices.items()},
+      "thresholds": list(self.thresholds),
+    }
+
+
+def search_space(config, decoder: str) -> SearchSpace:
+  """The search space of ``config.tune.<decoder>``.
+
+  Raises:
+    ValueError: unknown decoder, sampler or objective; malformed grids; empty choices; a waterz
+      space whose ``aff_threshold_low`` can reach its ``aff_threshold_high``.
+  """
+  scoring.check_decoder(decoder)
+  section = config.tune[decoder]
+  where = f"config.tune.{decoder}"
+  sampler = str(section.get("sampler", "grid"))
+  if sampler not in SAMPLERS:
+    raise ValueError(f"{where}.sampler must be one of {SAMPLERS}, not {sampler!r}")
+  objective = str(section.objective)
+  scoring.direction(objective)
+  if decoder == "cc":
+    choices = {"threshold": grid_values(section.threshold_grid, f"{where}.threshold_grid")}
+    thresholds: tuple[float, ...] = ()
+    defaults = None
+  else:
+    merge = tuple(str(m) for m in section.merge_functions)
+    if not merge:
+      raise ValueError(f"{where}.merge_functions is empty")
+    if len(set(merge)) != len(merge):
+      raise ValueError(f"{where}.merge_functions has repeats: {merge}")
+    choices = {
+      "merge_function": merge,
+      "aff_threshold_low": grid_values(section.aff_threshold_low, f"{where}.aff_threshold_low"),
+      "aff_threshold_high": grid_values(section.aff_threshold_high, f"{where}.aff_threshold_high"),
+    }
+    if max(choices["aff_threshold_low"]) >= min(choices["aff_threshold_high"]):
+      raise ValueError(
+        f"{where}: every aff_threshold_low must lie below every aff_threshold_high, got "
+        f"{section.aff_threshold_low} and {section.aff_threshold_high}"
+      )
+    thresholds = tuple(sorted(float(t) for t in section.thresholds))
+    if not thresholds or not all(0.0 <= t <= 1.0 for t in thresholds):
+      raise ValueError(f"{where}.thresholds must be values in [0, 1], not {section.thresholds}")
+    if len(set(thresholds)) != len(thresholds):
+      raise ValueError(f"{where}.thresholds has repeats: {section.thresholds}")
+    # A grid visits every point anyway; the defaults are TPE's first trial.
+    enqueue = section.get("enqueue_defaults", False) and sampler == "tpe"
+    defaults = _waterz_defaults(config, choices) if enqueue else None
+  for name in ("threshold", "aff_threshold_low", "aff_threshold_high"):
+    if name in choices and not all(0.0 <= v <= 1.0 for v in choices[name]):
+      raise ValueError(f"{where}: {name} values must lie in [0, 1], got {choices[name]}")
+  grid_size = math.prod(len(v) for v in choices.values())
+  if sampler == "grid":
+    n_trials = grid_size
+  else:
+    n_trials = int(section.get("n_trials", grid_size))
+  return SearchSpace(
+    decoder=decoder,
+    sampler=sampler,
+    objective=objective,
+    choices=choices,
+    thresholds=thresholds,
+    n_trials=n_trials,
+    n_startup_trials=int(section.get("n_startup_trials", 10)),
+    defaults=defaults,
+  )
+
+
+def _waterz_defaults(config, choices: Mapping[str, tuple]) -> dict | None:
+  """``config.decode``'s own waterz values when they lie inside the space, else None.
+
+  "Inside" means a listed merge function and thresholds within the grid's range; a value
+  between grid steps (the default ``aff_threshold_high = 0.999``) is run as it is, so trial 0
+  scores exactly what the untuned config would.
+  """
+  decode = config.decode
+  params = {
+    "merge_function": str(decode.merge_function),
+    "aff_threshold_low": float(decode.aff_threshold_low),
+    "aff_threshold_high": float(decode.aff_threshold_high),
+  }
+  if params["merge_function"] not in choices["merge_function"]:
+    return None
+  for name in ("aff_threshold_low", "aff_threshold_high"):
+    values = choices[name]
+    if not values[0] - _SNAP_TOL <= params[name] <= values[-1] + _SNAP_TOL:
+      return None
+  return params
+
+
+# -- samplers --------------------------------------------------------------------------------------
+
+
+class ResumableGridSampler(optuna.samplers.GridSampler):
+  """Optuna's grid sampler, made to resume: only a COMPLETE trial uses up its grid point.
+
+  Optuna counts every finished trial as a visit, FAIL included, so a point whose trial was
+  interrupted (marked FAIL by :func:`open_study`) would never run again. The tuner asks exactly as
+  many trials as points lack a COMPLETE trial, so this sampler never stops the study itself.
+  """
+
+  def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
+    done, running = set(), set()
+    for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
+      attrs = t.system_attrs
+      if "grid_id" not in attrs or not self._same_search_space(attrs["search_space"]):
+        continue
+      if t.state == TrialState.COMPLETE:
+        done.add(attrs["grid_id"])
+      elif t.state == TrialState.RUNNING:
+        running.add(attrs["grid_id"])
+    todo = set(range(self._n_min_trials)) - done
+    return sorted(todo - running) or sorted(todo)
+
+  def after_trial(self, study, trial, state, values) -> None:
+    """No ``study.stop()``: the tuner asks for exactly the missing points."""
+
+
+def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+  """The space's sampler (``grid``: every point once, shuffled by ``seed``; ``tpe``)."""
+  if space.sampler == "grid":
+    return ResumableGridSampler({k: list(v) for k, v in space.choices.items()}, seed=seed)
+  return optuna.samplers.TPESampler(n_startup_trials=space.n_startup_trials, seed=seed)
+
+
+# -- studies ---------------------------------------------------------------------------------------
+
+
+def open_study(
+  path: str,
+  name: str,
+  space: SearchSpace,
+  fingerprint: Mapping[str, Any],
+  seed: int,
+) -> tuple[optuna.Study, int]:
+  """Creates or loads the SQLite study at ``path`` and readies it to continue.
+
+  Args:
+    path: the ``study.db`` file (its folder is created).
+    name: the study name inside it.
+    space: the search space (direction and sampler).
+    fingerprint: JSON-ready description of what is tuned; stored as a user attribute of a new
+      study and compared with the stored one of an existing study.
+    seed: sampler seed (a resumed TPE study adds its trial count).
+
+  Returns:
+    ``(study, interrupted)``: the study, and how many trials a killed run had left RUNNING (now
+    FAIL; a grid study reruns their points).
+
+  Raises:
+    ValueError: the stored study tunes something else (the differences are listed).
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.abspath(path)}")
+  study = optuna.create_study(
+    storage=storage,
+    study_name=name,
+    load_if_exists=True,
+    direction=space.direction,
+    sampler=make_sampler(space, seed),
+  )
+  saved = study.user_attrs.get(FINGERPRINT_ATTR)
+  if saved is None and not study.trials:
+    study.set_user_attr(FINGERPRINT_ATTR, dict(fingerprint))
+  else:
+    differences = config_util.fingerprint_differences(saved, dict(fingerprint))
+    if differences:
+      raise ValueError(
+        f"{path}: holds a study made with other settings ({'; '.join(differences[:10])}); "
+        "use --overwrite (tune(..., overwrite=True)) to start it again, or another workdir"
+      )
+  if space.sampler != "grid" and study.trials:
+    # A resumed TPE study must not replay the first session's random startup draws; the grid's
+    # seed stays, since it fixes which point each grid id is.
+    study.sampler = make_sampler(space, seed + len(study.trials))
+  interrupted = 0
+  for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    # A RUNNING trial in a study nobody else tunes was left by a killed job.
+    storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+    storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    interrupted += 1
+  return study, interrupted
+
+
+def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+  return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def same_point(study: optuna.Study, space: SearchSpace, params: Mapping[str, Any]):
+  """A COMPLETE, not timed-out trial that ran exactly ``params`` (decoding is deterministic, so
+  its result stands for a repeat), or None."""
+  key = _point_key(space.snap(params))
+  for t in complete_trials(study):
+    if not t.user_attrs.get("timed_out") and _point_key(space.snap(t.params)) == key:
+      return t
+  return None
+
+
+def pending_trials(study: optuna.Study, space: SearchSpace, n_trials: int) -> int:
+  """How many trials to run so the study has ``n_trials`` complete ones.
+
+  A grid study runs each point lacking a COMPLETE trial (at most ``n_trials`` in all).
+  """
+  complete = complete_trials(study)
+  budget = max(0, n_trials - len(complete))
+  if space.sampler != "grid":
+    return budget
+  done = {_point_key(space.snap(t.params)) for t in complete}
+  missing = [p for p in space.grid_points() if _point_key(p) not in done]
+  return min(len(missing), budget)
+
+
+def _point_key(params: Mapping[str, Any]) -> tuple:
+  return tuple(sorted(params.items()))
+
+
+def enqueue_defaults(study: optuna.Study, space: SearchSpace) -> bool:
+  """Queues the config's own decode values as the next trial unless a trial already ran (or
+  waits to run) them. Returns whether it queued them."""
+  if space.defaults is None:
+    return False
+  for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING)):
+    if t.user_attrs.get("defaults"):
+      return False
+  study.enqueue_trial(dict(space.defaults), user_attrs={"defaults": True})
+  return True

@@ -1,0 +1,558 @@
+"""Decoder tuning on cached affinities: the library behind ``python -m jaxseg.tune``.
+
+Owns :func:`tune` (an Optuna study per decoder that resumes after a kill), :func:`tune_test`
+(the best parameters applied to the test volumes) and :func:`load_best_params`.
+
+Layout under the workdir::
+
+  tune/<decoder>/study.db           the SQLite study (resumable; fingerprinted)
+  tune/<decoder>/best_params.json   params (decode keys), best value / threshold, objective, ...
+  tune/<decoder>/trials.csv         one row per trial
+  tune/<decoder>/objective.png      objective per trial, best so far
+  tune/<decoder>/tune.json          the run summary
+  tune/<decoder>/config.json        the resolved config
+  tune/<decoder>/test/<name>/       tune-test: segmentation(s), decode.json, metrics.json
+  predictions/<key>/                the affinity cache (:mod:`jaxseg.tuning.cache`)
+
+Trials only decode and score (:mod:`jaxseg.tuning.trials`, in a child process with a timeout);
+affinities are predicted once per checkpoint and input. JAX is imported only when a prediction is
+missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from absl import logging
+from optuna import logging as optuna_logging
+
+from jaxseg.common import config_util
+from jaxseg.common.files import atomic_output, write_json
+from jaxseg.decoding.settings import decode_settings
+from jaxseg.tuning import cache, scoring, search
+from jaxseg.tuning import plot as plot_lib
+from jaxseg.tuning import trials as trials_lib
+
+BEST_PARAMS = "best_params.json"
+STUDY_DB = "study.db"
+TRIALS_CSV = "trials.csv"
+PLOT = "objective.png"
+SUMMARY = "tune.json"
+# trials.csv columns after the value and the parameters.
+_CSV_EXTRA = (
+  "threshold",
+  "seconds",
+  "timed_out",
+  "defaults",
+  "repeat_of",
+  "interrupted",
+  "error",
+)
+# Files a fresh study replaces (``overwrite``); ``test/`` is redone by tune_test when stale.
+_OUTPUTS = (STUDY_DB, BEST_PARAMS, TRIALS_CSV, PLOT, SUMMARY)
+
+TEST_SPLIT_REFUSAL = (
+  "config.tune.split is 'test': tuning on the test volumes fits the decoder to the data it is "
+  "scored on, so the test score no longer measures generalisation (PyTC tunes SNEMI3D this way). "
+  "Tune on 'val' (e.g. SNEMI's data.val_sections), or set config.tune.force_test / pass "
+  "--force_test to do it anyway"
+)
+
+
+def tune_folder(workdir: str, decoder: str) -> str:
+  return os.path.join(workdir, "tune", decoder)
+
+
+def predictions_root(workdir: str) -> str:
+  return os.path.join(workdir, "predictions")
+
+
+def load_best_params(workdir: str, decoder: str) -> dict | None:
+  """The saved ``best_params.json`` of a decoder's tuning, or None when it was not tuned.
+
+  Raises:
+    ValueError: the file exists but is not valid JSON (names it).
+  """
+  path = os.path.join(tune_folder(workdir, decoder), BEST_PARAMS)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: unreadable ({e}); delete it to tune again") from e
+
+
+def _check_split(split: str, force_test: bool) -> None:
+  if split == "test" and not force_test:
+    raise ValueError(TEST_SPLIT_REFUSAL)
+
+
+def _checkpoint_fingerprint(ingredients: Mapping[str, Any]) -> dict:
+  return {k: ingredients[k] for k in ("checkpoint_dir", "steps", "step", "use_ema")}
+
+
+def study_fingerprint(config, space: search.SearchSpace, key: str, split: str) -> dict:
+  """What a study's trials depend on: search space, cached affinities, decode and scoring.
+
+  The decode part is ``config.decode``'s fingerprint without the tuned keys; the trial budget
+  and the TPE settings are not part of it (a study may be extended).
+  """
+  decode = decode_settings(scoring.decoder_config(config, space.decoder)).fingerprint()
+  for k in ("thresholds", "merge_function", "aff_threshold", "affinity_mask_path"):
+    decode.pop(k, None)
+  qc = config_util.config_to_dict(config.qc) if config.qc.get("enabled", False) else None
+  return json.loads(
+    json.dumps(
+      {
+        "space": space.fingerprint(),
+        "split": split,
+        "cache_key": key,
+        "decode": decode,
+        "eval": scoring.eval_settings(config),
+        "qc": qc,
+      }
+    )
+  )
+
+
+def trial_setup(
+  config, space: search.SearchSpace, cached: Sequence[cache.CachedAffinities], split: str
+) -> dict:
+  """What the trial worker loads (:func:`jaxseg.tuning.trials.load_state`)."""
+  decode = config_util.config_to_dict(config.decode)
+  decode["method"] = space.decoder
+  if space.decoder == "waterz":
+    decode["thresholds"] = list(space.thresholds)
+  user_mask = decode.get("affinity_mask_path") or None
+  decode["affinity_mask_path"] = ""  # masks travel per volume
+  return {
+    "data": config_util.config_to_dict(config.data),
+    "split": split,
+    "volumes": [
+      {"name": c.name, "affinities": c.affinities, "mask": c.mask or user_mask} for c in cached
+    ],
+    "decode": decode,
+    "eval": scoring.eval_settings(config),
+    "objective": space.objective,
+  }
+
+
+def _check_ground_truth(cached: Sequence[cache.CachedAffinities], objective: str) -> None:
+  kind = scoring.needs(objective)
+  if kind == "skeleton":
+    missing = [c.name for c in cached if c.volume.skeleton is None]
+  else:
+    missing = [c.name for c in cached if c.volume.labels is None]
+  if missing:
+    what = "skeleton.pkl" if kind == "skeleton" else "dense labels"
+    raise ValueError(
+      f"objective {objective!r} needs {what}, which volume(s) {missing} lack; pick another "
+      "config.tune.<decoder>.objective"
+    )
+
+
+def _format_params(params: Mapping[str, Any]) -> str:
+  return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _duration(seconds: float) -> str:
+  seconds = round(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def tune(
+  config,
+  workdir: str,
+  *,
+  checkpoint: str,
+  decoder: str | None = None,
+  force_test: bool | None = None,
+  n_trials: int | None = None,
+  show_progress: bool = True,
+  overwrite: bool = False,
+) -> dict:
+  """Tunes one decoder on the ``config.tune.split`` volumes; resumes a killed study.
+
+  Args:
+    config: the run config (``tune``, ``decode``, ``eval``, ``data``, ``infer``, ``run``,
+      ``qc``, ``seed``).
+    workdir: the run folder (outputs in ``tune/<decoder>``, affinities in ``predictions``).
+    checkpoint: the training workdir or its ``checkpoints`` folder (for predicting).
+    decoder: ``cc`` or ``waterz`` (default ``config.decode.method``).
+    force_test: allow ``tune.split == "test"`` (default ``config.tune.force_test``).
+    n_trials: complete trials the study should have (default: the grid size, or
+      ``tune.<decoder>.n_trials`` for TPE); a finished study asked for more continues.
+    show_progress: one line per trial (value, parameters, best so far, rate, ETA), progress
+      bars while predicting.
+    overwrite: discard an existing study of other settings (and its outputs) and start again.
+
+  Returns:
+    ``decoder``, ``best_params`` (decode keys, for :func:`scoring.decoder_config`),
+    ``best_value``, ``best_threshold``, ``objective``, ``direction``, ``n_complete``,
+    ``n_trials``, ``study`` (the ``study.db`` path), ``best_params_path``, ``plot``,
+    ``trials_csv``, ``summary_path``, ``skipped`` (True when a finished study was found and
+    nothing ran), ``trials_run``, ``interrupted`` (trials a killed run left, now rerun),
+    ``timed_out``, ``seconds``.
+
+  Raises:
+    ValueError: bad settings, the test split without ``force_test``, a study of other settings,
+      ground truth the objective needs is missing, or no trial scored a finite value.
+    trials.TrialError: a trial raised (the trial is recorded as FAIL with the traceback).
+  """
+  start = time.perf_counter()
+  decoder = scoring.check_decoder(decoder or str(config.decode.method))
+  split = str(config.tune.split)
+  _check_split(split, bool(config.tune.force_test) if force_test is None else bool(force_test))
+  space = search.search_space(config, decoder)
+  target = space.n_trials if n_trials is None else int(n_trials)
+  if space.sampler == "grid":
+    target = min(target, space.grid_size)
+  if target < 1:
+    raise ValueError(f"n_trials must be >= 1, not {target}")
+  folder = tune_folder(workdir, decoder)
+  if overwrite:
+    for name in _OUTPUTS:
+      if os.path.exists(os.path.join(folder, name)):
+        os.remove(os.path.join(folder, name))
+  key, ingredients = cache.cache_key(config, checkpoint, split)
+  fingerprint = study_fingerprint(config, space, key, split)
+
+  best = load_best_params(workdir, decoder)
+  if (
+    best is not None
+    and not config_util.fingerprint_differences(best.get("fingerprint"), fingerprint)
+    and int(best.get("n_complete", 0)) >= target
+  ):
+    return _finished_result(folder, best, start)
+
+  cached = cache.cached_predictions(
+    config, checkpoint, split, predictions_root(workdir), show_progress=show_progress
+  )
+  _check_ground_truth(cached, space.objective)
+  os.makedirs(folder, exist_ok=True)
+  config_util.save_config(config, folder)
+  optuna_logging.set_verbosity(optuna_logging.WARNING)  # the trial lines below replace its own
+  study, interrupted = search.open_study(
+    os.path.join(folder, STUDY_DB), f"jaxseg-{decoder}", space, fingerprint, int(config.seed)
+  )
+  if space.sampler == "tpe":
+    search.enqueue_defaults(study, space)
+  todo = search.pending_trials(study, space, target)
+  n_done = len(search.complete_trials(study))
+  say = print if show_progress else logging.info
+  say(
+    f"tune {decoder} on {split} ({', '.join(c.name for c in cached)}): {space.objective} "
+    f"({space.direction}), {space.sampler} sampler; {n_done} of {target} trials done"
+    + (f", {interrupted} interrupted (rerun)" if interrupted else "")
+    + f", {todo} to run"
+  )
+  run = _run_trials(config, study, space, cached, split, todo, say) if todo else {}
+  outputs = write_outputs(study, space, folder, fingerprint, _checkpoint_fingerprint(ingredients))
+  summary = {
+    **outputs,
+    "split": split,
+    "volumes": [c.name for c in cached],
+    "predictions": os.path.join(predictions_root(workdir), key),
+    "cache_key": key,
+    "n_trials": target,
+    "trials_run": run.get("trials_run", 0),
+    "timed_out": run.get("timed_out", 0),
+    "interrupted": interrupted,
+    "trial_seconds": run.get("seconds", 0.0),
+    "worker_restarts": run.get("restarts", 0),
+    "seconds": round(time.perf_counter() - start, 3),
+    "skipped": False,
+  }
+  write_json(os.path.join(folder, SUMMARY), scoring.json_ready(summary))
+  say(
+    f"tune {decoder}: best {space.objective} {summary['best_value']:.4f} with "
+    f"{_format_params(summary['best_params'])} (trial {summary['best_trial']}); "
+    f"{summary['n_complete']} trials; {summary['best_params_path']}"
+  )
+  return summary
+
+
+def _finished_result(folder: str, best: Mapping[str, Any], start: float) -> dict:
+  """The result of a finished study, from its files (nothing is opened or run)."""
+  path = os.path.join(folder, SUMMARY)
+  summary = {}
+  if os.path.exists(path):  # missing only if a run was killed between the two writes
+    with open(path) as f:
+      summary = json.load(f)
+  return {
+    **summary,
+    "decoder": best["decoder"],
+    "best_params": best["params"],
+    **{k: best[k] for k in ("best_value", "best_threshold", "best_trial", "objective")},
+    **{k: best[k] for k in ("direction", "n_complete")},
+    "study": os.path.join(folder, STUDY_DB),
+    "best_params_path": os.path.join(folder, BEST_PARAMS),
+    "plot": os.path.join(folder, PLOT),
+    "trials_csv": os.path.join(folder, TRIALS_CSV),
+    "summary_path": path,
+    "trials_run": 0,
+    "timed_out": 0,
+    "interrupted": 0,
+    "seconds": round(time.perf_counter() - start, 3),
+    "skipped": True,
+  }
+
+
+def _decode_params(params: Mapping[str, Any]) -> dict:
+  """The trial's decode keys (waterz thresholds are in the worker's base settings)."""
+  return {k: (v if isinstance(v, str) else float(v)) for k, v in params.items()}
+
+
+def _earlier_result(trial) -> dict:
+  """A repeated point's result, from the trial that ran it."""
+  return {
+    "value": trial.value,
+    "threshold": trial.user_attrs.get("threshold"),
+    "per_volume": trial.user_attrs.get("per_volume", {}),
+    "thresholds": trial.user_attrs.get("thresholds", []),
+    "seconds": 0.0,
+  }
+
+
+def _run_trials(config, study, space, cached, split, todo: int, say) -> dict:
+  """Asks, runs and tells ``todo`` trials with one worker process; one line per trial."""
+  from optuna.trial import TrialState
+
+  distributions = space.distributions()
+  worst = scoring.worst_value(space.direction)
+  timeout = float(config.tune.trial_timeout_s)
+  complete = search.complete_trials(study)
+  finite = [{"value": t.value, "number": t.number} for t in complete if math.isfinite(t.value)]
+  best = _best_of(finite, space.direction) if finite else None
+  best = (best["value"], best["number"]) if best else None
+  n_before = len(complete)
+  timed_out = 0
+  started = time.perf_counter()
+  setup = trial_setup(config, space, cached, split)
+  with trials_lib.TrialWorker(setup, timeout) as worker:
+    for i in range(todo):
+      with warnings.catch_warnings():
+        # The config's defaults (trial 0 of TPE) may lie between grid steps (0.999): intended.
+        warnings.filterwarnings("ignore", message="Fixed parameter", category=UserWarning)
+        trial = study.ask(distributions)
+      params = space.snap(trial.params)
+      t0 = time.perf_counter()
+      # TPE on a small discrete space repeats itself: a repeat takes the earlier result.
+      same = search.same_point(study, space, params) if space.sampler != "grid" else None
+      try:
+        result = _earlier_result(same) if same else worker.run(_decode_params(params))
+      except trials_lib.TrialTimeout:
+        result = None
+      except trials_lib.TrialError as e:
+        trial.set_user_attr("error", f"{e}\n{e.details}"[-4000:])
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+      except BaseException:  # Ctrl-C: the point is rerun next time
+        trial.set_user_attr("interrupted", True)
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+      # Decode and score time in the worker; a timed-out trial's wall time (with any restart).
+      seconds = result["seconds"] if result is not None else time.perf_counter() - t0
+      trial.set_user_attr("seconds", round(seconds, 3))
+      if same:
+        trial.set_user_attr("repeat_of", same.number)
+      if result is None:
+        timed_out += 1
+        value = worst
+        trial.set_user_attr("timed_out", True)
+      else:
+        value = result["value"]
+        if not math.isfinite(value):
+          value = worst
+        trial.set_user_attr("threshold", result["threshold"])
+        trial.set_user_attr("per_volume", scoring.json_ready(result["per_volume"]))
+        if space.decoder == "waterz":
+          trial.set_user_attr("thresholds", result["thresholds"])
+      study.tell(trial, value)
+      if math.isfinite(value) and (best is None or scoring.better(value, best[0], space.direction)):
+        best = (value, trial.number)
+      elapsed = time.perf_counter() - started
+      rate = elapsed / (i + 1)
+      shown = dict(params)
+      if result is not None and space.decoder == "waterz":
+        shown["threshold"] = result["threshold"]
+      say(
+        f"  trial {trial.number} ({n_before + i + 1}/{n_before + todo}): "
+        + (f"timed out after {timeout:g} s" if result is None else f"{space.objective}={value:.4f}")
+        + f" [{_format_params(shown)}]"
+        + (f" (repeat of trial {same.number})" if same else "")
+        + (f" | best {best[0]:.4f} (trial {best[1]})" if best else "")
+        + f" | {rate:.1f} s/trial, ETA {_duration(rate * (todo - i - 1))}"
+      )
+    restarts = worker.starts - 1
+  return {
+    "trials_run": todo,
+    "timed_out": timed_out,
+    "restarts": restarts,
+    "seconds": round(time.perf_counter() - started, 3),
+  }
+
+
+def _best_of(rows: Sequence[Mapping[str, Any]], direction: str) -> Mapping[str, Any]:
+  """The best row by ``value``; among equal values the earliest trial (the first to find it)."""
+  sign = -1.0 if direction == "maximize" else 1.0
+  return min(rows, key=lambda r: (sign * r["value"], r["number"]))
+
+
+def _trial_rows(study, space: search.SearchSpace) -> list[dict]:
+  rows = []
+  for t in study.get_trials(deepcopy=False):
+    if t.state.name in ("WAITING", "RUNNING"):
+      continue
+    rows.append(
+      {
+        "number": t.number,
+        "state": t.state.name,
+        "value": t.value,
+        "params": space.snap(t.params),
+        "threshold": t.user_attrs.get("threshold", t.params.get("threshold")),
+        "seconds": t.user_attrs.get("seconds"),
+        "timed_out": bool(t.user_attrs.get("timed_out", False)),
+        "defaults": bool(t.user_attrs.get("defaults", False)),
+        "repeat_of": t.user_attrs.get("repeat_of", ""),
+        "interrupted": bool(t.user_attrs.get("interrupted", False)),
+        "error": str(t.user_attrs.get("error", "")).split("\n", 1)[0],
+      }
+    )
+  return rows
+
+
+def _best_params(space: search.SearchSpace, row: Mapping[str, Any]) -> dict:
+  if space.decoder == "cc":
+    return {"threshold": row["params"]["threshold"]}
+  return {
+    "merge_function": row["params"]["merge_function"],
+    "aff_threshold_low": row["params"]["aff_threshold_low"],
+    "aff_threshold_high": row["params"]["aff_threshold_high"],
+    "thresholds": [row["threshold"]],
+  }
+
+
+def write_outputs(
+  study, space: search.SearchSpace, folder: str, fingerprint: Mapping, checkpoint: Mapping
+) -> dict:
+  """Writes ``trials.csv``, ``objective.png`` and ``best_params.json`` from the study.
+
+  Raises:
+    ValueError: no trial scored a finite value (every one timed out).
+  """
+  rows = _trial_rows(study, space)
+  csv_path = os.path.join(folder, TRIALS_CSV)
+  names = list(space.choices)
+  extra = [k for k in _CSV_EXTRA if k not in names]  # cc: the threshold is the parameter
+  columns = ["number", "state", "value", *names, *extra]
+  with atomic_output(csv_path) as tmp, open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    for r in rows:
+      value = "" if r["value"] is None else repr(float(r["value"]))
+      row = {"number": r["number"], "state": r["state"], "value": value, **r["params"]}
+      writer.writerow({**row, **{k: r[k] for k in extra}})
+  plot = os.path.join(folder, PLOT)
+  plot_lib.plot_trials(
+    rows, plot, decoder=space.decoder, objective=space.objective, direction=space.direction
+  )
+  scored = [r for r in rows if r["state"] == "COMPLETE" and math.isfinite(r["value"])]
+  n_complete = sum(r["state"] == "COMPLETE" for r in rows)
+  if not scored:
+    raise ValueError(
+      f"{folder}: no trial of {n_complete} scored a finite {space.objective} (all timed out?); "
+      "raise config.tune.trial_timeout_s"
+    )
+  best_row = _best_of(scored, space.direction)
+  best = {
+    "decoder": space.decoder,
+    "params": _best_params(space, best_row),
+    "best_value": float(best_row["value"]),
+    "best_threshold": best_row["threshold"],
+    "best_trial": best_row["number"],
+    "objective": space.objective,
+    "direction": space.direction,
+    "n_complete": n_complete,
+    "n_timed_out": sum(r["timed_out"] for r in rows),
+    "n_failed": sum(r["state"] == "FAIL" for r in rows),
+    "checkpoint": dict(checkpoint),
+    "fingerprint": dict(fingerprint),
+  }
+  best_path = os.path.join(folder, BEST_PARAMS)
+  write_json(best_path, scoring.json_ready(best))
+  return {
+    "decoder": space.decoder,
+    "best_params": best["params"],
+    "best_value": best["best_value"],
+    "best_threshold": best["best_threshold"],
+    "best_trial": best["best_trial"],
+    "objective": space.objective,
+    "direction": space.direction,
+    "n_complete": n_complete,
+    "study": os.path.join(folder, STUDY_DB),
+    "best_params_path": best_path,
+    "plot": plot,
+    "trials_csv": csv_path,
+    "summary_path": os.path.join(folder, SUMMARY),
+  }
+
+
+def tune_test(
+  config,
+  workdir: str,
+  *,
+  checkpoint: str,
+  decoder: str | None = None,
+  show_progress: bool = True,
+) -> list[dict]:
+  """Decodes and scores the test volumes with the tuned parameters.
+
+  Outputs go to ``workdir/tune/<decoder>/test/<name>`` (a decode made with older best
+  parameters is replaced).
+
+  Returns:
+    One :func:`scoring.decode_and_evaluate` result per test volume, plus ``params``.
+
+  Raises:
+    FileNotFoundError: the decoder was not tuned yet.
+  """
+  decoder = scoring.check_decoder(decoder or str(config.decode.method))
+  best = load_best_params(workdir, decoder)
+  folder = tune_folder(workdir, decoder)
+  if best is None:
+    raise FileNotFoundError(
+      f"{os.path.join(folder, BEST_PARAMS)}: not tuned yet; run python -m jaxseg.tune "
+      f"--mode=tune --decoder={decoder} (or jaxseg.run --mode=tune) first"
+    )
+  tuned = scoring.decoder_config(config, decoder, best["params"])
+  _, ingredients = cache.cache_key(tuned, checkpoint, "test")
+  saved = best.get("checkpoint")
+  if saved and config_util.fingerprint_differences(saved, _checkpoint_fingerprint(ingredients)):
+    logging.warning(
+      "%s: tuned with another checkpoint (%s); its parameters may not suit this one",
+      os.path.join(folder, BEST_PARAMS),
+      "; ".join(config_util.fingerprint_differences(saved, _checkpoint_fingerprint(ingredients))),
+    )
+  cached = cache.cached_predictions(
+    tuned, checkpoint, "test", predictions_root(workdir), show_progress=show_progress
+  )
+  results = []
+  for c in cached:
+    result = scoring.decode_and_evaluate(
+      tuned,
+      c,
+      os.path.join(folder, "test", c.name),
+      overwrite=True,  # the folder belongs to the tuner: older best parameters are replaced
+      show_progress=show_progress,
+    )
+    results.append({**result, "params": best["params"]})
+  return results

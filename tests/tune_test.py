@@ -1,0 +1,467 @@
+"""Tests for jaxseg.tuning and ``python -m jaxseg.tune``: cache, resumable studies, trial worker.
+
+No training and no JAX: tiny generated cubes (16 x 32 x 32, NISB layout, with skeletons) get
+affinities made from their labels plus noise, written where ``jaxseg.predict`` would write them
+with a ``_predict.json`` that says ``complete``, so the cache finds them.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from jaxseg.common.config_util import load_config
+from jaxseg.common.files import write_json
+from jaxseg.io import create_zarr, open_volume
+from jaxseg.io.datasets import dataset_volumes
+from jaxseg.synthesis import generate_cube, resolve_config, write_cube
+from jaxseg.tuning import cache, scoring, search, trials, tune_lib
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "demo.py")
+SHAPE = (16, 32, 32)
+GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  """A val and a test cube in the NISB layout."""
+  root = tmp_path_factory.mktemp("data")
+  params = resolve_config(load_config(DEMO, {"data.synth.shape": SHAPE}).data.synth)
+  for split, seed in (("val", 100), ("test", 101)):
+    img, seg, graph = generate_cube(params, seed)
+    write_cube(
+      str(root / split / f"seed{seed}"), img, seg, graph, params.resolution, chunks=SHAPE,
+      preview=False,
+    )  # fmt: skip
+  return root
+
+
+def make_config(root, **overrides):
+  values = {
+    "data.root": str(root),
+    "qc.enabled": False,
+    "tune.cc.threshold_grid": (0.3, 0.7, 0.1),
+    "tune.trial_timeout_s": 60.0,
+    "tune.waterz.n_trials": 4,
+    "tune.waterz.n_startup_trials": 2,
+    "tune.waterz.merge_functions": ("aff50_his256", "aff85_his256"),
+    "tune.waterz.aff_threshold_low": (0.0, 0.2, 0.1),
+    "tune.waterz.aff_threshold_high": (0.8, 1.0, 0.1),
+    "tune.waterz.thresholds": (0.3, 0.6),
+  }
+  values.update({k.replace("__", "."): v for k, v in overrides.items()})
+  return load_config(DEMO, values)
+
+
+def make_checkpoint(path, steps=(100, 200)):
+  for step in steps:
+    os.makedirs(os.path.join(path, "checkpoints", str(step)), exist_ok=True)
+  return str(path)
+
+
+def affinities_from_labels(seg, rng, noise=0.1):
+  """``[3, z, y, x]`` float16 x, y, z edges (source convention) of ``seg``, blurred by noise."""
+  aff = np.zeros((3, *seg.shape), np.float32)
+  for channel, axis in enumerate((2, 1, 0)):  # channels 0, 1, 2 = +x, +y, +z (banis6)
+    here = [slice(None)] * 3
+    there = [slice(None)] * 3
+    here[axis], there[axis] = slice(0, -1), slice(1, None)
+    a, b = seg[tuple(here)], seg[tuple(there)]
+    aff[(channel, *here)] = (a == b) & (a > 0)
+  aff = 0.15 + 0.7 * aff + rng.normal(0, noise, aff.shape)
+  return np.clip(aff, 0, 1).astype(np.float16)
+
+
+def write_predictions(config, checkpoint, split, cache_root, seed=0):
+  """What ``jaxseg.predict`` leaves in the cache folder, without a model."""
+  key, _ = cache.cache_key(config, checkpoint, split)
+  out = os.path.join(cache_root, key)
+  rng = np.random.default_rng(seed)
+  for v in dataset_volumes(config.data, split):
+    seg = v.labels.read()
+    array = create_zarr(
+      os.path.join(out, f"{v.name}.zarr", "affinities"),
+      (3, *seg.shape),
+      np.float16,
+      resolution=v.image.resolution,
+      attributes={
+        "offsets": [[0, 0, 1], [0, 1, 0], [1, 0, 0]],
+        "convention": "source",
+        "channels": [0, 1, 2],
+      },
+      overwrite=True,
+    )
+    array.write((0, 0, 0, 0), affinities_from_labels(seg, rng)).result()
+    write_json(os.path.join(out, f"{v.name}_predict.json"), {"name": v.name, "complete": True})
+  return out
+
+
+class FakePredict:
+  """Stands in for ``jaxseg.inference.predict_lib`` (which imports JAX)."""
+
+  def __init__(self):
+    self.calls = []
+    self.error = None
+
+  def module(self):
+    module = types.ModuleType("jaxseg.inference.predict_lib")
+    module.predict = self.predict
+    return module
+
+  def predict(self, config, checkpoint, inputs, output_dir, *, step, use_ema, show_progress):
+    if self.error:
+      raise self.error
+    self.calls.append({"inputs": inputs, "output_dir": output_dir, "step": step, "ema": use_ema})
+    split = inputs[0].split(":")[1]
+    write_predictions(config, checkpoint, split, os.path.dirname(output_dir))
+    return []
+
+
+@pytest.fixture
+def fake_predict(monkeypatch):
+  fake = FakePredict()
+  monkeypatch.setitem(sys.modules, "jaxseg.inference.predict_lib", fake.module())
+  return fake
+
+
+def test_grid_values_are_inclusive_and_exact():
+  grid = search.grid_values((0.50, 0.90, 0.02), "g")
+  assert len(grid) == 21 and grid[0] == 0.5 and grid[-1] == 0.9
+  assert 0.66 in grid and 0.7 in grid  # no 0.6600000000000001
+  assert search.grid_values((0.3, 0.8, 0.05), "g")[3] == 0.45
+  with pytest.raises(ValueError, match="step > 0"):
+    search.grid_values((0.5, 0.9, 0.0), "tune.cc.threshold_grid")
+
+
+def test_cache_predicts_once_then_reuses(data_root, tmp_path, fake_predict):
+  config = make_config(data_root)
+  ckpt = make_checkpoint(tmp_path / "run")
+  root = str(tmp_path / "predictions")
+  (first,) = cache.cached_predictions(config, ckpt, "val", root, show_progress=False)
+  assert not first.reused and first.name == "seed100" and first.mask is None
+  assert fake_predict.calls[0]["inputs"] == ["split:val"]
+  assert fake_predict.calls[0]["step"] == "best" and fake_predict.calls[0]["ema"] is True
+  assert os.path.isdir(first.affinities) and first.volume.labels is not None
+
+  fake_predict.error = AssertionError("predicted again")
+  (second,) = cache.cached_predictions(config, ckpt, "val", root, show_progress=False)
+  assert second.reused and second.affinities == first.affinities
+
+  # A new checkpoint is a new key: predicted again, into another folder.
+  fake_predict.error = None
+  make_checkpoint(tmp_path / "run", steps=(300,))
+  (third,) = cache.cached_predictions(config, ckpt, "val", root, show_progress=False)
+  assert not third.reused and len(fake_predict.calls) == 2
+  assert os.path.dirname(os.path.dirname(third.affinities)) != os.path.dirname(
+    os.path.dirname(first.affinities)
+  )
+
+
+def test_cache_runs_qc_and_hands_its_mask_on(data_root, tmp_path, fake_predict):
+  config = make_config(data_root, qc__enabled=True)
+  ckpt = make_checkpoint(tmp_path / "run")
+  (cached,) = cache.cached_predictions(
+    config, ckpt, "val", str(tmp_path / "p"), show_progress=False
+  )
+  assert cached.mask is not None and os.path.isdir(cached.mask)
+  # The last section's +z edges have no partner (0.15 + noise): QC finds it and masks it out.
+  assert cached.qc["low_z"] == 0 and cached.qc["high_z"] == SHAPE[0] - 1
+  mask = open_volume(cached.mask).read()
+  ring = config.qc.border_width  # dark image pixels in the XY ring are dropped too
+  assert mask[:-1, ring:-ring, ring:-ring].all() and not mask[-1].any()
+  space = search.search_space(config, "cc")
+  setup = tune_lib.trial_setup(config, space, [cached], "val")
+  assert setup["volumes"][0]["mask"] == cached.mask
+
+
+@pytest.fixture(scope="module")
+def cc_run(data_root, tmp_path_factory):
+  """A cc grid study stopped after 2 trials, then killed with a trial RUNNING, then resumed."""
+  workdir = str(tmp_path_factory.mktemp("cc_run"))
+  config = make_config(data_root)
+  ckpt = make_checkpoint(workdir)
+  write_predictions(config, ckpt, "val", os.path.join(workdir, "predictions"))
+  write_predictions(config, ckpt, "test", os.path.join(workdir, "predictions"))
+  first = tune_lib.tune(config, workdir, checkpoint=ckpt, decoder="cc", n_trials=2,
+                        show_progress=False)  # fmt: skip
+  # A job killed mid-trial leaves a RUNNING trial holding the next grid point.
+  space = search.search_space(config, "cc")
+  study = optuna.load_study(
+    study_name="jaxseg-cc",
+    storage=f"sqlite:///{workdir}/tune/cc/study.db",
+    sampler=search.make_sampler(space, config.seed),
+  )
+  running = study.ask(space.distributions())
+  second = tune_lib.tune(config, workdir, checkpoint=ckpt, decoder="cc", show_progress=False)
+  return {
+    "workdir": workdir,
+    "config": config,
+    "ckpt": ckpt,
+    "first": first,
+    "first_trials": [(t.number, t.params["threshold"], t.value) for t in study.trials[:2]],
+    "running": (running.number, running.params["threshold"]),
+    "second": second,
+  }
+
+
+def test_grid_study_resumes_without_redoing_finished_trials(cc_run):
+  assert cc_run["first"]["n_complete"] == 2 and not cc_run["first"]["skipped"]
+  second = cc_run["second"]
+  assert second["interrupted"] == 1 and second["trials_run"] == len(GRID) - 2
+  study = optuna.load_study(
+    study_name="jaxseg-cc", storage=f"sqlite:///{cc_run['workdir']}/tune/cc/study.db"
+  )
+  complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+  # Every grid point exactly once: nothing finished was redone, the interrupted point was rerun.
+  assert sorted(t.params["threshold"] for t in complete) == list(GRID)
+  assert [(t.number, t.params["threshold"], t.value) for t in complete[:2]] == cc_run[
+    "first_trials"
+  ]
+  number, threshold = cc_run["running"]
+  killed = study.trials[number]
+  assert killed.state == optuna.trial.TrialState.FAIL and killed.user_attrs["interrupted"]
+  assert any(t.params["threshold"] == threshold and t.number > number for t in complete)
+  with open(second["best_params_path"]) as f:
+    best = json.load(f)
+  assert best["n_complete"] == len(GRID) and best["params"]["threshold"] in GRID
+  assert math.isclose(best["best_value"], max(t.value for t in complete))
+  assert os.path.exists(second["plot"]) and os.path.getsize(second["plot"]) > 1000
+  with open(second["trials_csv"]) as f:
+    assert len(f.read().strip().splitlines()) == 1 + len(study.trials)
+
+
+def test_finished_study_is_not_rerun(cc_run, monkeypatch):
+  def no_predictions(*args, **kwargs):
+    raise AssertionError("a finished study opened its predictions")
+
+  monkeypatch.setattr(cache, "cached_predictions", no_predictions)
+  result = tune_lib.tune(cc_run["config"], cc_run["workdir"], checkpoint=cc_run["ckpt"],
+                         decoder="cc", show_progress=False)  # fmt: skip
+  assert result["skipped"] and result["trials_run"] == 0
+  assert result["best_params"] == cc_run["second"]["best_params"]
+
+
+def test_study_of_other_settings_is_refused(cc_run):
+  config = cc_run["config"].copy_and_resolve_references()
+  config.eval.merge_threshold = 5
+  with pytest.raises(ValueError, match=r"eval\.merge_threshold: 1 -> 5"):
+    tune_lib.tune(config, cc_run["workdir"], checkpoint=cc_run["ckpt"], decoder="cc",
+                  show_progress=False)  # fmt: skip
+
+
+def test_tuned_params_beat_a_bad_default_on_the_test_volume(cc_run):
+  workdir, ckpt = cc_run["workdir"], cc_run["ckpt"]
+  bad = cc_run["config"].copy_and_resolve_references()
+  bad.decode.threshold = 0.97  # nearly every edge cut: thousands of fragments
+  (tuned,) = tune_lib.tune_test(bad, workdir, checkpoint=ckpt, decoder="cc", show_progress=False)
+  assert tuned["volume"] == "seed101" and not tuned["reused"]
+  row = tuned["results"][tuned["best"]]
+  assert row["threshold"] == cc_run["second"]["best_params"]["threshold"]
+  assert os.path.exists(os.path.join(workdir, "tune", "cc", "test", "seed101", "metrics.json"))
+  (cached,) = cache.cached_predictions(bad, ckpt, "test", os.path.join(workdir, "predictions"))
+  default = scoring.decode_and_evaluate(bad, cached, os.path.join(workdir, "bad"),
+                                        show_progress=False)  # fmt: skip
+  assert row["nerl"] > default["results"][0]["nerl"] + 0.3
+  assert row["adapted_rand"] < default["results"][0]["adapted_rand"] - 0.3
+  again = tune_lib.tune_test(bad, workdir, checkpoint=ckpt, decoder="cc", show_progress=False)
+  assert again[0]["reused"] and again[0]["results"] == tuned["results"]
+
+
+def test_tpe_samples_only_inside_the_space(data_root, tmp_path):
+  config = make_config(data_root)
+  ckpt = make_checkpoint(tmp_path)
+  write_predictions(config, ckpt, "val", str(tmp_path / "predictions"))
+  result = tune_lib.tune(config, str(tmp_path), checkpoint=ckpt, decoder="waterz",
+                         show_progress=False)  # fmt: skip
+  assert result["n_complete"] == 4 and result["objective"] == "adapted_rand"
+  study = optuna.load_study(
+    study_name="jaxseg-waterz", storage=f"sqlite:///{tmp_path}/tune/waterz/study.db"
+  )
+  trials_ = study.trials
+  # Trial 0 runs the config's own decode settings (0.999 lies between grid steps: kept as is).
+  assert trials_[0].user_attrs["defaults"]
+  assert trials_[0].params == {
+    "merge_function": "aff85_his256", "aff_threshold_low": 0.1, "aff_threshold_high": 0.999
+  }  # fmt: skip
+  for t in trials_[1:]:
+    assert t.params["merge_function"] in ("aff50_his256", "aff85_his256")
+    assert min(abs(t.params["aff_threshold_low"] - v) for v in (0.0, 0.1, 0.2)) < 1e-9
+    assert min(abs(t.params["aff_threshold_high"] - v) for v in (0.8, 0.9, 1.0)) < 1e-9
+  for i, t in enumerate(trials_):
+    earlier = [u for u in trials_[:i] if u.params == t.params]
+    if earlier:  # a repeated point is not decoded again
+      assert t.user_attrs["repeat_of"] == earlier[0].number and t.value == earlier[0].value
+    assert t.user_attrs["threshold"] in (0.3, 0.6)
+    assert [r["threshold"] for r in t.user_attrs["thresholds"]] == [0.3, 0.6]
+  best = result["best_params"]
+  assert set(best) == {"merge_function", "aff_threshold_low", "aff_threshold_high", "thresholds"}
+  assert best["thresholds"] == [result["best_threshold"]]
+  tuned = scoring.decoder_config(config, "waterz", best)
+  assert tuned.decode.method == "waterz" and tuned.decode.thresholds == tuple(best["thresholds"])
+
+
+class InProcessWorker:
+  """``TrialWorker`` without a child: runs trials here; threshold 0.5 "times out"."""
+
+  def __init__(self, setup, timeout_s):
+    self.state = trials.load_state(setup)
+    self.starts = 1
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    pass
+
+  def run(self, params):
+    if params.get("threshold") == 0.5:
+      raise trials.TrialTimeout("a trial took longer than 60 s")
+    return trials.run_trial(self.state, params)
+
+
+def test_timed_out_trial_scores_worst_and_is_not_rerun(data_root, tmp_path, monkeypatch):
+  monkeypatch.setattr(tune_lib.trials_lib, "TrialWorker", InProcessWorker)
+  config = make_config(data_root)
+  ckpt = make_checkpoint(tmp_path)
+  write_predictions(config, ckpt, "val", str(tmp_path / "predictions"))
+  result = tune_lib.tune(config, str(tmp_path), checkpoint=ckpt, decoder="cc",
+                         show_progress=False)  # fmt: skip
+  assert result["timed_out"] == 1 and result["n_complete"] == len(GRID)
+  assert result["best_params"]["threshold"] != 0.5 and math.isfinite(result["best_value"])
+  study = optuna.load_study(
+    study_name="jaxseg-cc", storage=f"sqlite:///{tmp_path}/tune/cc/study.db"
+  )
+  (slow,) = [t for t in study.trials if t.params["threshold"] == 0.5]
+  assert slow.state == optuna.trial.TrialState.COMPLETE and slow.value == -math.inf  # NERL: max
+  assert slow.user_attrs["timed_out"]
+  again = tune_lib.tune(config, str(tmp_path), checkpoint=ckpt, decoder="cc", show_progress=False)
+  assert again["skipped"] and len(study.trials) == len(GRID)
+
+
+def _load_nothing(setup):
+  return {"pid": os.getpid()}
+
+
+def _sleepy_trial(state, params):
+  if params.get("fail"):
+    raise ValueError("bad params")
+  time.sleep(params.get("sleep", 0.0))
+  return {"pid": state["pid"]}
+
+
+def test_trial_worker_kills_a_slow_trial_and_restarts():
+  with trials.TrialWorker({}, timeout_s=1.5, load=_load_nothing, trial=_sleepy_trial) as worker:
+    first = worker.run({})["pid"]
+    assert first != os.getpid()
+    with pytest.raises(trials.TrialError, match="ValueError: bad params") as error:
+      worker.run({"fail": True})
+    assert "_sleepy_trial" in error.value.details
+    assert worker.run({})["pid"] == first  # an error does not cost the worker
+    start = time.monotonic()
+    with pytest.raises(trials.TrialTimeout):
+      worker.run({"sleep": 60})
+    assert time.monotonic() - start < 10 and not worker.alive
+    assert worker.run({})["pid"] != first and worker.starts == 2
+
+
+def _gone(pid):
+  """The process has exited (a zombie counts: nobody may be left to reap it here)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+  except FileNotFoundError:
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_the_tuner_ends_its_trial_process():
+  """A tuner killed with SIGKILL mid-trial leaves no process decoding on."""
+  script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import tune_test
+from jaxseg.tuning import trials
+worker = trials.TrialWorker({{}}, 600, load=tune_test._load_nothing, trial=tune_test._sleepy_trial)
+print(worker.run({{}})["pid"], flush=True)
+worker.run({{"sleep": 600}})
+"""
+  tuner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                           cwd=REPO)  # fmt: skip
+  child = int(tuner.stdout.readline())
+  time.sleep(0.3)  # the child is in its sleeping trial
+  assert not _gone(child)
+  tuner.kill()
+  tuner.wait()
+  deadline = time.monotonic() + 10
+  while not _gone(child) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert _gone(child)
+
+
+def test_refuses_the_test_split(data_root, tmp_path, fake_predict):
+  config = make_config(data_root, tune__split="test")
+  ckpt = make_checkpoint(tmp_path)
+  with pytest.raises(ValueError, match="force_test"):
+    tune_lib.tune(config, str(tmp_path), checkpoint=ckpt, decoder="cc", show_progress=False)
+  assert not fake_predict.calls and not os.path.exists(tmp_path / "tune")
+  # Forced, it goes on to predict the test volume.
+  fake_predict.error = RuntimeError("predicting split:test")
+  with pytest.raises(RuntimeError, match="predicting split:test"):
+    tune_lib.tune(config, str(tmp_path), checkpoint=ckpt, decoder="cc", force_test=True,
+                  show_progress=False)  # fmt: skip
+
+
+def test_decoder_config_applies_tuned_params(data_root):
+  config = make_config(data_root)
+  cc = scoring.decoder_config(config, "cc", {"threshold": 0.62})
+  assert cc.decode.method == "cc" and cc.decode.threshold == 0.62
+  wz = scoring.decoder_config(
+    config,
+    "waterz",
+    {"merge_function": "aff50_his256", "aff_threshold_high": 1.0, "threshold": 0.4},
+  )
+  assert wz.decode.method == "waterz" and wz.decode.thresholds == (0.4,)
+  assert wz.decode.merge_function == "aff50_his256" and wz.decode.aff_threshold_high == 1.0
+  assert config.decode.threshold == 0.5 and config.decode.merge_function == "aff85_his256"
+  with pytest.raises(ValueError, match="not cc parameters"):
+    scoring.decoder_config(config, "cc", {"merge_function": "aff50_his256"})
+
+
+def test_tuning_reuses_the_cache_without_importing_jax(cc_run):
+  """Trials and a complete cache need no JAX (a CPU-only or accelerator-free tuning job)."""
+  script = f"""
+import sys
+from jaxseg.common.config_util import load_config
+from jaxseg.tuning import cache, search, trials, tune_lib
+config = load_config({DEMO!r}, {{"data.root": {str(cc_run["config"].data.root)!r},
+                                "qc.enabled": False}})
+cached = cache.cached_predictions(config, {cc_run["ckpt"]!r}, "val",
+                                  {os.path.join(cc_run["workdir"], "predictions")!r})
+assert cached[0].reused
+space = search.search_space(config, "cc")
+state = trials.load_state(tune_lib.trial_setup(config, space, cached, "val"))
+print(trials.run_trial(state, {{"threshold": 0.5}})["value"] > 0.5, "jax" in sys.modules)
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ["True", "False"]
+
+
+def test_cli_says_what_is_wrong_in_one_line(data_root, tmp_path):
+  out = subprocess.run(
+    [sys.executable, "-m", "jaxseg.tune", f"--config={DEMO}", f"--workdir={tmp_path}",
+     "--mode=tune-test", f"--config.data.root={data_root}"],
+    capture_output=True, text=True, cwd=REPO,
+  )  # fmt: skip
+  assert out.returncode == 1
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and "not tuned yet" in lines[0] and "Traceback" not in out.stderr
