@@ -320,7 +320,10 @@ class TrialWorker:
       code = self._process.exitcode
       self.close()
       raise TrialError(
-        f"the trial process exited (code {code}) during {what}: out of memory, or killed?"
+        f"the trial process exited (code {code}) during {what}: out of memory, or killed? "
+        "(Its own error, if any, is printed above. A script that calls jaxseg.tuning must "
+        "guard its top level with `if __name__ == '__main__':`, since trials run in a spawned "
+        "process that imports the script.)"
       )
 
   def close(self) -> None:

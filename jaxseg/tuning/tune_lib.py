@@ -322,9 +322,25 @@ def _earlier_result(trial) -> dict:
   }
 
 
+def _mark_failed(study, trial, **attrs) -> None:
+  """Records why ``trial`` failed and marks it FAIL (its point reruns on resume).
+
+  Never raises for a trial that is already finished: the error that brought us here is the one
+  the user must see.
+  """
+  from optuna.exceptions import UpdateFinishedTrialError
+  from optuna.trial import TrialState
+
+  try:
+    for key, value in attrs.items():
+      trial.set_user_attr(key, value)
+    study.tell(trial, state=TrialState.FAIL)
+  except UpdateFinishedTrialError:
+    pass
+
+
 def _run_trials(config, study, space, cached, split, todo: int, say) -> dict:
   """Asks, runs and tells ``todo`` trials with one worker process; one line per trial."""
-  from optuna.trial import TrialState
 
   distributions = space.distributions()
   worst = scoring.worst_value(space.direction)
@@ -352,12 +368,10 @@ def _run_trials(config, study, space, cached, split, todo: int, say) -> dict:
       except trials_lib.TrialTimeout:
         result = None
       except trials_lib.TrialError as e:
-        trial.set_user_attr("error", f"{e}\n{e.details}"[-4000:])
-        study.tell(trial, state=TrialState.FAIL)
+        _mark_failed(study, trial, error=f"{e}\n{e.details}"[-4000:])
         raise
       except BaseException:  # Ctrl-C: the point is rerun next time
-        trial.set_user_attr("interrupted", True)
-        study.tell(trial, state=TrialState.FAIL)
+        _mark_failed(study, trial, interrupted=True)
         raise
       # Decode and score time in the worker; a timed-out trial's wall time (with any restart).
       seconds = result["seconds"] if result is not None else time.perf_counter() - t0

@@ -1,0 +1,88 @@
+r"""The whole chain: ``python -m jaxseg.run --config=configs/demo.py --workdir=DIR``.
+
+A thin entry point over :func:`jaxseg.workflow.chain.run_chain`. The default mode ``all``
+generates the data when the config describes generated data (``data.synth``) and ``data.root``
+lacks it, trains (resuming; skipped when the checkpoint of ``train.num_steps`` exists), predicts
+the test volumes (cached), decodes them with every decoder of ``run.decoders`` and scores them
+(adapted Rand, VOI, NERL) next to trivial baselines, tunes each decoder on the validation
+volumes, applies the tuned parameters to the test volumes and writes ``DIR/results/report.md``.
+Every stage reuses complete outputs, so a rerun continues. Examples::
+
+  python -m jaxseg.run --config=configs/demo.py --workdir=runs/demo
+  python -m jaxseg.run --config=configs/demo.py --workdir=runs/demo --mode=tune
+  python -m jaxseg.run --config=configs/demo.py --workdir=runs/demo --view
+
+Modes: ``all``, ``train`` (data + train), ``test`` (predict, decode, evaluate), ``tune``,
+``tune-test`` (tuned parameters on the test volumes), ``report`` (rewrite ``results/`` only).
+``--view`` then serves the volumes in Neuroglancer (``pip install neuroglancer``) until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from jaxseg.common import config_util, runtime
+
+_MODES = ("all", "train", "test", "tune", "tune-test", "report")
+
+_CONFIG = config_util.define_config_flag()
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "The run folder (all stages' outputs).", required=True
+)
+_MODE = flags.DEFINE_enum("mode", "all", list(_MODES), "Which stages to run.")
+_OVERWRITE = flags.DEFINE_bool(
+  "overwrite",
+  False,
+  "Let decodes and tuning studies replace outputs made with other settings (else they refuse).",
+)
+_FORCE_TEST = flags.DEFINE_bool(
+  "force_test", False, "Allow tuning on the test split (tune.split=test); leaks test data."
+)
+_VIEW = flags.DEFINE_bool(
+  "view", False, "Afterwards serve the volumes in Neuroglancer (needs the neuroglancer package)."
+)
+_VIEW_PORT = flags.DEFINE_integer("view_port", 8000, "Port of the --view file server (0 = any).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars inside the stages.")
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  runtime.quiet_libraries()
+  # Imported after flag parsing: --help stays fast; JAX loads only in stages that need it.
+  from jaxseg.workflow import chain
+
+  try:
+    result = chain.run_chain(
+      _CONFIG.value,
+      _WORKDIR.value,
+      mode=_MODE.value,
+      overwrite=_OVERWRITE.value,
+      force_test=True if _FORCE_TEST.value else None,
+      show_progress=_PROGRESS.value,
+    )
+  except (ValueError, FileNotFoundError, FileExistsError) as e:  # ChainError, VolumeError too
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  total = sum(s.seconds for s in result["stages"])
+  print(f"done in {total:.1f} s" + (f"; report: {result['report']}" if result["report"] else ""))
+  if _VIEW.value:
+    try:
+      chain.view(
+        chain.Chain(_CONFIG.value, _WORKDIR.value, show_progress=False), port=_VIEW_PORT.value
+      )
+    except (ImportError, chain.ChainError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+  return 0
+
+
+def run() -> None:
+  """Console-script entry point (``jaxseg-run``)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,672 @@
+"""The whole chain behind ``python -m jaxseg.run``: data, train, test, tune, tune-test, report.
+
+Owns the stages, the modes (which stages run) and the work-dir layout they share::
+
+  DIR/config.json, checkpoints/, metrics.jsonl, training_curves.png   train (jaxseg.training)
+  DIR/predictions/<key>/<name>.zarr, <name>_predict.json, <name>_qc/  affinity cache (+ QC)
+  DIR/test/<decoder>/<name>/segmentation*, decode.json, metrics.json  test: the config's decoder
+  DIR/test/baselines/<name>.json                                     trivial baselines, scored
+  DIR/tune/<decoder>/...                                             tune (jaxseg.tuning)
+  DIR/tune/<decoder>/test/<name>/...                                 tune-test: tuned on test
+  DIR/results/config.json, metrics.json, report.md, stages.json, previews/*.png,
+              neuroglancer.json, viewer/<name>_affinities.zarr        report
+
+Every stage reuses complete outputs (a finished training, cached affinities, finished decodes,
+finished studies), so a killed or repeated run continues where it stopped; each stage prints one
+line with what it did or reused and its time. JAX is imported only by the stages that train or
+predict, and only when they have work to do: a rerun over complete outputs, or ``--mode=tune``
+with cached affinities, needs no accelerator.
+
+Volumes are the ``[c,] z, y, x`` arrays of ``jaxseg.io``; segmentations ``[z, y, x]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jaxseg.common import config_util, files
+
+STAGES = ("data", "train", "test", "tune", "tune-test", "report")
+MODES = {
+  "all": STAGES,
+  "train": ("data", "train"),
+  "test": ("test", "report"),
+  "tune": ("tune", "report"),
+  "tune-test": ("tune-test", "report"),
+  "report": ("report",),
+}
+DECODERS = ("cc", "waterz")
+STAGES_NAME = "stages.json"
+
+
+class ChainError(ValueError):
+  """A setting or a state of the work dir that stops the chain (one clear line)."""
+
+
+@dataclasses.dataclass
+class StageResult:
+  """What one stage did.
+
+  Attributes:
+    stage: its name (:data:`STAGES`).
+    status: ``ran`` (did work), ``reused`` (everything was complete) or ``skipped`` (nothing to
+      do for this config).
+    seconds: wall time of this call.
+    detail: one line for the log and the report.
+    computed_seconds: the wall time of the call that last did the work (this one when it ran).
+  """
+
+  stage: str
+  status: str
+  seconds: float
+  detail: str
+  computed_seconds: float | None = None
+
+
+def completed_steps(checkpoint_dir: str) -> list[int]:
+  """Step numbers of the finished checkpoints in ``checkpoint_dir`` (no JAX / orbax needed).
+
+  Orbax writes a step into a temporary folder and renames it to the bare step number when it is
+  complete, so a folder named by an integer is a whole checkpoint.
+  """
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  return sorted(int(n) for n in os.listdir(checkpoint_dir) if n.isdigit())
+
+
+def _read_json(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _fmt_seconds(seconds: float) -> str:
+  return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+class Chain:
+  """The stages of one work dir; ``run(mode)`` runs the stages of a mode in order.
+
+  Args:
+    config: the resolved run config (locked ``ConfigDict``).
+    workdir: the run folder (created).
+    overwrite: let decodes and studies replace outputs made with other settings (else they
+      refuse).
+    force_test: allow tuning on the test split (default ``config.tune.force_test``).
+    show_progress: progress bars inside the stages.
+    echo: where the one-line stage summaries go (default ``print``).
+  """
+
+  def __init__(
+    self,
+    config,
+    workdir: str,
+    *,
+    overwrite: bool = False,
+    force_test: bool | None = None,
+    show_progress: bool = True,
+    echo: Callable[[str], None] = print,
+  ):
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.overwrite = overwrite
+    self.force_test = force_test
+    self.show_progress = show_progress
+    self.echo = echo
+    self.decoders = tuple(str(d) for d in config.run.decoders)
+    unknown = [d for d in self.decoders if d not in DECODERS]
+    if unknown or not self.decoders:
+      raise ChainError(f"config.run.decoders must name some of {DECODERS}, got {self.decoders}")
+
+  # -- paths -------------------------------------------------------------------------------------
+
+  @property
+  def checkpoint_dir(self) -> str:
+    return os.path.join(self.workdir, "checkpoints")
+
+  @property
+  def cache_root(self) -> str:
+    return os.path.join(self.workdir, "predictions")
+
+  @property
+  def results_dir(self) -> str:
+    return os.path.join(self.workdir, "results")
+
+  def test_dir(self, decoder: str, name: str) -> str:
+    return os.path.join(self.workdir, "test", decoder, name)
+
+  def tuned_test_dir(self, decoder: str, name: str) -> str:
+    return os.path.join(self.workdir, "tune", decoder, "test", name)
+
+  def baseline_path(self, name: str) -> str:
+    return os.path.join(self.workdir, "test", "baselines", f"{name}.json")
+
+  # -- running -----------------------------------------------------------------------------------
+
+  def run(self, mode: str = "all") -> list[StageResult]:
+    """Runs the stages of ``mode`` (:data:`MODES`); returns what each did."""
+    if mode not in MODES:
+      raise ChainError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
+    os.makedirs(self.workdir, exist_ok=True)
+    out = []
+    for stage in MODES[mode]:
+      out.append(self.run_stage(stage))
+    return out
+
+  def run_stage(self, stage: str) -> StageResult:
+    """Runs one stage, prints its line and records it in ``results/stages.json``."""
+    method = {
+      "data": self.stage_data,
+      "train": self.stage_train,
+      "test": self.stage_test,
+      "tune": self.stage_tune,
+      "tune-test": self.stage_tune_test,
+      "report": self.stage_report,
+    }[stage]
+    start = time.perf_counter()
+    status, detail = method()
+    result = StageResult(stage, status, time.perf_counter() - start, detail)
+    self._record(result)
+    self.echo(f"[{stage}] {status}: {detail} ({_fmt_seconds(result.seconds)})")
+    return result
+
+  def _record(self, result: StageResult) -> None:
+    """Keeps the latest call of each stage, and the time of the call that last did its work."""
+    path = os.path.join(self.results_dir, STAGES_NAME)
+    stages = _read_json(path) or {}
+    previous = stages.get(result.stage, {})
+    if result.status == "ran":
+      result.computed_seconds = result.seconds
+    else:
+      result.computed_seconds = previous.get("computed_seconds")
+    stages[result.stage] = {
+      **dataclasses.asdict(result),
+      "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+      "jax_imported": "jax" in sys.modules,
+    }
+    os.makedirs(self.results_dir, exist_ok=True)
+    files.write_json(path, stages)
+
+  def recorded_stages(self) -> list[dict]:
+    """The ``stages.json`` entries in chain order."""
+    stages = _read_json(os.path.join(self.results_dir, STAGES_NAME)) or {}
+    return [stages[s] for s in STAGES if s in stages]
+
+  # -- stages ------------------------------------------------------------------------------------
+
+  def stage_data(self) -> tuple[str, str]:
+    """Generates the dataset when the config describes generated data (``data.synth``)."""
+    data = self.config.data
+    root = str(data.get("root", ""))
+    if "synth" not in data:
+      if root and not os.path.exists(root):
+        raise ChainError(f"data.root={root!r} does not exist (and the config generates no data)")
+      return "skipped", f"data at {root} (not generated)"
+    from jaxseg.synthesis import generate_dataset, resolve_config
+
+    try:
+      summary = generate_dataset(data.synth, root, show_progress=self.show_progress)
+    except ValueError as e:
+      raise ChainError(f"data.root={root}: {e}") from e
+    generated = sum(s["generated"] for s in summary.values())
+    cubes = sum(s["cubes"] for s in summary.values())
+    if generated or not os.path.exists(os.path.join(root, "synth_summary.json")):
+      # What python -m jaxseg.synth writes beside the cubes.
+      config_util.save_config(self.config, root)
+      files.write_json(
+        os.path.join(root, "synth_params.json"), resolve_config(data.synth).to_dict()
+      )
+      files.write_json(os.path.join(root, "synth_summary.json"), summary, sort_keys=False)
+    if generated:
+      return "ran", f"generated {generated} of {cubes} cubes into {root}"
+    return "reused", f"{cubes} cubes in {root}"
+
+  def stage_train(self) -> tuple[str, str]:
+    """Trains to ``train.num_steps`` (resuming), unless a checkpoint of that step exists."""
+    target = int(self.config.train.num_steps)
+    steps = completed_steps(self.checkpoint_dir)
+    if steps and steps[-1] >= target:
+      return "reused", f"checkpoint step {steps[-1]} in {self.checkpoint_dir}"
+    # Imported here: JAX only when there is training to do.
+    from jaxseg.training.train_lib import train_and_evaluate
+
+    result = train_and_evaluate(self.config, self.workdir)
+    val = result.get("val_loss")
+    start = result.get("resumed_from") or 0
+    return "ran", (
+      f"trained steps {start}..{result['step']}, train loss {result['train_loss']:.4g}"
+      + ("" if val is None else f", val loss {val:.4g}")
+    )
+
+  def stage_test(self) -> tuple[str, str]:
+    """Test volumes: cached affinities -> each decoder with the config's settings -> metrics."""
+    from jaxseg.tuning import cache, scoring
+
+    cached = cache.cached_predictions(
+      self.config, self.workdir, "test", self.cache_root, show_progress=self.show_progress
+    )
+    did = []
+    if not all(c.reused for c in cached):
+      did.append(f"predicted {sum(not c.reused for c in cached)} volume(s)")
+    decoded = 0
+    for decoder in self.decoders:
+      config = scoring.decoder_config(self.config, decoder)
+      for c in cached:
+        result = scoring.decode_and_evaluate(
+          config,
+          c,
+          self.test_dir(decoder, c.name),
+          overwrite=self.overwrite,
+          show_progress=self.show_progress,
+        )
+        decoded += int(not result.get("reused", False))
+    if decoded:
+      did.append(f"decoded + scored {decoded} segmentation set(s)")
+    if self.config.run.get("baselines", True):
+      scored = sum(self._baselines(c.volume) for c in cached)
+      if scored:
+        did.append(f"scored baselines of {scored} volume(s)")
+    names = ", ".join(c.name for c in cached)
+    what = f"{names} x {'/'.join(self.decoders)}"
+    return ("ran", f"{'; '.join(did)} ({what})") if did else ("reused", what)
+
+  def _baselines(self, volume) -> bool:
+    """Scores the trivial baselines of one test volume unless an identical score exists."""
+    from jaxseg.workflow import baselines, report
+
+    path = self.baseline_path(volume.name)
+    fingerprint = {
+      "image": os.path.abspath(str(volume.image.path)),
+      "shape": list(volume.image.shape),
+      "labels": None if volume.labels is None else os.path.abspath(str(volume.labels.path)),
+      "skeleton": volume.skeleton,
+      "eval": baselines.eval_kwargs(self.config),
+      "baselines": list(baselines.BASELINES),
+    }
+    fingerprint = json.loads(json.dumps(fingerprint))  # tuples as lists, as read back
+    saved = _read_json(path)
+    if saved is not None and saved.get("fingerprint") == fingerprint:
+      return False
+    scores = baselines.score_baselines(volume, self.config, score=self._score_fn())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.write_json(
+      path,
+      report.json_ready({"volume": volume.name, "fingerprint": fingerprint, "baselines": scores}),
+    )
+    return True
+
+  def _score_fn(self):
+    """The tuner's scorer, so baselines and learned segmentations are scored by one call."""
+    from jaxseg.tuning import scoring
+
+    return lambda seg, volume, config: scoring.score(seg, volume, config.eval)
+
+  def stage_tune(self) -> tuple[str, str]:
+    """Tunes each decoder on ``tune.split`` (resuming studies; finished ones are kept)."""
+    from jaxseg.tuning import tune_lib
+
+    parts, ran = [], False
+    for decoder in self.decoders:
+      result = tune_lib.tune(
+        self.config,
+        self.workdir,
+        checkpoint=self.workdir,
+        decoder=decoder,
+        force_test=self.force_test,
+        show_progress=self.show_progress,
+        overwrite=self.overwrite,
+      )
+      ran |= not result.get("skipped", False)
+      parts.append(
+        f"{decoder}: {result.get('objective')} {_num(result.get('best_value'))} "
+        f"({result.get('n_complete')} trials) {_params(result.get('best_params'))}"
+      )
+    return ("ran" if ran else "reused"), "; ".join(parts)
+
+  def stage_tune_test(self) -> tuple[str, str]:
+    """Applies each decoder's tuned parameters to the test volumes."""
+    from jaxseg.tuning import tune_lib
+
+    parts, ran = [], False
+    for decoder in self.decoders:
+      results = tune_lib.tune_test(
+        self.config,
+        self.workdir,
+        checkpoint=self.workdir,
+        decoder=decoder,
+        show_progress=self.show_progress,
+      )
+      ran |= not all(r.get("reused", False) for r in results)
+      parts.append(f"{decoder} on {', '.join(str(r.get('volume')) for r in results)}")
+    return ("ran" if ran else "reused"), "; ".join(parts)
+
+  def stage_report(self) -> tuple[str, str]:
+    """Writes ``results/``: config, metrics.json, report.md, previews, neuroglancer.json."""
+    paths = write_results(self)
+    return "ran", f"{paths['report']}"
+
+
+# -- the report stage ----------------------------------------------------------------------------
+
+
+def _num(value) -> str:
+  return "n/a" if value is None else f"{value:.4g}"
+
+
+def _params(params: dict | None) -> str:
+  if not params:
+    return ""
+  return "(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
+
+
+def _decode_dirs(root: str) -> dict[str, str]:
+  """``{volume: folder}`` of the finished decodes (a ``metrics.json``) under ``root``."""
+  if not os.path.isdir(root):
+    return {}
+  out = {}
+  for name in sorted(os.listdir(root)):
+    if os.path.exists(os.path.join(root, name, "metrics.json")):
+      out[name] = os.path.join(root, name)
+  return out
+
+
+def _metrics_of(dirs: dict[str, str]) -> dict[str, dict]:
+  return {name: _read_json(os.path.join(folder, "metrics.json")) for name, folder in dirs.items()}
+
+
+def _segmentation_of(metrics: dict) -> str | None:
+  """The segmentation a preview shows: the best by the tuning objective, else the middle one."""
+  entries = metrics.get("results", [])
+  best = metrics.get("best")
+  if isinstance(best, int) and 0 <= best < len(entries) and entries[best].get("segmentation"):
+    return entries[best]["segmentation"]
+  entries = [e for e in entries if e.get("segmentation")]
+  return entries[len(entries) // 2]["segmentation"] if entries else None
+
+
+def _affinities_of(folder: str, metrics: dict) -> str | None:
+  """The affinities a decode read (its ``metrics.json``, else its ``decode.json``)."""
+  if metrics.get("affinities"):
+    return metrics["affinities"]
+  summary = _read_json(os.path.join(folder, "decode.json")) or {}
+  return summary.get("affinities")
+
+
+def _copy_image(src: str, dst: str) -> bool:
+  if not os.path.exists(src):
+    return False
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  with files.atomic_output(dst) as tmp:
+    shutil.copyfile(src, tmp)
+  return True
+
+
+def _fresh(target: str, sources: Sequence[str]) -> bool:
+  """``target`` exists and is newer than every existing source (a preview to keep)."""
+  if not os.path.exists(target):
+    return False
+  mtime = os.path.getmtime(target)
+  return all(os.path.getmtime(s) <= mtime for s in sources if os.path.exists(s))
+
+
+def collect_results(chain: Chain) -> dict:
+  """Everything the report shows, read from the work dir (no stage is rerun)."""
+  from jaxseg.tuning import tune_lib
+
+  results: dict[str, Any] = {
+    "name": str(chain.config.get("name", "")),
+    "workdir": chain.workdir,
+    "decoders": list(chain.decoders),
+    "test": {},
+    "tuned": {},
+    "baselines": {},
+  }
+  for decoder in chain.decoders:
+    dirs = _decode_dirs(os.path.join(chain.workdir, "test", decoder))
+    if dirs:
+      results["test"][decoder] = _metrics_of(dirs)
+    best = tune_lib.load_best_params(chain.workdir, decoder)
+    tuned_dirs = _decode_dirs(os.path.join(chain.workdir, "tune", decoder, "test"))
+    if best or tuned_dirs:
+      results["tuned"][decoder] = {
+        "best": best,
+        "volumes": _metrics_of(tuned_dirs),
+      }
+  base_dir = os.path.join(chain.workdir, "test", "baselines")
+  if os.path.isdir(base_dir):
+    for name in sorted(os.listdir(base_dir)):
+      saved = _read_json(os.path.join(base_dir, name)) if name.endswith(".json") else None
+      if saved:
+        results["baselines"][saved["volume"]] = saved["baselines"]
+  for section in ("test", "tuned"):
+    for per in results[section].values():
+      volumes = per if section == "test" else per["volumes"]
+      for metrics in volumes.values():
+        _add_segment_counts(metrics)
+  return results
+
+
+def _add_segment_counts(metrics: dict | None) -> None:
+  """Fills ``segments`` of each result from its decode's ``decode.json`` when missing."""
+  for entry in (metrics or {}).get("results", []):
+    seg = entry.get("segmentation")
+    if entry.get("segments") is not None or not seg:
+      continue
+    summary = _read_json(os.path.join(os.path.dirname(seg), "decode.json")) or {}
+    arrays = [os.path.abspath(a) for a in summary.get("arrays", [])]
+    if os.path.abspath(seg) in arrays and len(summary.get("segments", [])) == len(arrays):
+      entry["segments"] = summary["segments"][arrays.index(os.path.abspath(seg))]
+
+
+def write_results(chain: Chain) -> dict[str, str]:
+  """The report stage: ``results/`` from what the work dir holds."""
+  from jaxseg.decoding.decode_lib import open_affinities
+  from jaxseg.decoding.settings import decode_settings
+  from jaxseg.io import open_volume
+  from jaxseg.io.datasets import dataset_volumes
+  from jaxseg.workflow import report
+
+  config = chain.config
+  out = chain.results_dir
+  previews = os.path.join(out, "previews")
+  os.makedirs(previews, exist_ok=True)
+  config_util.save_config(config, out)
+  results = collect_results(chain)
+  volumes = {v.name: v.windowed() for v in dataset_volumes(config.data, "test")}
+  settings = decode_settings(config.decode)
+  sections = int(config.run.get("preview_slices", 3))
+  images: dict[str, str] = {}
+  viewer_layers: dict[str, list] = {}
+  for section, label in (("test", ""), ("tuned", "_tuned")):
+    for decoder in chain.decoders:
+      if section == "test":
+        root = os.path.join(chain.workdir, "test", decoder)
+      else:
+        root = os.path.join(chain.workdir, "tune", decoder, "test")
+      for name, folder in _decode_dirs(root).items():
+        metrics = _read_json(os.path.join(folder, "metrics.json")) or {}
+        seg_path, aff_path = _segmentation_of(metrics), _affinities_of(folder, metrics)
+        volume = volumes.get(name)
+        if seg_path is None or volume is None or not os.path.exists(seg_path):
+          continue
+        png = os.path.join(previews, f"{name}_{decoder}{label}.png")
+        if not _fresh(png, [os.path.join(folder, "metrics.json")]):
+          source = open_affinities(aff_path, settings) if aff_path else None
+          report.write_preview(
+            png,
+            volume.image,
+            open_volume(seg_path),
+            affinity_source=source,
+            labels=volume.labels,
+            sections=sections,
+          )
+        title = f"{name}: {decoder} ({'tuned' if label else 'config'})"
+        images[title] = os.path.relpath(png, out)
+        viewer_layers.setdefault(name, []).append((f"{decoder} {section}", seg_path, aff_path))
+  # (title, source PNG, name in previews/): plots other stages wrote, copied beside the report.
+  extras = [("training curves", os.path.join(chain.workdir, "training_curves.png"), "")]
+  for decoder in chain.decoders:
+    plot = os.path.join(chain.workdir, "tune", decoder, "objective.png")
+    extras.append((f"tuning {decoder}", plot, f"tune_{decoder}.png"))
+  qc = {}
+  for name, layers in viewer_layers.items():
+    aff = next((a for _, _, a in layers if a), None)
+    if aff is None:
+      continue
+    qc_dir = os.path.join(os.path.dirname(os.path.dirname(aff)), f"{name}_qc")
+    info = _qc_summary(qc_dir)
+    if info:
+      qc[name] = info
+      if info.get("plot"):
+        extras.append((f"QC {name}", info["plot"], f"{name}_qc.png"))
+  for title, src, name in extras:
+    dst = os.path.join(previews, name or os.path.basename(src))
+    if (_fresh(dst, [src]) or _copy_image(src, dst)) and os.path.exists(dst):
+      images[title] = os.path.relpath(dst, out)
+  results["images"] = images
+  results["qc"] = qc
+  layout = _write_viewer(chain, volumes, viewer_layers)
+  if layout:
+    results["viewer"] = layout
+  results["stages"] = chain.recorded_stages()
+  return report.write_report(out, results)
+
+
+def _qc_summary(qc_dir: str) -> dict | None:
+  """``low_z`` / ``high_z`` / plot of a QC report folder, when QC ran."""
+  md = os.path.join(qc_dir, "report.md")
+  if not os.path.exists(md):
+    return None
+  from jaxseg.quality import read_report
+
+  front = read_report(md)
+  plot = os.path.join(qc_dir, "means.png")
+  return {
+    "low_z": front.get("low_z"),
+    "high_z": front.get("high_z"),
+    "report": md,
+    "plot": plot if os.path.exists(plot) else None,
+  }
+
+
+def viewer_roots(chain: Chain) -> dict[str, str]:
+  """The folders the viewer's HTTP server serves: the work dir and the data root."""
+  roots = {"workdir": chain.workdir}
+  root = str(chain.config.data.get("root", ""))
+  if root and os.path.isdir(root):
+    roots["data"] = os.path.abspath(root)
+  return roots
+
+
+def _write_viewer(chain: Chain, volumes: dict, layers_by_volume: dict) -> dict | None:
+  """``results/neuroglancer.json`` for the first test volume with a segmentation."""
+  from jaxseg.decoding.decode_lib import open_affinities
+  from jaxseg.decoding.settings import decode_settings
+  from jaxseg.workflow import viewer
+
+  if not layers_by_volume:
+    return None
+  name = sorted(layers_by_volume)[0]
+  volume, entries = volumes[name], layers_by_volume[name]
+  layers = [viewer.Layer("image", "image", _array_path(volume.image.path))]
+  aff = next((a for _, _, a in entries if a), None)
+  if aff:
+    display = os.path.join(chain.results_dir, "viewer", f"{name}_affinities.zarr")
+    viewer.affinity_display(open_affinities(aff, decode_settings(chain.config.decode)), display)
+    layers.append(viewer.Layer("affinities", "image", display, visible=False, rgb=True))
+  if volume.labels is not None:
+    layers.append(
+      viewer.Layer("ground truth", "segmentation", _array_path(volume.labels.path), visible=False)
+    )
+  for i, (title, seg, _) in enumerate(entries):
+    layers.append(viewer.Layer(title, "segmentation", seg, visible=i == len(entries) - 1))
+  roots = viewer_roots(chain)
+  resolution = tuple(float(r) for r in chain.config.data.resolution)
+  state, skipped = viewer.neuroglancer_state(layers, roots, resolution, volume.spatial_shape)
+  path = viewer.write_layout(os.path.join(chain.results_dir, viewer.LAYOUT_NAME), state)
+  return {
+    "layout": os.path.relpath(path, chain.results_dir),
+    "base": viewer.base_url(),
+    "roots": roots,
+    "volume": name,
+    "skipped": skipped,
+  }
+
+
+def _array_path(path: str) -> str:
+  """A volume's folder without a ``[z a:b]`` window suffix."""
+  return str(path).split("[z ", 1)[0]
+
+
+def view(chain: Chain, *, port: int = 8000) -> str:
+  """``--view``: serves the work dir and the data root and opens the layout in Neuroglancer."""
+  from jaxseg.workflow import viewer
+
+  layout = os.path.join(chain.results_dir, viewer.LAYOUT_NAME)
+  if not os.path.exists(layout):
+    raise ChainError(f"{layout} does not exist; run the chain (e.g. --mode=test) first")
+  with open(layout) as f:
+    state = json.load(f)
+  roots = viewer_roots(chain)
+  default = viewer.base_url()
+
+  def state_for_base(base: str) -> dict:
+    return json.loads(json.dumps(state).replace(default, base))
+
+  return viewer.serve(state_for_base, roots, port=port)
+
+
+def run_chain(
+  config,
+  workdir: str,
+  *,
+  mode: str = "all",
+  overwrite: bool = False,
+  force_test: bool | None = None,
+  show_progress: bool = True,
+  echo: Callable[[str], None] = print,
+) -> dict:
+  """Runs the stages of ``mode`` in ``workdir`` (see the module docstring).
+
+  Args:
+    config: the resolved config (``configs/demo.py`` and friends).
+    workdir: the run folder.
+    mode: ``all``, ``train``, ``test``, ``tune``, ``tune-test`` or ``report``.
+    overwrite: let decodes and studies replace outputs made with other settings.
+    force_test: allow tuning on the test split (default ``config.tune.force_test``).
+    show_progress: progress bars inside the stages.
+    echo: receives one line per stage.
+
+  Returns:
+    ``{"stages": [StageResult], "report": path or None, "metrics": path or None,
+    "results_dir": path}``.
+
+  Raises:
+    ChainError: bad settings or work-dir state (one clear line); the libraries' own errors
+      (``VolumeError``, ``FileNotFoundError``, ...) pass through.
+  """
+  chain = Chain(
+    config,
+    workdir,
+    overwrite=overwrite,
+    force_test=force_test,
+    show_progress=show_progress,
+    echo=echo,
+  )
+  stages = chain.run(mode)
+  report_path = os.path.join(chain.results_dir, "report.md")
+  metrics_path = os.path.join(chain.results_dir, "metrics.json")
+  return {
+    "stages": stages,
+    "report": report_path if os.path.exists(report_path) else None,
+    "metrics": metrics_path if os.path.exists(metrics_path) else None,
+    "results_dir": chain.results_dir,
+  }
