@@ -235,25 +235,13 @@ def format_table(metrics: dict[str, Any]) -> str:
   return "\n".join(f"{label:<{width}}  {text}" for label, text in rows)
 
 
-def _json_ready(value):
-  if isinstance(value, dict):
-    return {k: _json_ready(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_json_ready(v) for v in value]
-  if isinstance(value, np.generic):
-    value = value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return None  # JSON has no NaN / inf.
-  return value
-
-
 def write_json(metrics: dict[str, Any], path: str, overwrite: bool = False) -> None:
   """Writes ``metrics`` as JSON atomically; refuses to replace ``path`` unless ``overwrite``."""
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
-  files.write_json(path, _json_ready(metrics))
+  files.write_json(path, files.json_ready(metrics))
 
 
 def main(argv):

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -38,3 +41,16 @@ def write_json(path: str | os.PathLike, data: Any, *, sort_keys: bool = True) ->
   with atomic_output(path) as tmp, open(tmp, "w") as f:
     json.dump(data, f, indent=2, sort_keys=sort_keys)
     f.write("\n")
+
+
+def json_ready(value: Any) -> Any:
+  """A strict-JSON copy: numpy scalars as Python numbers, tuples as lists, NaN / Inf as null."""
+  if isinstance(value, Mapping):
+    return {str(k): json_ready(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_ready(v) for v in value]
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None  # JSON has no NaN / Inf
+  return value

@@ -22,10 +22,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from jaxseg.common import config_util
-from jaxseg.common.files import write_json
+from jaxseg.common.files import json_ready, write_json
 
 if TYPE_CHECKING:
   from jaxseg.io.datasets import LabeledVolume
@@ -85,22 +83,6 @@ def eval_settings(config) -> dict:
     "crop_fraction": float(ev.get("crop_fraction", 1.0)),
     "merge_threshold": int(ev.get("merge_threshold", 1)),
   }
-
-
-def json_ready(value: Any) -> Any:
-  """A JSON-safe copy: numpy scalars to Python, tuples to lists, NaN / Inf to None."""
-  if isinstance(value, Mapping):
-    return {str(k): json_ready(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [json_ready(v) for v in value]
-  if isinstance(value, np.generic):
-    value = value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
-
-
-# -- configs ---------------------------------------------------------------------------------------
 
 
 def decoder_config(config, decoder: str, params: Mapping[str, Any] | None = None):

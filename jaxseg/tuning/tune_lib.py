@@ -34,7 +34,7 @@ from absl import logging
 from optuna import logging as optuna_logging
 
 from jaxseg.common import config_util
-from jaxseg.common.files import atomic_output, write_json
+from jaxseg.common.files import atomic_output, json_ready, write_json
 from jaxseg.decoding.settings import decode_settings
 from jaxseg.tuning import cache, scoring, search
 from jaxseg.tuning import plot as plot_lib
@@ -271,7 +271,7 @@ def tune(
     "seconds": round(time.perf_counter() - start, 3),
     "skipped": False,
   }
-  write_json(os.path.join(folder, SUMMARY), scoring.json_ready(summary))
+  write_json(os.path.join(folder, SUMMARY), json_ready(summary))
   say(
     f"tune {decoder}: best {space.objective} {summary['best_value']:.4f} with "
     f"{_format_params(summary['best_params'])} (trial {summary['best_trial']}); "
@@ -387,7 +387,7 @@ def _run_trials(config, study, space, cached, split, todo: int, say) -> dict:
         if not math.isfinite(value):
           value = worst
         trial.set_user_attr("threshold", result["threshold"])
-        trial.set_user_attr("per_volume", scoring.json_ready(result["per_volume"]))
+        trial.set_user_attr("per_volume", json_ready(result["per_volume"]))
         if space.decoder == "waterz":
           trial.set_user_attr("thresholds", result["thresholds"])
       study.tell(trial, value)
@@ -502,7 +502,7 @@ def write_outputs(
     "fingerprint": dict(fingerprint),
   }
   best_path = os.path.join(folder, BEST_PARAMS)
-  write_json(best_path, scoring.json_ready(best))
+  write_json(best_path, json_ready(best))
   return {
     "decoder": space.decoder,
     "best_params": best["params"],

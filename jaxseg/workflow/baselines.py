@@ -9,7 +9,7 @@ uint32 segmentation of the volume's spatial shape:
 * ``image_threshold``: 6-connected components of the image above its mean (EM membranes are
   dark, so a bright voxel is "inside a cell"): the naive unlearned segmenter.
 
-Scoring goes through the same call as the learned segmentations (``jaxseg.evaluate.evaluate``
+Scoring goes through the same call as the learned segmentations (``jaxseg.tuning.scoring.score``
 with the config's ``eval`` section: adapted Rand and VOI against the dense labels, NERL against
 the skeletons). Images are ``[c, z, y, x]`` (the mean over channels is thresholded) or
 ``[z, y, x]``. Volumes are read whole: baselines are for test cubes that fit in memory. Never
@@ -19,13 +19,13 @@ imports JAX.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import scipy.ndimage
 
-from jaxseg.evaluate import evaluate
+from jaxseg.tuning import scoring
 
 BASELINES = ("one_segment", "per_voxel", "image_threshold")
 
@@ -73,47 +73,22 @@ def baseline_segmentations(image: np.ndarray) -> dict[str, np.ndarray]:
   }
 
 
-def eval_kwargs(config) -> dict[str, Any]:
-  """The ``jaxseg.evaluate.evaluate`` keyword arguments a config's ``eval`` section gives."""
-  ev = config.eval
-  return {
-    "resolution": tuple(float(r) for r in config.data.resolution),
-    "arand": str(ev.get("arand", "snemi")),
-    "crop_fraction": float(ev.get("crop_fraction", 1.0)),
-    "merge_threshold": int(ev.get("merge_threshold", 1)),
-  }
-
-
-def score_segmentation(segmentation, volume, config) -> dict[str, Any]:
-  """Scores a ``[z, y, x]`` segmentation of a ``LabeledVolume`` (windowed) as the chain does."""
-  if volume.labels is None and volume.skeleton is None:
-    raise ValueError(f"{volume.name}: no labels and no skeleton to score against")
-  return evaluate(segmentation, volume.labels, volume.skeleton, **eval_kwargs(config))
-
-
-def score_baselines(
-  volume,
-  config,
-  *,
-  score: Callable[[np.ndarray, Any, Any], dict] | None = None,
-) -> dict[str, dict[str, Any]]:
-  """Builds and scores every baseline of one volume.
+def score_baselines(volume, config) -> dict[str, dict[str, Any]]:
+  """Builds and scores every baseline of one volume with the learned segmentations' scorer.
 
   Args:
     volume: a ``jaxseg.io.datasets.LabeledVolume`` (already windowed to its usable z range).
-    config: the run config (``eval`` section, ``data.resolution``).
-    score: ``score(segmentation, volume, config) -> metrics``; default :func:`score_segmentation`.
+    config: the run config (its ``eval`` section).
 
   Returns:
     ``{baseline: metrics}`` where metrics are ``evaluate``'s dict plus ``segments`` (the number
     of ids) and ``seconds`` (building and scoring).
   """
-  score = score or score_segmentation
   image = np.asarray(volume.image[...])
   out = {}
   for name, seg in baseline_segmentations(image).items():
     start = time.perf_counter()
-    metrics = dict(score(seg, volume, config))
+    metrics = dict(scoring.score(seg, volume, config.eval))
     metrics["segments"] = int(seg.max())
     metrics["seconds"] = time.perf_counter() - start
     out[name] = metrics

@@ -280,7 +280,8 @@ class Chain:
 
   def _baselines(self, volume) -> bool:
     """Scores the trivial baselines of one test volume unless an identical score exists."""
-    from jaxseg.workflow import baselines, report
+    from jaxseg.tuning import scoring
+    from jaxseg.workflow import baselines
 
     path = self.baseline_path(volume.name)
     fingerprint = {
@@ -288,26 +289,21 @@ class Chain:
       "shape": list(volume.image.shape),
       "labels": None if volume.labels is None else os.path.abspath(str(volume.labels.path)),
       "skeleton": volume.skeleton,
-      "eval": baselines.eval_kwargs(self.config),
+      "resolution": list(volume.image.resolution),
+      "eval": scoring.eval_settings(self.config),
       "baselines": list(baselines.BASELINES),
     }
     fingerprint = json.loads(json.dumps(fingerprint))  # tuples as lists, as read back
     saved = _read_json(path)
     if saved is not None and saved.get("fingerprint") == fingerprint:
       return False
-    scores = baselines.score_baselines(volume, self.config, score=self._score_fn())
+    scores = baselines.score_baselines(volume, self.config)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     files.write_json(
       path,
-      report.json_ready({"volume": volume.name, "fingerprint": fingerprint, "baselines": scores}),
+      files.json_ready({"volume": volume.name, "fingerprint": fingerprint, "baselines": scores}),
     )
     return True
-
-  def _score_fn(self):
-    """The tuner's scorer, so baselines and learned segmentations are scored by one call."""
-    from jaxseg.tuning import scoring
-
-    return lambda seg, volume, config: scoring.score(seg, volume, config.eval)
 
   def stage_tune(self) -> tuple[str, str]:
     """Tunes each decoder on ``tune.split`` (resuming studies; finished ones are kept)."""

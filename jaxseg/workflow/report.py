@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -267,7 +266,7 @@ def write_report(results_dir: str, results: dict) -> dict[str, str]:
   os.makedirs(results_dir, exist_ok=True)
   rows = metric_rows(results)
   metrics_path = os.path.join(results_dir, METRICS_NAME)
-  files.write_json(metrics_path, json_ready({**results, "table": rows}))
+  files.write_json(metrics_path, files.json_ready({**results, "table": rows}))
 
   lines = [f"# jaxseg run: {results.get('name', '')}", ""]
   lines.append(f"Work dir: `{results.get('workdir', '')}`; resolved config: `config.json`.")
@@ -331,16 +330,3 @@ def write_report(results_dir: str, results: dict) -> dict[str, str]:
   with files.atomic_output(report_path) as tmp, open(tmp, "w") as f:
     f.write("\n".join(lines) + "\n")
   return {"report": report_path, "metrics": metrics_path}
-
-
-def json_ready(value: Any):
-  """A strict-JSON copy: numpy scalars as Python numbers, tuples as lists, NaN / Inf as null."""
-  if isinstance(value, dict):
-    return {str(k): json_ready(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [json_ready(v) for v in value]
-  if isinstance(value, np.generic):
-    value = value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
