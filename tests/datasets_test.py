@@ -1,5 +1,7 @@
 """Dataset layouts (NISB, SNEMI3D, CREMI): paths from the config, shapes checked on open."""
 
+import dataclasses
+
 import h5py
 import ml_collections
 import numpy as np
@@ -89,6 +91,8 @@ def test_snemi_layout_with_validation_holdout(tmp_path):
   np.testing.assert_array_equal(held_out.image.read(), img[7:])
   np.testing.assert_array_equal(held_out.labels[1:3, 4:9, :], lab[8:10, 4:9, :])
   assert "[z 7:10]" in held_out.image.path
+  with pytest.raises(VolumeError, match="belongs to the whole volume"):
+    dataclasses.replace(val, skeleton="skeleton.pkl").windowed()
   with pytest.raises(VolumeError, match=r"z range \[5, 11\) is outside its 10 sections"):
     train.image.z_window(5, 11)
   data.val_sections = 0

@@ -113,7 +113,10 @@ def resolve_inputs(
       if not volumes:
         raise VolumeError(f"{spec}: config.data has no volumes in split {split!r}")
       # A held-out z range (SNEMI3D's validation sections) is predicted on its own.
-      out.extend(PredictInput(v.name, v.windowed().image) for v in volumes)
+      out.extend(
+        PredictInput(v.name, v.image.z_window(*v.z_range) if v.z_range else v.image)
+        for v in volumes
+      )
     elif os.path.isdir(os.path.join(spec, "data.zarr")):
       cube = nisb_cube(spec, resolution)
       out.append(PredictInput(cube.name, cube.image))

@@ -67,6 +67,13 @@ class LabeledVolume:
     if self.z_range is None:
       return self
     z0, z1 = self.z_range
+    if self.skeleton is not None:
+      # Skeleton positions are in the whole volume's voxels; scoring a window against them would
+      # misplace every node by z0 sections.
+      raise VolumeError(
+        f"{self.name}: skeleton {self.skeleton} belongs to the whole volume; a z range "
+        f"[{z0}, {z1}) of it cannot be scored against it"
+      )
     return LabeledVolume(
       name=self.name,
       image=self.image.z_window(z0, z1),
