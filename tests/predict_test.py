@@ -431,3 +431,18 @@ def test_inputs_are_named_and_opened_in_canonical_order(tmp_path):
   assert sources[1].volume.resolution == tuple(config.data.resolution)  # HDF5 names none
   with pytest.raises(VolumeError, match="more than once"):
     predict_lib.resolve_inputs(config, [zarr, zarr])
+
+
+def test_held_out_snemi_sections_are_predicted_alone(tmp_path):
+  """``split:val`` of SNEMI3D is the last ``val_sections`` of the training volume, nothing more."""
+  import tifffile
+
+  image = np.arange(10 * 6 * 7, dtype=np.uint16).reshape(10, 6, 7)
+  tifffile.imwrite(tmp_path / "train-input.tif", image)
+  tifffile.imwrite(tmp_path / "train-labels.tif", np.ones((10, 6, 7), np.uint16))
+  config = load_config(SNEMI, {"data.root": str(tmp_path), "data.val_sections": 3})
+  (val,) = predict_lib.resolve_inputs(config, ["split:val"])
+  (train,) = predict_lib.resolve_inputs(config, ["split:train"])
+  assert val.name == "train-input-val" and val.volume.shape == (3, 6, 7)
+  np.testing.assert_array_equal(val.volume[...], image[7:])
+  assert train.volume.shape == (7, 6, 7)
