@@ -87,4 +87,5 @@ def get_config(arg=None):
   config.tune.waterz.n_trials = 12
   config.tune.waterz.n_startup_trials = 6
   config.run.decoders = ("cc", "waterz")
+  config.run.baselines = True  # the report shows what no learning gets on the same cube
   return config

@@ -161,6 +161,9 @@ def get_config(arg=None):
 
   # -- the chain (python -m jaxseg.run) ---------------------------------------------------------
   config.run = _common.run_defaults(decoders=("cc",))
+  # Trivial baselines are for small cubes: "every voxel its own segment" alone costs about 12 s
+  # and 1 GB per 8 M voxels to score. The demo scores them.
+  config.run.baselines = False
   del pytc_compat  # every NISB fix (EMA saved, same normalisation) has no PyTC switch
   return config
 

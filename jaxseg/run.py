@@ -52,6 +52,7 @@ def main(argv: list[str]) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runtime.quiet_libraries()
   # Imported after flag parsing: --help stays fast; JAX loads only in stages that need it.
+  from jaxseg.tuning.trials import TrialError
   from jaxseg.workflow import chain
 
   try:
@@ -63,7 +64,7 @@ def main(argv: list[str]) -> int:
       force_test=True if _FORCE_TEST.value else None,
       show_progress=_PROGRESS.value,
     )
-  except (ValueError, FileNotFoundError, FileExistsError) as e:  # ChainError, VolumeError too
+  except (ValueError, OSError, TrialError) as e:  # ChainError, VolumeError too
     print(f"error: {e}", file=sys.stderr)
     return 1
   total = sum(s.seconds for s in result["stages"])
@@ -75,6 +76,9 @@ def main(argv: list[str]) -> int:
       )
     except (ImportError, chain.ChainError) as e:
       print(f"error: {e}", file=sys.stderr)
+      return 1
+    except OSError as e:  # e.g. the port is taken
+      print(f"error: {e}; try another --view_port (0 = any free port)", file=sys.stderr)
       return 1
   return 0
 

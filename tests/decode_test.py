@@ -195,7 +195,10 @@ def test_blockwise_resumes_after_a_failure(volume, tmp_path, monkeypatch):
   monkeypatch.setattr(blockwise, "_relabel", real)
   resumed = []
   monkeypatch.setattr(blockwise, "_cc_fragments", lambda job, block: resumed.append(block))
-  summary = decode_lib.decode(settings, path, str(tmp_path / "b"), show_progress=False)
+  # --overwrite replaces decodes made differently; the same job unfinished still resumes.
+  summary = decode_lib.decode(
+    settings, path, str(tmp_path / "b"), overwrite=True, show_progress=False
+  )
   assert resumed == []  # the first stages were complete: not one block recomputed
   assert summary["complete"] and np.array_equal(read_seg(tmp_path / "w"), read_seg(tmp_path / "b"))
 

@@ -182,6 +182,21 @@ def test_cache_runs_qc_and_hands_its_mask_on(data_root, tmp_path, fake_predict):
   setup = tune_lib.trial_setup(config, space, [cached], "val")
   assert setup["volumes"][0]["mask"] == cached.mask
 
+  # Scores made with this mask are reused only while the mask stays what it was: other QC
+  # settings redo the QC in place and the decode is scored again.
+  first = scoring.decode_and_evaluate(config, cached, str(tmp_path / "d"), show_progress=False)
+  again = scoring.decode_and_evaluate(config, cached, str(tmp_path / "d"), show_progress=False)
+  assert again["reused"] and again["results"] == first["results"]
+  lenient = make_config(data_root, qc__enabled=True, qc__drift_thresh=0.9)  # keeps every z
+  (recut,) = cache.cached_predictions(
+    lenient, ckpt, "val", str(tmp_path / "p"), show_progress=False
+  )
+  assert recut.mask == cached.mask and open_volume(recut.mask).read()[-1].any()
+  redone = scoring.decode_and_evaluate(
+    lenient, recut, str(tmp_path / "d"), overwrite=True, show_progress=False
+  )
+  assert not redone["reused"]
+
 
 @pytest.fixture(scope="module")
 def cc_run(data_root, tmp_path_factory):

@@ -304,6 +304,15 @@ def _job_fingerprint(
   return out
 
 
+def _saved_fingerprint(output: str) -> dict | None:
+  """The fingerprint of the decode (finished or under way) in ``output``, or None."""
+  for path in (os.path.join(output, SUMMARY), os.path.join(output, "_blockwise", "job.json")):
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f).get("fingerprint", {})
+  return None
+
+
 def check_existing(output: str, fingerprint: dict, overwrite: bool) -> dict | None:
   """The saved summary of a finished identical job, or None to (re)do it.
 
@@ -400,7 +409,9 @@ def decode(
   done = check_existing(output, fingerprint, overwrite)
   if done is not None:
     return {**done, "already_done": True}
-  if overwrite:
+  # Only what another decode wrote is cleared: an identical unfinished blockwise job resumes.
+  saved = _saved_fingerprint(output)
+  if overwrite and (saved is None or config_util.fingerprint_differences(saved, fingerprint)):
     _clear(output)
   os.makedirs(output, exist_ok=True)
 

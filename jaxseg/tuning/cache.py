@@ -84,8 +84,15 @@ def cache_key(config, checkpoint: str, split: str) -> tuple[str, dict]:
     ``(key, ingredients)``: a 12-character hex hash and the JSON-ready dict it hashes.
   """
   folder = checkpoint_folder(checkpoint)
+  # A step folder's name and time: retraining into the same workdir writes the same step
+  # numbers, and must not reuse the old model's affinities.
   steps = (
-    sorted((n for n in os.listdir(folder) if n.isdigit()), key=int) if os.path.isdir(folder) else []
+    [
+      [n, os.stat(os.path.join(folder, n)).st_mtime_ns]
+      for n in sorted((n for n in os.listdir(folder) if n.isdigit()), key=int)
+    ]
+    if os.path.isdir(folder)
+    else []
   )
   volumes = []
   for v in dataset_volumes(config.data, split):
@@ -96,6 +103,10 @@ def cache_key(config, checkpoint: str, split: str) -> tuple[str, dict]:
         "path": _abs(str(v.image.path)),
         "z_range": list(v.z_range) if v.z_range else None,
         "shape": list(w.image.shape),
+        # Data regenerated at the same path (other synthesis settings) is other data.
+        "attrs": hashlib.sha256(
+          json.dumps(w.image.attrs, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16],
       }
     )
   ingredients = {
@@ -206,12 +217,16 @@ def _quality_check(config, cached: CachedAffinities, out_dir: str, show_progress
   """Runs (or reuses) the affinity QC and fills ``cached.mask`` and ``cached.qc``."""
   from jaxseg.quality import run_qc
 
+  # The QC folder is derived from the cached affinities and belongs to the cache: when the qc
+  # settings change it is redone in place (decodes record the mask's spec, so none made with
+  # the old mask passes for new).
   result = run_qc(
     config,
     cached.affinities,
     os.path.join(out_dir, f"{cached.name}_qc"),
     image=cached.volume.image,
     show_progress=show_progress,
+    overwrite=True,
   )
   cached.mask = str(result.mask) if result.mask else None
   cached.qc = result.summary()

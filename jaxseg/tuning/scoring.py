@@ -181,6 +181,13 @@ def score(segmentation, volume: LabeledVolume, eval_config) -> dict:
   )
 
 
+def _mask_spec(path: str | None):
+  from jaxseg.decoding.decode_lib import MASK_SPEC_ATTR
+  from jaxseg.io import open_volume
+
+  return open_volume(path).attrs.get(MASK_SPEC_ATTR, "") if path else None
+
+
 def decode_and_evaluate(
   config,
   cached: CachedAffinities,
@@ -229,6 +236,9 @@ def decode_and_evaluate(
       {
         "decode": settings.fingerprint(),
         "affinities": os.path.abspath(cached.affinities),
+        # The mask's rules, not just its path (the QC's or the user's): a mask rebuilt in place
+        # must not reuse scores.
+        "mask_spec": _mask_spec(settings.affinity_mask_path or None),
         "eval": eval_settings(config),
         "labels": _abs(volume.labels.path) if volume.labels is not None else None,
         "skeleton": _abs(volume.skeleton) if volume.skeleton else None,

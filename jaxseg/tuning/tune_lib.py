@@ -22,6 +22,7 @@ missing.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -217,15 +218,19 @@ def tune(
     target = min(target, space.grid_size)
   if target < 1:
     raise ValueError(f"n_trials must be >= 1, not {target}")
+  workdir = os.path.abspath(workdir)
   folder = tune_folder(workdir, decoder)
-  if overwrite:
-    for name in _OUTPUTS:
-      if os.path.exists(os.path.join(folder, name)):
-        os.remove(os.path.join(folder, name))
   key, ingredients = cache.cache_key(config, checkpoint, split)
   fingerprint = study_fingerprint(config, space, key, split)
 
   best = load_best_params(workdir, decoder)
+  if (
+    overwrite
+    and best is not None
+    and config_util.fingerprint_differences(best.get("fingerprint"), fingerprint)
+  ):
+    _remove_outputs(folder)  # a study of other settings; an identical one is kept
+    best = None
   if (
     best is not None
     and not config_util.fingerprint_differences(best.get("fingerprint"), fingerprint)
@@ -240,9 +245,21 @@ def tune(
   os.makedirs(folder, exist_ok=True)
   config_util.save_config(config, folder)
   optuna_logging.set_verbosity(optuna_logging.WARNING)  # the trial lines below replace its own
-  study, interrupted = search.open_study(
-    os.path.join(folder, STUDY_DB), f"jaxseg-{decoder}", space, fingerprint, int(config.seed)
+  open_study = functools.partial(
+    search.open_study,
+    os.path.join(folder, STUDY_DB),
+    f"jaxseg-{decoder}",
+    space,
+    fingerprint,
+    int(config.seed),
   )
+  try:
+    study, interrupted = open_study()
+  except ValueError:  # the stored study tunes something else
+    if not overwrite:
+      raise
+    _remove_outputs(folder)
+    study, interrupted = open_study()
   if space.sampler == "tpe":
     search.enqueue_defaults(study, space)
   todo = search.pending_trials(study, space, target)
@@ -320,6 +337,13 @@ def _earlier_result(trial) -> dict:
     "thresholds": trial.user_attrs.get("thresholds", []),
     "seconds": 0.0,
   }
+
+
+def _remove_outputs(folder: str) -> None:
+  """Deletes a study and what it wrote (``--overwrite`` of a study made with other settings)."""
+  for name in _OUTPUTS:
+    if os.path.exists(os.path.join(folder, name)):
+      os.remove(os.path.join(folder, name))
 
 
 def _mark_failed(study, trial, **attrs) -> None:
@@ -539,6 +563,7 @@ def tune_test(
   Raises:
     FileNotFoundError: the decoder was not tuned yet.
   """
+  workdir = os.path.abspath(workdir)
   decoder = scoring.check_decoder(decoder or str(config.decode.method))
   best = load_best_params(workdir, decoder)
   folder = tune_folder(workdir, decoder)

@@ -43,6 +43,14 @@ MODES = {
   "report": ("report",),
 }
 DECODERS = ("cc", "waterz")
+# The config sections that decide what a checkpoint is (the later stages' sections may change),
+# less the keys inside them that do not: where data lives, the test split, logging and I/O.
+TRAINING_SECTIONS = ("data", "target", "model", "optim", "train")
+NOT_TRAINING_KEYS = (
+  "data.root", "data.test_", "data.synth.test_seeds", "data.synth.preview", "data.prefetch",
+  "data.in_memory", "train.log_every", "train.checkpoint_every", "train.keep_every",
+  "train.keep_top_k", "train.distributed",
+)  # fmt: skip
 STAGES_NAME = "stages.json"
 
 
@@ -215,7 +223,12 @@ class Chain:
     try:
       summary = generate_dataset(data.synth, root, show_progress=self.show_progress)
     except ValueError as e:
-      raise ChainError(f"data.root={root}: {e}") from e
+      raise ChainError(
+        f"data.root={root}: {e}".replace(
+          "pass overwrite=True (--overwrite)",
+          "regenerate it with python -m jaxseg.synth --overwrite, use another data.root",
+        )
+      ) from e
     generated = sum(s["generated"] for s in summary.values())
     cubes = sum(s["cubes"] for s in summary.values())
     if generated or not os.path.exists(os.path.join(root, "synth_summary.json")):
@@ -229,10 +242,34 @@ class Chain:
       return "ran", f"generated {generated} of {cubes} cubes into {root}"
     return "reused", f"{cubes} cubes in {root}"
 
+  def _check_training_config(self) -> None:
+    """Refuses to reuse or resume checkpoints that another training config made.
+
+    ``jaxseg.train`` writes the resolved config into the work dir at every start; a checkpoint
+    is only this config's model when the sections that shape training agree.
+    """
+    saved = _read_json(os.path.join(self.workdir, "config.json"))
+    if saved is None:
+      return
+    current = json.loads(json.dumps(config_util.config_to_dict(self.config)))
+    diff = []
+    for section in TRAINING_SECTIONS:
+      diff += config_util.fingerprint_differences(
+        {section: saved.get(section)}, {section: current.get(section)}
+      )
+    diff = [d for d in diff if not d.startswith(NOT_TRAINING_KEYS)]
+    if diff:
+      raise ChainError(
+        f"{self.workdir}: its checkpoints were trained with another config ({'; '.join(diff)}); "
+        "use another --workdir (or restore those settings)"
+      )
+
   def stage_train(self) -> tuple[str, str]:
     """Trains to ``train.num_steps`` (resuming), unless a checkpoint of that step exists."""
     target = int(self.config.train.num_steps)
     steps = completed_steps(self.checkpoint_dir)
+    if steps:
+      self._check_training_config()
     if steps and steps[-1] >= target:
       return "reused", f"checkpoint step {steps[-1]} in {self.checkpoint_dir}"
     # Imported here: JAX only when there is training to do.
@@ -271,7 +308,9 @@ class Chain:
     if decoded:
       did.append(f"decoded + scored {decoded} segmentation set(s)")
     if self.config.run.get("baselines", True):
-      scored = sum(self._baselines(c.volume) for c in cached)
+      # Unlabeled test volumes (public SNEMI3D / CREMI test data) are decoded, not scored.
+      labeled = [c for c in cached if c.volume.labels is not None or c.volume.skeleton]
+      scored = sum(self._baselines(c.volume) for c in labeled)
       if scored:
         did.append(f"scored baselines of {scored} volume(s)")
     names = ", ".join(c.name for c in cached)
@@ -363,12 +402,17 @@ def _params(params: dict | None) -> str:
   return "(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
 
 
-def _decode_dirs(root: str) -> dict[str, str]:
-  """``{volume: folder}`` of the finished decodes (a ``metrics.json``) under ``root``."""
+def _decode_dirs(root: str, volumes=None) -> dict[str, str]:
+  """``{volume: folder}`` of the finished decodes (a ``metrics.json``) under ``root``.
+
+  ``volumes``: keep only these volume names (default: all).
+  """
   if not os.path.isdir(root):
     return {}
   out = {}
   for name in sorted(os.listdir(root)):
+    if volumes is not None and name not in volumes:
+      continue
     if os.path.exists(os.path.join(root, name, "metrics.json")):
       out[name] = os.path.join(root, name)
   return out
@@ -414,8 +458,15 @@ def _fresh(target: str, sources: Sequence[str]) -> bool:
 
 
 def collect_results(chain: Chain) -> dict:
-  """Everything the report shows, read from the work dir (no stage is rerun)."""
+  """Everything the report shows, read from the work dir (no stage is rerun).
+
+  Only the config's current test volumes are shown: folders of an earlier test split stay on
+  disk but out of the report.
+  """
+  from jaxseg.io.datasets import dataset_volumes
   from jaxseg.tuning import tune_lib
+
+  current = {v.name for v in dataset_volumes(chain.config.data, "test")}
 
   results: dict[str, Any] = {
     "name": str(chain.config.get("name", "")),
@@ -426,11 +477,11 @@ def collect_results(chain: Chain) -> dict:
     "baselines": {},
   }
   for decoder in chain.decoders:
-    dirs = _decode_dirs(os.path.join(chain.workdir, "test", decoder))
+    dirs = _decode_dirs(os.path.join(chain.workdir, "test", decoder), current)
     if dirs:
       results["test"][decoder] = _metrics_of(dirs)
     best = tune_lib.load_best_params(chain.workdir, decoder)
-    tuned_dirs = _decode_dirs(os.path.join(chain.workdir, "tune", decoder, "test"))
+    tuned_dirs = _decode_dirs(os.path.join(chain.workdir, "tune", decoder, "test"), current)
     if best or tuned_dirs:
       results["tuned"][decoder] = {
         "best": best,
@@ -440,26 +491,9 @@ def collect_results(chain: Chain) -> dict:
   if os.path.isdir(base_dir):
     for name in sorted(os.listdir(base_dir)):
       saved = _read_json(os.path.join(base_dir, name)) if name.endswith(".json") else None
-      if saved:
+      if saved and saved["volume"] in current:
         results["baselines"][saved["volume"]] = saved["baselines"]
-  for section in ("test", "tuned"):
-    for per in results[section].values():
-      volumes = per if section == "test" else per["volumes"]
-      for metrics in volumes.values():
-        _add_segment_counts(metrics)
   return results
-
-
-def _add_segment_counts(metrics: dict | None) -> None:
-  """Fills ``segments`` of each result from its decode's ``decode.json`` when missing."""
-  for entry in (metrics or {}).get("results", []):
-    seg = entry.get("segmentation")
-    if entry.get("segments") is not None or not seg:
-      continue
-    summary = _read_json(os.path.join(os.path.dirname(seg), "decode.json")) or {}
-    arrays = [os.path.abspath(a) for a in summary.get("arrays", [])]
-    if os.path.abspath(seg) in arrays and len(summary.get("segments", [])) == len(arrays):
-      entry["segments"] = summary["segments"][arrays.index(os.path.abspath(seg))]
 
 
 def write_results(chain: Chain) -> dict[str, str]:
@@ -487,7 +521,7 @@ def write_results(chain: Chain) -> dict[str, str]:
         root = os.path.join(chain.workdir, "test", decoder)
       else:
         root = os.path.join(chain.workdir, "tune", decoder, "test")
-      for name, folder in _decode_dirs(root).items():
+      for name, folder in _decode_dirs(root, volumes).items():
         metrics = _read_json(os.path.join(folder, "metrics.json")) or {}
         seg_path, aff_path = _segmentation_of(metrics), _affinities_of(folder, metrics)
         volume = volumes.get(name)

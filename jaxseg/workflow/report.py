@@ -277,7 +277,7 @@ def write_report(results_dir: str, results: dict) -> dict[str, str]:
       "",
       "Adapted Rand error and VOI (bits) against the dense labels, NERL against the skeletons; "
       "↓ lower is better, ↑ higher is better. *config*: the recipe's decoder settings; *tuned*: "
-      "the best parameters found on the validation volumes. Baselines are unlearned "
+      "the best parameters found by tuning on the split named below. Baselines are unlearned "
       "segmentations scored the same way: everything one segment, every voxel its own segment, "
       "and connected components of the image above its mean.",
     ]
@@ -286,9 +286,13 @@ def write_report(results_dir: str, results: dict) -> dict[str, str]:
   for decoder, tuned in results.get("tuned", {}).items():
     best = tuned.get("best") or {}
     if best:
+      split = (best.get("fingerprint") or {}).get("split", "?")
+      leak = (
+        " (**the test split itself**: its test scores are optimistic)" if split == "test" else ""
+      )
       lines += [
         "",
-        f"**{decoder}** tuned on `{best.get('split', 'val')}`: "
+        f"**{decoder}** tuned on `{split}`{leak}: "
         f"{_params_text(best.get('params'))}; {best.get('objective', 'objective')} = "
         f"{_cell(best.get('best_value'), '{:.4f}')} over "
         f"{best.get('n_complete', best.get('n_trials', '?'))} trials.",

@@ -37,6 +37,8 @@ from jaxseg.io import VolumeError, block_chunks, create_zarr, open_volume
 DEFAULT_PORT = 8000
 HOST = "127.0.0.1"
 LAYOUT_NAME = "neuroglancer.json"
+# Besides local viewers (127.0.0.1 / localhost, any port), who may read the served files.
+PUBLIC_VIEWERS = ("https://neuroglancer-demo.appspot.com",)
 INSTALL_HINT = "the neuroglancer package is not installed: pip install neuroglancer"
 
 _PROTOCOLS = ((".zarray", "zarr2"), ("zarr.json", "zarr3"), ("attributes.json", "n5"))
@@ -214,23 +216,44 @@ def write_layout(path: str, state: dict) -> str:
 # -- serving ------------------------------------------------------------------------------------
 
 
+def _viewer_origin(origin: str) -> bool:
+  """Origins that may read the served files: local viewers and the public Neuroglancer app."""
+  parsed = urllib.parse.urlparse(origin)
+  if parsed.scheme not in ("http", "https"):
+    return False
+  return parsed.hostname in ("127.0.0.1", "localhost") or origin in PUBLIC_VIEWERS
+
+
 class _RootsHandler(http.server.SimpleHTTPRequestHandler):
-  """Static files from named roots (``/<root>/<path>``), with CORS so any viewer can read them."""
+  """Static files from named roots (``/<root>/<path>``), readable by local Neuroglancer viewers.
+
+  Only files inside a root are served (``..``, absolute paths and links out of it are 404s), and
+  CORS admits only local viewers and the public Neuroglancer app: any other web page open in the
+  browser cannot read the user's files through this server.
+  """
 
   roots: Mapping[str, str] = {}
 
   def translate_path(self, path: str) -> str:
+    missing = os.path.join(os.devnull, "missing")  # a 404
     parts = urllib.parse.urlparse(path).path.lstrip("/").split("/", 1)
     root = self.roots.get(parts[0])
     if root is None:
-      return os.path.join(os.devnull, "missing")  # a 404
-    rel = os.path.normpath(urllib.parse.unquote(parts[1] if len(parts) > 1 else ""))
-    if rel.startswith(".."):
-      return os.path.join(os.devnull, "missing")
-    return os.path.join(root, rel)
+      return missing
+    rel = urllib.parse.unquote(parts[1] if len(parts) > 1 else "")
+    if os.path.isabs(rel) or rel.startswith(("/", "\\")):
+      return missing
+    root = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([full, root]) != root:
+      return missing
+    return full
 
   def end_headers(self) -> None:
-    self.send_header("Access-Control-Allow-Origin", "*")
+    origin = self.headers.get("Origin", "")
+    if origin and _viewer_origin(origin):
+      self.send_header("Access-Control-Allow-Origin", origin)
+      self.send_header("Vary", "Origin")
     super().end_headers()
 
   def log_message(self, *args) -> None:  # chunk requests would flood the terminal
