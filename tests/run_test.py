@@ -425,3 +425,23 @@ def test_end_to_end_beats_baselines_and_a_rerun_reuses_everything(tmp_path):
   with open(os.path.join(results, "stages.json")) as f:
     assert not any(s["jax_imported"] for s in json.load(f).values())
   assert again < first / 2, (again, first)
+
+
+def test_unlabeled_test_volumes_are_decoded_without_baselines(tmp_path, tiny_root, monkeypatch):
+  """Public SNEMI3D / CREMI test volumes have no labels: the test stage must not fail on them."""
+  from jaxseg.tuning import cache, scoring
+
+  config = _tiny_config(tiny_root, **{"run.decoders": ("cc",)})
+  (volume,) = dataset_volumes(config.data, "test")
+  volume.labels, volume.skeleton = None, None
+  unlabeled = cache.CachedAffinities(name=volume.name, affinities="aff", volume=volume)
+  monkeypatch.setattr(cache, "cached_predictions", lambda *a, **k: [unlabeled])
+  decoded = []
+  monkeypatch.setattr(
+    scoring, "decode_and_evaluate", lambda config, c, out, **k: decoded.append(out) or {}
+  )
+  c = chain.Chain(config, str(tmp_path / "work"), show_progress=False, echo=lambda line: None)
+  result = c.run_stage("test")
+  assert result.status == "ran" and len(decoded) == 1
+  assert "baselines" not in result.detail
+  assert not os.path.exists(c.baseline_path(volume.name))

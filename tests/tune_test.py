@@ -263,6 +263,12 @@ def test_finished_study_is_not_rerun(cc_run, monkeypatch):
                          decoder="cc", show_progress=False)  # fmt: skip
   assert result["skipped"] and result["trials_run"] == 0
   assert result["best_params"] == cc_run["second"]["best_params"]
+  # --overwrite replaces only a study of other settings: an identical finished one is kept.
+  study_db = os.path.join(cc_run["workdir"], "tune", "cc", "study.db")
+  stamp = os.stat(study_db).st_mtime_ns
+  kept = tune_lib.tune(cc_run["config"], cc_run["workdir"], checkpoint=cc_run["ckpt"],
+                       decoder="cc", overwrite=True, show_progress=False)  # fmt: skip
+  assert kept["skipped"] and os.stat(study_db).st_mtime_ns == stamp
 
 
 def test_study_of_other_settings_is_refused(cc_run):
