@@ -25,6 +25,7 @@ from absl import app, flags
 
 from jaxseg.common import config_util, runtime
 
+# As jaxseg.workflow.chain.MODES, spelled out so that --help needs no import of the chain.
 _MODES = ("all", "train", "test", "tune", "tune-test", "report")
 
 _CONFIG = config_util.define_config_flag()

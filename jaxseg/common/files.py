@@ -54,3 +54,12 @@ def json_ready(value: Any) -> Any:
   if isinstance(value, float) and not math.isfinite(value):
     return None  # JSON has no NaN / Inf
   return value
+
+
+def local_abspath(path: str | os.PathLike) -> str:
+  """``path`` made absolute when it is local; URLs (``gs://``, ``s3://``) are kept as they are.
+
+  Fingerprints use it, so a saved run does not depend on the working directory it ran in.
+  """
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(path)

@@ -24,7 +24,7 @@ import json
 import os
 
 from jaxseg.common import config_util
-from jaxseg.common.files import write_json
+from jaxseg.common.files import local_abspath, write_json
 from jaxseg.io import VolumeError
 from jaxseg.io.datasets import LabeledVolume, dataset_volumes
 
@@ -70,10 +70,6 @@ def _step_spec(config) -> int | str:
   return int(step) if isinstance(step, int) or str(step).isdigit() else str(step)
 
 
-def _abs(path: str) -> str:
-  return path if "://" in path else os.path.abspath(path)
-
-
 def cache_key(config, checkpoint: str, split: str) -> tuple[str, dict]:
   """The cache key of a split's predictions and what it was made of.
 
@@ -100,7 +96,7 @@ def cache_key(config, checkpoint: str, split: str) -> tuple[str, dict]:
     volumes.append(
       {
         "name": v.name,
-        "path": _abs(str(v.image.path)),
+        "path": local_abspath(str(v.image.path)),
         "z_range": list(v.z_range) if v.z_range else None,
         "shape": list(w.image.shape),
         # Data regenerated at the same path (other synthesis settings) is other data.

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from jaxseg.common import config_util
-from jaxseg.common.files import json_ready, write_json
+from jaxseg.common.files import json_ready, local_abspath, write_json
 
 if TYPE_CHECKING:
   from jaxseg.io.datasets import LabeledVolume
@@ -181,7 +181,8 @@ def score(segmentation, volume: LabeledVolume, eval_config) -> dict:
   )
 
 
-def _mask_spec(path: str | None):
+def mask_spec(path: str | None):
+  """The rules a jaxseg.qc mask records in its attributes (None without a mask)."""
   from jaxseg.decoding.decode_lib import MASK_SPEC_ATTR
   from jaxseg.io import open_volume
 
@@ -238,10 +239,10 @@ def decode_and_evaluate(
         "affinities": os.path.abspath(cached.affinities),
         # The mask's rules, not just its path (the QC's or the user's): a mask rebuilt in place
         # must not reuse scores.
-        "mask_spec": _mask_spec(settings.affinity_mask_path or None),
+        "mask_spec": mask_spec(settings.affinity_mask_path or None),
         "eval": eval_settings(config),
-        "labels": _abs(volume.labels.path) if volume.labels is not None else None,
-        "skeleton": _abs(volume.skeleton) if volume.skeleton else None,
+        "labels": local_abspath(volume.labels.path) if volume.labels is not None else None,
+        "skeleton": local_abspath(volume.skeleton) if volume.skeleton else None,
         "objective": objective,
       }
     )
@@ -291,12 +292,6 @@ def decode_and_evaluate(
   out = json_ready(out)
   write_json(metrics_path, out)
   return {**out, "reused": False}
-
-
-def _abs(path: str) -> str:
-  """Local paths made absolute (a fingerprint must not depend on the working directory)."""
-  path = str(path)
-  return path if "://" in path else os.path.abspath(path)
 
 
 def _read_json(path: str) -> dict:

@@ -107,8 +107,13 @@ def study_fingerprint(config, space: search.SearchSpace, key: str, split: str) -
   and the TPE settings are not part of it (a study may be extended).
   """
   decode = decode_settings(scoring.decoder_config(config, space.decoder)).fingerprint()
-  for k in ("thresholds", "merge_function", "aff_threshold", "affinity_mask_path"):
+  for k in ("thresholds", "merge_function", "aff_threshold"):
     decode.pop(k, None)
+  # The QC's masks are covered by the qc settings; a user's own mask (qc off) by its path and
+  # the rules it records, so one rebuilt in place does not continue the old study.
+  user_mask = decode.pop("affinity_mask_path", "")
+  if user_mask:
+    decode["affinity_mask"] = [os.path.abspath(user_mask), scoring.mask_spec(user_mask)]
   qc = config_util.config_to_dict(config.qc) if config.qc.get("enabled", False) else None
   return json.loads(
     json.dumps(

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxseg.common import config_util, files
+from jaxseg.tuning.scoring import DECODERS
 
 STAGES = ("data", "train", "test", "tune", "tune-test", "report")
 MODES = {
@@ -42,7 +43,6 @@ MODES = {
   "tune-test": ("tune-test", "report"),
   "report": ("report",),
 }
-DECODERS = ("cc", "waterz")
 # The config sections that decide what a checkpoint is (the later stages' sections may change),
 # less the keys inside them that do not: where data lives, the test split, logging and I/O.
 TRAINING_SECTIONS = ("data", "target", "model", "optim", "train")

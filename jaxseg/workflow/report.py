@@ -175,9 +175,8 @@ def metric_rows(results: dict) -> list[dict]:
   tuned ones (``<decoder> (tuned)``), one row per decoded threshold; then each baseline.
   """
   volumes = []
-  for section in ("test",):
-    for per_volume in results.get(section, {}).values():
-      volumes += [v for v in per_volume if v not in volumes]
+  for per_volume in results.get("test", {}).values():
+    volumes += [v for v in per_volume if v not in volumes]
   for per_decoder in results.get("tuned", {}).values():
     volumes += [v for v in per_decoder.get("volumes", {}) if v not in volumes]
   volumes += [v for v in results.get("baselines", {}) if v not in volumes]
