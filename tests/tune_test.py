@@ -331,10 +331,12 @@ def test_tpe_samples_only_inside_the_space(data_root, tmp_path):
 
 
 class InProcessWorker:
-  """``TrialWorker`` without a child: runs trials here; threshold 0.5 "times out"."""
+  """``TrialWorker`` without a child: runs trials here; threshold 0.5 needs 100 s, so it "times
+  out" under a shorter timeout."""
 
   def __init__(self, setup, timeout_s):
     self.state = trials.load_state(setup)
+    self.timeout_s = timeout_s
     self.starts = 1
 
   def __enter__(self):
@@ -344,8 +346,8 @@ class InProcessWorker:
     pass
 
   def run(self, params):
-    if params.get("threshold") == 0.5:
-      raise trials.TrialTimeout("a trial took longer than 60 s")
+    if params.get("threshold") == 0.5 and self.timeout_s < 100:
+      raise trials.TrialTimeout(f"a trial took longer than {self.timeout_s:g} s")
     return trials.run_trial(self.state, params)
 
 
@@ -366,6 +368,14 @@ def test_timed_out_trial_scores_worst_and_is_not_rerun(data_root, tmp_path, monk
   assert slow.user_attrs["timed_out"]
   again = tune_lib.tune(config, str(tmp_path), checkpoint=ckpt, decoder="cc", show_progress=False)
   assert again["skipped"] and len(study.trials) == len(GRID)
+  # With a longer timeout the point that ran out of time runs again, and only that one.
+  patient = make_config(data_root, tune__trial_timeout_s=600.0)
+  third = tune_lib.tune(patient, str(tmp_path), checkpoint=ckpt, decoder="cc",
+                        show_progress=False)  # fmt: skip
+  assert not third["skipped"] and third["trials_run"] == 1 and third["timed_out"] == 0
+  reran = [t for t in study.trials if t.params["threshold"] == 0.5]
+  assert len(reran) == 2 and math.isfinite(reran[-1].value)
+  assert len(study.trials) == len(GRID) + 1
 
 
 def _load_nothing(setup):

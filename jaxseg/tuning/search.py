@@ -226,13 +226,17 @@ class ResumableGridSampler(optuna.samplers.GridSampler):
   many trials as points lack a COMPLETE trial, so this sampler never stops the study itself.
   """
 
+  def __init__(self, search_space, seed: int | None = None, timeout_s: float | None = None):
+    super().__init__(search_space, seed=seed)
+    self.timeout_s = timeout_s
+
   def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
     done, running = set(), set()
     for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
       attrs = t.system_attrs
       if "grid_id" not in attrs or not self._same_search_space(attrs["search_space"]):
         continue
-      if t.state == TrialState.COMPLETE:
+      if settled(t, self.timeout_s):
         done.add(attrs["grid_id"])
       elif t.state == TrialState.RUNNING:
         running.add(attrs["grid_id"])
@@ -243,10 +247,17 @@ class ResumableGridSampler(optuna.samplers.GridSampler):
     """No ``study.stop()``: the tuner asks for exactly the missing points."""
 
 
-def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
-  """The space's sampler (``grid``: every point once, shuffled by ``seed``; ``tpe``)."""
+def make_sampler(
+  space: SearchSpace, seed: int, timeout_s: float | None = None
+) -> optuna.samplers.BaseSampler:
+  """The space's sampler (``grid``: every point once, shuffled by ``seed``; ``tpe``).
+
+  ``timeout_s``: the current trial timeout; a grid point that timed out under a shorter one is
+  run again.
+  """
   if space.sampler == "grid":
-    return ResumableGridSampler({k: list(v) for k, v in space.choices.items()}, seed=seed)
+    choices = {k: list(v) for k, v in space.choices.items()}
+    return ResumableGridSampler(choices, seed=seed, timeout_s=timeout_s)
   return optuna.samplers.TPESampler(n_startup_trials=space.n_startup_trials, seed=seed)
 
 
@@ -259,6 +270,7 @@ def open_study(
   space: SearchSpace,
   fingerprint: Mapping[str, Any],
   seed: int,
+  timeout_s: float | None = None,
 ) -> tuple[optuna.Study, int]:
   """Creates or loads the SQLite study at ``path`` and readies it to continue.
 
@@ -269,6 +281,7 @@ def open_study(
     fingerprint: JSON-ready description of what is tuned; stored as a user attribute of a new
       study and compared with the stored one of an existing study.
     seed: sampler seed (a resumed TPE study adds its trial count).
+    timeout_s: the trial timeout of this run (see :func:`settled`).
 
   Returns:
     ``(study, interrupted)``: the study, and how many trials a killed run had left RUNNING (now
@@ -284,7 +297,7 @@ def open_study(
     study_name=name,
     load_if_exists=True,
     direction=space.direction,
-    sampler=make_sampler(space, seed),
+    sampler=make_sampler(space, seed, timeout_s),
   )
   saved = study.user_attrs.get(FINGERPRINT_ATTR)
   if saved is None and not study.trials:
@@ -299,7 +312,7 @@ def open_study(
   if space.sampler != "grid" and study.trials:
     # A resumed TPE study must not replay the first session's random startup draws; the grid's
     # seed stays, since it fixes which point each grid id is.
-    study.sampler = make_sampler(space, seed + len(study.trials))
+    study.sampler = make_sampler(space, seed + len(study.trials), timeout_s)
   interrupted = 0
   for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
     # A RUNNING trial in a study nobody else tunes was left by a killed job.
@@ -309,8 +322,22 @@ def open_study(
   return study, interrupted
 
 
-def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-  return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+def settled(trial, timeout_s: float | None = None) -> bool:
+  """A COMPLETE trial that stands, i.e. not one that timed out under a shorter timeout than
+  ``timeout_s`` (raising ``tune.trial_timeout_s`` gives those points another chance)."""
+  if trial.state != TrialState.COMPLETE:
+    return False
+  if timeout_s is None or not trial.user_attrs.get("timed_out"):
+    return True
+  return float(trial.user_attrs.get("timeout_s", math.inf)) >= float(timeout_s)
+
+
+def complete_trials(
+  study: optuna.Study, timeout_s: float | None = None
+) -> list[optuna.trial.FrozenTrial]:
+  """The study's :func:`settled` trials."""
+  trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+  return [t for t in trials if settled(t, timeout_s)]
 
 
 def same_point(study: optuna.Study, space: SearchSpace, params: Mapping[str, Any]):
@@ -323,12 +350,14 @@ def same_point(study: optuna.Study, space: SearchSpace, params: Mapping[str, Any
   return None
 
 
-def pending_trials(study: optuna.Study, space: SearchSpace, n_trials: int) -> int:
-  """How many trials to run so the study has ``n_trials`` complete ones.
+def pending_trials(
+  study: optuna.Study, space: SearchSpace, n_trials: int, timeout_s: float | None = None
+) -> int:
+  """How many trials to run so the study has ``n_trials`` settled ones.
 
-  A grid study runs each point lacking a COMPLETE trial (at most ``n_trials`` in all).
+  A grid study runs each point lacking a settled trial (at most ``n_trials`` in all).
   """
-  complete = complete_trials(study)
+  complete = complete_trials(study, timeout_s)
   budget = max(0, n_trials - len(complete))
   if space.sampler != "grid":
     return budget

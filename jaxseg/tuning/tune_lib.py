@@ -224,6 +224,7 @@ def tune(
   if target < 1:
     raise ValueError(f"n_trials must be >= 1, not {target}")
   workdir = os.path.abspath(workdir)
+  timeout = float(config.tune.trial_timeout_s)
   folder = tune_folder(workdir, decoder)
   key, ingredients = cache.cache_key(config, checkpoint, split)
   fingerprint = study_fingerprint(config, space, key, split)
@@ -240,6 +241,8 @@ def tune(
     best is not None
     and not config_util.fingerprint_differences(best.get("fingerprint"), fingerprint)
     and int(best.get("n_complete", 0)) >= target
+    # Trials that timed out under a shorter timeout than now get another chance.
+    and not (best.get("n_timed_out") and float(best.get("trial_timeout_s", 0.0)) < timeout)
   ):
     return _finished_result(folder, best, start)
 
@@ -257,6 +260,7 @@ def tune(
     space,
     fingerprint,
     int(config.seed),
+    timeout,
   )
   try:
     study, interrupted = open_study()
@@ -267,8 +271,8 @@ def tune(
     study, interrupted = open_study()
   if space.sampler == "tpe":
     search.enqueue_defaults(study, space)
-  todo = search.pending_trials(study, space, target)
-  n_done = len(search.complete_trials(study))
+  todo = search.pending_trials(study, space, target, timeout)
+  n_done = len(search.complete_trials(study, timeout))
   say = print if show_progress else logging.info
   say(
     f"tune {decoder} on {split} ({', '.join(c.name for c in cached)}): {space.objective} "
@@ -277,7 +281,9 @@ def tune(
     + f", {todo} to run"
   )
   run = _run_trials(config, study, space, cached, split, todo, say) if todo else {}
-  outputs = write_outputs(study, space, folder, fingerprint, _checkpoint_fingerprint(ingredients))
+  outputs = write_outputs(
+    study, space, folder, fingerprint, _checkpoint_fingerprint(ingredients), timeout
+  )
   summary = {
     **outputs,
     "split": split,
@@ -374,7 +380,7 @@ def _run_trials(config, study, space, cached, split, todo: int, say) -> dict:
   distributions = space.distributions()
   worst = scoring.worst_value(space.direction)
   timeout = float(config.tune.trial_timeout_s)
-  complete = search.complete_trials(study)
+  complete = search.complete_trials(study, timeout)
   finite = [{"value": t.value, "number": t.number} for t in complete if math.isfinite(t.value)]
   best = _best_of(finite, space.direction) if finite else None
   best = (best["value"], best["number"]) if best else None
@@ -411,6 +417,7 @@ def _run_trials(config, study, space, cached, split, todo: int, say) -> dict:
         timed_out += 1
         value = worst
         trial.set_user_attr("timed_out", True)
+        trial.set_user_attr("timeout_s", timeout)
       else:
         value = result["value"]
         if not math.isfinite(value):
@@ -485,7 +492,12 @@ def _best_params(space: search.SearchSpace, row: Mapping[str, Any]) -> dict:
 
 
 def write_outputs(
-  study, space: search.SearchSpace, folder: str, fingerprint: Mapping, checkpoint: Mapping
+  study,
+  space: search.SearchSpace,
+  folder: str,
+  fingerprint: Mapping,
+  checkpoint: Mapping,
+  timeout_s: float,
 ) -> dict:
   """Writes ``trials.csv``, ``objective.png`` and ``best_params.json`` from the study.
 
@@ -527,6 +539,7 @@ def write_outputs(
     "n_complete": n_complete,
     "n_timed_out": sum(r["timed_out"] for r in rows),
     "n_failed": sum(r["state"] == "FAIL" for r in rows),
+    "trial_timeout_s": float(timeout_s),
     "checkpoint": dict(checkpoint),
     "fingerprint": dict(fingerprint),
   }
