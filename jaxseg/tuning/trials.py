@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -73,7 +74,7 @@ def load_state(setup: Mapping[str, Any]) -> dict:
   """
   import ml_collections
 
-  from jaxseg.decoding.decode_lib import open_affinities, open_mask
+  from jaxseg.decoding.decode_lib import open_affinities, open_mask, wants_blockwise
   from jaxseg.decoding.settings import decode_settings
   from jaxseg.io import VolumeError
   from jaxseg.io.datasets import dataset_volumes
@@ -91,13 +92,34 @@ def load_state(setup: Mapping[str, Any]) -> dict:
       raise VolumeError(f"volume {name!r} is not in split {setup['split']!r} of config.data")
     volume = by_name[name].windowed()
     source = open_affinities(entry["affinities"], base)
+    resolution = tuple(float(r) for r in volume.image.resolution)
+    skeletons = load_skeletons(volume.skeleton, resolution=resolution) if volume.skeleton else None
+    if wants_blockwise(base, source.spatial_shape):
+      # Larger than one decode block (a NISB cube is 12 G voxels): every trial decodes it
+      # blockwise into scratch and scores it lazily, as `decode` + `evaluate` would.
+      if volume.labels is not None and tuple(volume.labels.shape) != source.spatial_shape:
+        raise VolumeError(
+          f"{source.volume.path}: affinities cover {source.spatial_shape} (z, y, x) but the "
+          f"labels {volume.labels.path} have {tuple(volume.labels.shape)}"
+        )
+      volumes.append(
+        {
+          "name": name,
+          "lazy": True,
+          "affinities": entry["affinities"],
+          "mask": entry.get("mask") or "",
+          "labels": volume.labels,
+          "skeletons": skeletons,
+          "resolution": resolution,
+        }
+      )
+      continue
     aff = source.read()
     if not np.isfinite(aff).all():
       raise VolumeError(f"{source.volume.path}: affinities contain NaN or Inf")
     mask = None
     if entry.get("mask"):
       mask = np.asarray(open_mask(entry["mask"], source.spatial_shape)[:])
-    resolution = tuple(float(r) for r in volume.image.resolution)
     labels = None
     if volume.labels is not None:
       labels = np.asarray(volume.labels.read())
@@ -106,7 +128,6 @@ def load_state(setup: Mapping[str, Any]) -> dict:
           f"{source.volume.path}: affinities cover {source.spatial_shape} (z, y, x) but the "
           f"labels {volume.labels.path} have {labels.shape}"
         )
-    skeletons = load_skeletons(volume.skeleton, resolution=resolution) if volume.skeleton else None
     volumes.append(
       {
         "name": name,
@@ -124,6 +145,7 @@ def load_state(setup: Mapping[str, Any]) -> dict:
     "eval": dict(setup["eval"]),
     "objective": setup["objective"],
     "volumes": volumes,
+    "scratch": setup.get("scratch"),
   }
 
 
@@ -150,9 +172,12 @@ def run_trial(state: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
   settings = decode_settings({**state["decode"], **params})
   per_threshold: dict[float, dict[str, float]] = {}
   for v in state["volumes"]:
-    results = decode_array(
-      v["aff"], settings, distances=v["distances"], convention=v["convention"], mask=v["mask"]
-    )
+    if v.get("lazy"):
+      results = _decode_to_scratch(state, v, params)
+    else:
+      results = decode_array(
+        v["aff"], settings, distances=v["distances"], convention=v["convention"], mask=v["mask"]
+      )
     for threshold, seg in results:
       metrics = scoring.evaluate_loaded(
         seg, v["labels"], v["skeletons"], v["resolution"], state["eval"]
@@ -174,6 +199,27 @@ def run_trial(state: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
     "thresholds": [{"threshold": r["threshold"], "value": r["value"]} for r in rows],
     "seconds": time.perf_counter() - start,
   }
+
+
+def _decode_to_scratch(state: Mapping[str, Any], v: Mapping[str, Any], params: Mapping[str, Any]):
+  """Blockwise decode of one large volume into ``scratch/<name>``: ``[(threshold, lazy seg)]``.
+
+  The scratch folder of the previous trial is replaced (its fingerprint differs); the decode
+  uses ``decode.num_workers`` / ``decode.worker_command`` like ``python -m jaxseg.decode``.
+  """
+  from jaxseg.decoding.decode_lib import decode
+  from jaxseg.decoding.settings import decode_settings
+  from jaxseg.io import open_volume
+
+  settings = decode_settings({**state["decode"], **params, "affinity_mask_path": v["mask"]})
+  if not state.get("scratch"):
+    state["scratch"] = tempfile.mkdtemp(prefix="jaxseg_trials_")
+  out = os.path.join(state["scratch"], v["name"])
+  summary = decode(settings, v["affinities"], out, overwrite=True, show_progress=False)
+  return [
+    (threshold, open_volume(path))
+    for path, threshold in zip(summary["arrays"], summary["thresholds"], strict=True)
+  ]
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,7 @@ from jaxseg.tuning import trials as trials_lib
 
 BEST_PARAMS = "best_params.json"
 STUDY_DB = "study.db"
+TRIAL_SCRATCH = "trial_scratch"  # blockwise decodes of large volumes, one trial at a time
 TRIALS_CSV = "trials.csv"
 PLOT = "objective.png"
 SUMMARY = "tune.json"
@@ -130,9 +132,17 @@ def study_fingerprint(config, space: search.SearchSpace, key: str, split: str) -
 
 
 def trial_setup(
-  config, space: search.SearchSpace, cached: Sequence[cache.CachedAffinities], split: str
+  config,
+  space: search.SearchSpace,
+  cached: Sequence[cache.CachedAffinities],
+  split: str,
+  scratch: str | None = None,
 ) -> dict:
-  """What the trial worker loads (:func:`jaxseg.tuning.trials.load_state`)."""
+  """What the trial worker loads (:func:`jaxseg.tuning.trials.load_state`).
+
+  ``scratch``: where trials decode volumes larger than ``decode.block_shape`` (blockwise; a
+  temporary folder when None).
+  """
   decode = config_util.config_to_dict(config.decode)
   decode["method"] = space.decoder
   if space.decoder == "waterz":
@@ -148,6 +158,7 @@ def trial_setup(
     "decode": decode,
     "eval": scoring.eval_settings(config),
     "objective": space.objective,
+    "scratch": scratch,
   }
 
 
@@ -280,7 +291,11 @@ def tune(
     + (f", {interrupted} interrupted (rerun)" if interrupted else "")
     + f", {todo} to run"
   )
-  run = _run_trials(config, study, space, cached, split, todo, say) if todo else {}
+  run = {}
+  if todo:
+    scratch = os.path.join(folder, TRIAL_SCRATCH)
+    run = _run_trials(config, study, space, cached, split, todo, say, scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
   outputs = write_outputs(
     study, space, folder, fingerprint, _checkpoint_fingerprint(ingredients), timeout
   )
@@ -374,7 +389,7 @@ def _mark_failed(study, trial, **attrs) -> None:
     pass
 
 
-def _run_trials(config, study, space, cached, split, todo: int, say) -> dict:
+def _run_trials(config, study, space, cached, split, todo: int, say, scratch: str) -> dict:
   """Asks, runs and tells ``todo`` trials with one worker process; one line per trial."""
 
   distributions = space.distributions()
@@ -387,7 +402,7 @@ def _run_trials(config, study, space, cached, split, todo: int, say) -> dict:
   n_before = len(complete)
   timed_out = 0
   started = time.perf_counter()
-  setup = trial_setup(config, space, cached, split)
+  setup = trial_setup(config, space, cached, split, scratch)
   with trials_lib.TrialWorker(setup, timeout) as worker:
     for i in range(todo):
       with warnings.catch_warnings():
