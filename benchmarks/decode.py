@@ -63,13 +63,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import functools
 import gzip
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -88,6 +85,7 @@ sys.path.insert(0, REPO)  # run as a script from a checkout: configs/ and jaxseg
 from jaxseg.common.config_util import load_sibling  # noqa: E402
 
 _memory = load_sibling(__file__, "memory_probe")
+_machine = load_sibling(__file__, "machine")
 
 SNEMI = os.path.join(REPO, "configs", "snemi.py")
 NISB = os.path.join(REPO, "configs", "nisb_base.py")
@@ -926,30 +924,18 @@ def child_main(spec_path: str) -> None:
 # -- main -----------------------------------------------------------------------------------------
 
 
-def _version(package: str) -> str | None:
-  try:
-    return importlib.metadata.version(package)
-  except importlib.metadata.PackageNotFoundError:
-    return None
-
-
 def machine_info() -> dict:
   """CPU count, memory, load, versions, numba threads, date."""
   import numba
 
   return {
-    "date": datetime.date.today().isoformat(),
-    "cpu_count": os.cpu_count(),
-    "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-    "load_average": [round(v, 2) for v in os.getloadavg()],
-    "python": platform.python_version(),
+    **_machine.host_info(),
     "numpy": np.__version__,
     "numba": numba.__version__,
     "numba_threads": numba.get_num_threads(),
-    "cc3d": _version("connected-components-3d"),
-    "waterz": _version("waterz"),
-    "daisy": _version("daisy"),
+    "cc3d": _machine.package_version("connected-components-3d"),
+    "waterz": _machine.package_version("waterz"),
+    "daisy": _machine.package_version("daisy"),
     "pinky40": load_pinky() is not None,
     "quick": _QUICK.value,
   }

@@ -41,11 +41,9 @@ memory too); outputs are the library's affinity zarrs.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -63,6 +61,7 @@ sys.path.insert(0, REPO)  # run as a script from a checkout: configs/ and jaxseg
 from jaxseg.common.config_util import load_sibling  # noqa: E402
 
 _memory = load_sibling(__file__, "memory_probe")
+_machine = load_sibling(__file__, "machine")
 
 DEMO = os.path.join(REPO, "configs", "demo.py")
 SNEMI = os.path.join(REPO, "configs", "snemi.py")
@@ -681,12 +680,7 @@ def machine_info() -> dict:
 
   device = jax.devices()[0]
   return {
-    "date": datetime.date.today().isoformat(),
-    "cpu_count": os.cpu_count(),
-    "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
-    "load_average": list(os.getloadavg()),
-    "python": platform.python_version(),
+    **_machine.host_info(),
     "jax": jax.__version__,
     "backend": jax.default_backend(),
     "device_kind": device.device_kind,

@@ -75,13 +75,10 @@ imports JAX.
 
 from __future__ import annotations
 
-import datetime
 import gzip
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -94,6 +91,10 @@ from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a script from a checkout: configs/ and jaxseg/ importable
+
+from jaxseg.common.config_util import load_sibling  # noqa: E402
+
+_machine = load_sibling(__file__, "machine")
 
 SNEMI = os.path.join(REPO, "configs", "snemi.py")
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -648,29 +649,17 @@ def stage_rows(r: dict) -> list[dict]:
 # -- main ------------------------------------------------------------------------------------------
 
 
-def _version(package: str) -> str | None:
-  try:
-    return importlib.metadata.version(package)
-  except importlib.metadata.PackageNotFoundError:
-    return None
-
-
 def machine_info() -> dict:
   """CPU count, memory, load, versions, numba threads, date."""
   import numba
 
   return {
-    "date": datetime.date.today().isoformat(),
-    "cpu_count": os.cpu_count(),
-    "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-    "load_average": [round(v, 2) for v in os.getloadavg()],
-    "python": platform.python_version(),
+    **_machine.host_info(),
     "numpy": np.__version__,
     "numba": numba.__version__,
     "numba_threads": numba.get_num_threads(),
-    "optuna": _version("optuna"),
-    "waterz": _version("waterz"),
+    "optuna": _machine.package_version("optuna"),
+    "waterz": _machine.package_version("waterz"),
     "dont_write_bytecode": bool(sys.dont_write_bytecode),
     "quick": _QUICK.value,
   }
