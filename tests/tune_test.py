@@ -520,3 +520,29 @@ def test_volumes_larger_than_a_block_are_tuned_blockwise_with_the_same_scores(da
     assert a["value"] == b["value"] and a["per_volume"] == b["per_volume"]
     assert 0.05 < a["value"] <= 1.0  # a real score, not an empty segmentation's
   assert os.listdir(tmp_path / "scratch") == ["seed100"]  # one trial's decode at a time
+
+
+def test_refusals_come_before_the_prediction(data_root, tmp_path, monkeypatch):
+  """Missing ground truth, or a study another tuner holds, is said at once, not after hours of
+  predicting the validation split."""
+  import fcntl
+  import shutil
+
+  def no_predictions(*args, **kwargs):
+    raise AssertionError("predicted before refusing")
+
+  monkeypatch.setattr(cache, "cached_predictions", no_predictions)
+  root = tmp_path / "data"
+  shutil.copytree(data_root, root)
+  os.remove(root / "val" / "seed100" / "skeleton.pkl")
+  config = make_config(root)  # cc: NERL needs skeletons
+  ckpt = make_checkpoint(tmp_path / "run")
+  with pytest.raises(ValueError, match=r"needs skeleton\.pkl.*seed100"):
+    tune_lib.tune(config, str(tmp_path / "run"), checkpoint=ckpt, decoder="cc")
+  config = make_config(data_root)
+  folder = tmp_path / "run" / "tune" / "cc"
+  folder.mkdir(parents=True)
+  with open(folder / tune_lib.LOCK_FILE, "w") as held:
+    fcntl.flock(held, fcntl.LOCK_EX)
+    with pytest.raises(ValueError, match=r"another jaxseg\.tune is tuning this study"):
+      tune_lib.tune(config, str(tmp_path / "run"), checkpoint=ckpt, decoder="cc")

@@ -21,7 +21,9 @@ missing.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import functools
 import json
 import math
@@ -38,12 +40,14 @@ from optuna import logging as optuna_logging
 from jaxseg.common import config_util
 from jaxseg.common.files import atomic_output, json_ready, write_json
 from jaxseg.decoding.settings import decode_settings
+from jaxseg.io.datasets import LabeledVolume, dataset_volumes
 from jaxseg.tuning import cache, scoring, search
 from jaxseg.tuning import plot as plot_lib
 from jaxseg.tuning import trials as trials_lib
 
 BEST_PARAMS = "best_params.json"
 STUDY_DB = "study.db"
+LOCK_FILE = ".lock"
 TRIAL_SCRATCH = "trial_scratch"  # blockwise decodes of large volumes, one trial at a time
 TRIALS_CSV = "trials.csv"
 PLOT = "objective.png"
@@ -162,12 +166,12 @@ def trial_setup(
   }
 
 
-def _check_ground_truth(cached: Sequence[cache.CachedAffinities], objective: str) -> None:
+def _check_ground_truth(volumes: Sequence[LabeledVolume], objective: str) -> None:
   kind = scoring.needs(objective)
   if kind == "skeleton":
-    missing = [c.name for c in cached if c.volume.skeleton is None]
+    missing = [v.name for v in volumes if v.skeleton is None]
   else:
-    missing = [c.name for c in cached if c.volume.labels is None]
+    missing = [v.name for v in volumes if v.labels is None]
   if missing:
     what = "skeleton.pkl" if kind == "skeleton" else "dense labels"
     raise ValueError(
@@ -257,11 +261,39 @@ def tune(
   ):
     return _finished_result(folder, best, start)
 
-  cached = cache.cached_predictions(
-    config, checkpoint, split, predictions_root(workdir), show_progress=show_progress
-  )
-  _check_ground_truth(cached, space.objective)
+  # Everything that can refuse is checked before the (possibly hours long) prediction.
+  _check_ground_truth(dataset_volumes(config.data, split), space.objective)
   os.makedirs(folder, exist_ok=True)
+  with _study_lock(folder):
+    return _tune_locked(
+      config, workdir, checkpoint, decoder, split, space, target, timeout, folder, fingerprint,
+      key, ingredients, overwrite, show_progress, start,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _study_lock(folder: str):
+  """One tuner per study: a second one would mark the first one's running trial as failed."""
+  path = os.path.join(folder, LOCK_FILE)
+  with open(path, "w") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise ValueError(
+        f"{folder}: another jaxseg.tune is tuning this study (it holds {path}); wait for it or "
+        "stop it"
+      ) from None
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _tune_locked(
+  config, workdir, checkpoint, decoder, split, space, target, timeout, folder, fingerprint,
+  key, ingredients, overwrite, show_progress, start,
+) -> dict:  # fmt: skip
+  """:func:`tune` once the study is this process's: open it, predict, run the trials."""
   config_util.save_config(config, folder)
   optuna_logging.set_verbosity(optuna_logging.WARNING)  # the trial lines below replace its own
   open_study = functools.partial(
@@ -280,6 +312,9 @@ def tune(
       raise
     _remove_outputs(folder)
     study, interrupted = open_study()
+  cached = cache.cached_predictions(
+    config, checkpoint, split, predictions_root(workdir), show_progress=show_progress
+  )
   if space.sampler == "tpe":
     search.enqueue_defaults(study, space)
   todo = search.pending_trials(study, space, target, timeout)
