@@ -122,8 +122,16 @@ def main(argv: list[str]) -> None:
     image_spec, origin = _image_spec(affinities)
     if image_spec is not None and origin != "--image":
       print(f"image {image_spec} ({origin})")
+    # A NISB cube's img is (x, y, z, c) on disk and says so nowhere (as jaxseg.predict assumes).
+    nisb = image_spec is not None and image_spec.rstrip("/").endswith("data.zarr/img")
     image = (
-      None if image_spec is None else open_volume(image_spec, axis_order=_IMAGE_AXIS_ORDER.value)
+      None
+      if image_spec is None
+      else open_volume(
+        image_spec,
+        axis_order=_IMAGE_AXIS_ORDER.value,
+        default_axis_order="xyzc" if nisb else None,
+      )
     )
     result = run_qc(
       _CONFIG.value,
