@@ -22,6 +22,7 @@ from jaxseg.common.config_util import load_config
 from jaxseg.io import create_zarr, open_volume
 from jaxseg.io.datasets import dataset_volumes
 from jaxseg.synthesis import generate_dataset
+from jaxseg.training.paths import completed_steps
 from jaxseg.workflow import baselines, chain, report, viewer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,8 +260,8 @@ def test_view_without_neuroglancer_says_how_to_install(monkeypatch):
 def test_completed_steps_ignore_unfinished_checkpoints(tmp_path):
   for name in ("100", "200", "300.orbax-checkpoint-tmp-1", "tmp"):
     (tmp_path / name).mkdir()
-  assert chain.completed_steps(str(tmp_path)) == [100, 200]
-  assert chain.completed_steps(str(tmp_path / "missing")) == []
+  assert completed_steps(str(tmp_path)) == [100, 200]
+  assert completed_steps(str(tmp_path / "missing")) == []
 
 
 def test_data_and_train_stages_reuse_complete_outputs(tmp_path):

@@ -19,7 +19,7 @@ from jaxseg.common.config_util import load_config
 from jaxseg.data import pipeline
 from jaxseg.synthesis import generate_dataset
 from jaxseg.training import checkpoint as ckpt_lib
-from jaxseg.training import optim, summary, train_lib
+from jaxseg.training import optim, paths, summary, train_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO_ROOT, "configs", "demo.py")
@@ -262,8 +262,8 @@ def test_checkpoint_retention_top_k_plus_latest(tmp_path, mode, keep_every, expe
   with pytest.raises(FileNotFoundError, match="no EMA"):
     fresh.restore(6, params=_tiny_tree(0.0), ema=_tiny_tree(0.0))
   fresh.close()
-  assert ckpt_lib.checkpoint_dir(str(tmp_path)) == str(tmp_path)
-  assert ckpt_lib.checkpoint_dir(str(tmp_path.parent)) == str(tmp_path.parent / "checkpoints")
+  assert paths.checkpoint_dir(str(tmp_path)) == str(tmp_path)
+  assert paths.checkpoint_dir(str(tmp_path.parent)) == str(tmp_path.parent / "checkpoints")
 
 
 def test_metric_writer_and_preview(tmp_path):

@@ -38,7 +38,6 @@ from flax import nnx
 
 from jaxseg.common import config_util
 
-CHECKPOINT_DIR = "checkpoints"
 # Model config fields that do not change parameter shapes: a resumed or restored run may change
 # them freely (bf16 vs f32 compute, rematerialisation).
 _SHAPE_NEUTRAL_MODEL_FIELDS = frozenset({"compute_dtype", "remat"})
@@ -125,18 +124,6 @@ class IncompatibleCheckpointError(ValueError):
 
 
 # -- the manager -----------------------------------------------------------------------------------
-
-
-def checkpoint_dir(path: str) -> str:
-  """The checkpoint folder for ``path``: a workdir (``path/checkpoints``) or the folder itself."""
-  path = os.path.abspath(os.fspath(path))
-  sub = os.path.join(path, CHECKPOINT_DIR)
-  if os.path.isdir(sub):
-    return sub
-  # A checkpoint folder holds numbered step folders; anything else is taken as a workdir.
-  if os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path)):
-    return path
-  return sub
 
 
 class CheckpointManager:

@@ -49,7 +49,7 @@ from jaxseg.common import config_util
 from jaxseg.data import pipeline
 from jaxseg.training import checkpoint as ckpt_lib
 from jaxseg.training import ema as ema_lib
-from jaxseg.training import losses, optim, summary
+from jaxseg.training import losses, optim, paths, summary
 from jaxseg.training import sharding as sharding_lib
 
 
@@ -347,7 +347,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     )
   with contextlib.ExitStack() as stack:
     manager = ckpt_lib.CheckpointManager(
-      os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR),
+      os.path.join(workdir, paths.CHECKPOINT_DIR),
       keep_top_k=int(train_cfg.get("keep_top_k", 3)),
       monitor=monitor,
       monitor_mode=str(train_cfg.get("monitor_mode", "min")),
@@ -570,7 +570,7 @@ def restore_inference_model(
     ``(model, info)``: the module (weights on the default device) and ``{"step", "weights"
     ("ema" or "params"), "metrics", "checkpoint_dir"}``.
   """
-  directory = ckpt_lib.checkpoint_dir(path)
+  directory = paths.checkpoint_dir(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints at {path} (looked for {directory})")
   manager = ckpt_lib.CheckpointManager(

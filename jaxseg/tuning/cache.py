@@ -27,6 +27,7 @@ from jaxseg.common import config_util
 from jaxseg.common.files import local_abspath, write_json
 from jaxseg.io import VolumeError
 from jaxseg.io.datasets import LabeledVolume, dataset_volumes
+from jaxseg.training.paths import checkpoint_dir, completed_steps
 
 CACHE_FILE = "cache.json"
 _KEY_CHARS = 12
@@ -54,17 +55,6 @@ class CachedAffinities:
   qc: dict | None = None
 
 
-def checkpoint_folder(checkpoint: str) -> str:
-  """The absolute checkpoint folder for a workdir (``<workdir>/checkpoints``) or the folder."""
-  path = os.path.abspath(os.fspath(checkpoint))
-  sub = os.path.join(path, "checkpoints")
-  if os.path.isdir(sub):
-    return sub
-  if os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path)):
-    return path
-  return sub
-
-
 def _step_spec(config) -> int | str:
   step = config.run.get("checkpoint_step", "best")
   return int(step) if isinstance(step, int) or str(step).isdigit() else str(step)
@@ -79,17 +69,12 @@ def cache_key(config, checkpoint: str, split: str) -> tuple[str, dict]:
   Returns:
     ``(key, ingredients)``: a 12-character hex hash and the JSON-ready dict it hashes.
   """
-  folder = checkpoint_folder(checkpoint)
+  folder = checkpoint_dir(checkpoint)
   # A step folder's name and time: retraining into the same workdir writes the same step
   # numbers, and must not reuse the old model's affinities.
-  steps = (
-    [
-      [n, os.stat(os.path.join(folder, n)).st_mtime_ns]
-      for n in sorted((n for n in os.listdir(folder) if n.isdigit()), key=int)
-    ]
-    if os.path.isdir(folder)
-    else []
-  )
+  steps = [
+    [str(n), os.stat(os.path.join(folder, str(n))).st_mtime_ns] for n in completed_steps(folder)
+  ]
   volumes = []
   for v in dataset_volumes(config.data, split):
     w = v.windowed()

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxseg.common import config_util, files
+from jaxseg.training import paths
 from jaxseg.tuning.scoring import DECODERS
 
 STAGES = ("data", "train", "test", "tune", "tune-test", "report")
@@ -76,17 +77,6 @@ class StageResult:
   seconds: float
   detail: str
   computed_seconds: float | None = None
-
-
-def completed_steps(checkpoint_dir: str) -> list[int]:
-  """Step numbers of the finished checkpoints in ``checkpoint_dir`` (no JAX / orbax needed).
-
-  Orbax writes a step into a temporary folder and renames it to the bare step number when it is
-  complete, so a folder named by an integer is a whole checkpoint.
-  """
-  if not os.path.isdir(checkpoint_dir):
-    return []
-  return sorted(int(n) for n in os.listdir(checkpoint_dir) if n.isdigit())
 
 
 def _read_json(path: str) -> dict | None:
@@ -138,7 +128,7 @@ class Chain:
 
   @property
   def checkpoint_dir(self) -> str:
-    return os.path.join(self.workdir, "checkpoints")
+    return os.path.join(self.workdir, paths.CHECKPOINT_DIR)
 
   @property
   def cache_root(self) -> str:
@@ -267,7 +257,7 @@ class Chain:
   def stage_train(self) -> tuple[str, str]:
     """Trains to ``train.num_steps`` (resuming), unless a checkpoint of that step exists."""
     target = int(self.config.train.num_steps)
-    steps = completed_steps(self.checkpoint_dir)
+    steps = paths.completed_steps(self.checkpoint_dir)
     if steps:
       self._check_training_config()
     if steps and steps[-1] >= target:
