@@ -25,6 +25,7 @@ section holding NaN / Inf is never good. Never imports JAX.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -901,6 +902,15 @@ def run_qc(
   block_shape = tuple(
     getattr(getattr(config, "decode", None), "block_shape", None) or mask_lib.DEFAULT_BLOCK_SHAPE
   )
+  build = functools.partial(
+    mask_lib.build_affinity_mask,
+    output=os.path.join(output_dir, MASK_NAME),
+    image=img,
+    shape=volume.shape[1:],
+    block_shape=block_shape,
+    overwrite=overwrite,
+    show_progress=show_progress,
+  )
 
   if os.path.exists(summary_path):
     with open(summary_path) as f:
@@ -920,15 +930,7 @@ def run_qc(
       if files_there and (mask_there or not build_mask):
         return result
       if files_there:  # finished without a mask: add it, the scan stands
-        mask = mask_lib.build_affinity_mask(
-          result.scan,
-          os.path.join(output_dir, MASK_NAME),
-          image=img,
-          shape=volume.shape[1:],
-          block_shape=block_shape,
-          overwrite=overwrite,
-          show_progress=show_progress,
-        )
+        mask = build(result.scan)
         saved["mask"] = mask.path
         write_json(summary_path, saved)
         return dataclasses.replace(result, mask=mask.path, reused=False)
@@ -940,15 +942,7 @@ def run_qc(
   paths = write_report(scan, os.path.join(output_dir, REPORT_NAME))
   mask_path = None
   if build_mask:
-    mask_path = mask_lib.build_affinity_mask(
-      scan,
-      os.path.join(output_dir, MASK_NAME),
-      image=img,
-      shape=volume.shape[1:],
-      block_shape=block_shape,
-      overwrite=overwrite,
-      show_progress=show_progress,
-    ).path
+    mask_path = build(scan).path
   saved = {
     "fingerprint": fingerprint,
     "complete": True,
