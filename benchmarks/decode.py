@@ -926,13 +926,9 @@ def child_main(spec_path: str) -> None:
 
 def machine_info() -> dict:
   """CPU count, memory, load, versions, numba threads, date."""
-  import numba
-
   return {
     **_machine.host_info(),
-    "numpy": np.__version__,
-    "numba": numba.__version__,
-    "numba_threads": numba.get_num_threads(),
+    **_machine.numba_info(),
     "cc3d": _machine.package_version("connected-components-3d"),
     "waterz": _machine.package_version("waterz"),
     "daisy": _machine.package_version("daisy"),

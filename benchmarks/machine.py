@@ -1,7 +1,8 @@
 """What machine a benchmark ran on: the host part every ``benchmarks/*.py`` records.
 
-Owns :func:`host_info` (date, CPUs, memory, load, Python) and :func:`package_version`. Each
-benchmark adds its own libraries (numba threads, JAX backend, ...). Loaded by path with
+Owns :func:`host_info` (date, CPUs, memory, load, Python), :func:`numba_info` (numpy and numba
+versions, numba threads: the decoding kernels' parallelism) and :func:`package_version`. Each
+benchmark adds its own libraries (JAX backend, waterz, ...). Loaded by path with
 ``load_sibling(__file__, "machine")``: ``benchmarks/`` is not a package.
 """
 
@@ -30,4 +31,16 @@ def host_info() -> dict:
     "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
     "load_average": [round(v, 2) for v in os.getloadavg()],
     "python": platform.python_version(),
+  }
+
+
+def numba_info() -> dict:
+  """numpy and numba versions and numba's thread count."""
+  import numba
+  import numpy
+
+  return {
+    "numpy": numpy.__version__,
+    "numba": numba.__version__,
+    "numba_threads": numba.get_num_threads(),
   }

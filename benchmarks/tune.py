@@ -651,13 +651,9 @@ def stage_rows(r: dict) -> list[dict]:
 
 def machine_info() -> dict:
   """CPU count, memory, load, versions, numba threads, date."""
-  import numba
-
   return {
     **_machine.host_info(),
-    "numpy": np.__version__,
-    "numba": numba.__version__,
-    "numba_threads": numba.get_num_threads(),
+    **_machine.numba_info(),
     "optuna": _machine.package_version("optuna"),
     "waterz": _machine.package_version("waterz"),
     "dont_write_bytecode": bool(sys.dont_write_bytecode),
