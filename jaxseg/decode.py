@@ -12,6 +12,8 @@ Examples::
       --output=seg/test --config.decode.thresholds='(0.3,0.5,0.7)'
   python -m jaxseg.decode --config=configs/nisb_base.py --affinities=big.zarr/affinities \
       --output=seg --config.decode.num_workers=8
+  python -m jaxseg.decode --config=configs/snemi.py --affinities=pytc_pred.h5:main \
+      --axis_order=cxyz --output=seg/pytc
 
 Writes ``DIR/segmentation`` (or ``DIR/segmentation_t<thr>`` per waterz threshold), ``[z, y, x]``
 zarr arrays in the smallest unsigned dtype, plus ``DIR/preview.png`` and ``DIR/decode.json``.
@@ -20,11 +22,9 @@ This process never imports JAX.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
-from jaxseg.common import config_util
+from jaxseg.common import cli, config_util
 
 _CONFIG = config_util.define_config_flag()
 _AFFINITIES = flags.DEFINE_string(
@@ -38,6 +38,12 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output folder.", required=True)
 _OVERWRITE = flags.DEFINE_bool(
   "overwrite", False, "Replace a decode made with other settings instead of refusing."
 )
+_AXIS_ORDER = flags.DEFINE_string(
+  "axis_order",
+  None,
+  "On-disk axis order of --affinities when the file names none ('cxyz': PyTC); a file's own "
+  "axis_order attribute must agree.",
+)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Let waterz print its progress.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars for blockwise decoding.")
 
@@ -45,24 +51,21 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars for blockwis
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.check_output_folder(_OUTPUT.value)
   from jaxseg.decoding.decode_lib import decode
   from jaxseg.decoding.settings import decode_settings
-  from jaxseg.io import VolumeError
 
-  try:
-    settings = decode_settings(_CONFIG.value)
-    summary = decode(
-      settings,
-      _AFFINITIES.value,
-      _OUTPUT.value,
-      overwrite=_OVERWRITE.value,
-      verbose=_VERBOSE.value,
-      show_progress=_PROGRESS.value,
-    )
-  except (VolumeError, FileNotFoundError, ValueError, RuntimeError) as e:
-    # The user's input, settings or machine (a waterz merge function that needs Boost, failed
-    # blocks to rerun): say what is wrong, without a traceback.
-    sys.exit(f"jaxseg.decode: {e}")
+  # The user's mistakes (input, settings, a full disk) raise JaxsegError: one line via cli.
+  settings = decode_settings(_CONFIG.value)
+  summary = decode(
+    settings,
+    _AFFINITIES.value,
+    _OUTPUT.value,
+    overwrite=_OVERWRITE.value,
+    verbose=_VERBOSE.value,
+    show_progress=_PROGRESS.value,
+    axis_order=_AXIS_ORDER.value,
+  )
   done = " (already decoded)" if summary.get("already_done") else ""
   for path, threshold, count in zip(
     summary["arrays"], summary["thresholds"], summary["segments"], strict=True
@@ -77,7 +80,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (``jaxseg-decode``)."""
-  app.run(main)
+  cli.run_main("jaxseg.decode", main)
 
 
 if __name__ == "__main__":

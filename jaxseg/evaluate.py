@@ -14,9 +14,10 @@ skeleton nodes. GT labels <= 0 are ignored. This module never imports JAX.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +25,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from jaxseg.common import config_util, files
+from jaxseg.common import cli, config_util, files, outputs
+from jaxseg.common.errors import ConfigError, InputError, OutputError, from_os_error
 from jaxseg.io import Volume, VolumeError, open_volume
 from jaxseg.io.skeleton import Skeletons, load_skeletons
 from jaxseg.metrics import (
@@ -93,6 +95,7 @@ def evaluate(
   merge_threshold: int = 1,
   seg_axis_order: str | None = None,
   gt_axis_order: str | None = None,
+  erl_cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
   """Computes every metric the inputs allow.
 
@@ -108,6 +111,8 @@ def evaluate(
     merge_threshold: NERL merge threshold in nodes (1 = funlib / BANIS).
     seg_axis_order: on-disk axis order of a ``seg`` path (e.g. ``"xyz"`` for NISB).
     gt_axis_order: on-disk axis order of a ``gt`` path.
+    erl_cache_dir: where a ``skeleton.pkl`` path's parsed arrays are cached (default
+      :func:`jaxseg.io.skeleton.default_cache_dir`; never beside the skeleton).
 
   Returns:
     A flat dict. With GT: ``adapted_rand``, ``adapted_rand_precision``, ``adapted_rand_recall``,
@@ -117,13 +122,14 @@ def evaluate(
     and edge / node counts. Always ``seconds``.
 
   Raises:
-    ValueError: nothing to compare against, or bad arguments.
+    InputError: nothing to compare against (a ``ValueError``).
+    ConfigError: an unknown ``arand`` (a ``ValueError``).
     VolumeError: unreadable inputs, or seg / gt shapes differ (names both).
   """
   if gt is None and skeletons is None:
-    raise ValueError("evaluate needs dense GT (gt), skeletons, or both")
+    raise InputError("evaluate needs dense GT (gt), skeletons, or both")
   if arand not in ARAND_METHODS:
-    raise ValueError(f"arand must be one of {ARAND_METHODS}, got {arand!r}")
+    raise ConfigError(f"arand (eval.arand) must be one of {ARAND_METHODS}, got {arand!r}")
   start = time.perf_counter()
   seg, seg_name = _open(seg, seg_axis_order, resolution, "segmentation")
   _check_labels(seg, seg_name)
@@ -154,7 +160,9 @@ def evaluate(
     )
   if skeletons is not None:
     if not isinstance(skeletons, Skeletons):
-      skeletons = load_skeletons(skeletons, resolution=_resolution_for_skeleton(resolution, seg))
+      skeletons = load_skeletons(
+        skeletons, resolution=_resolution_for_skeleton(resolution, seg), cache_dir=erl_cache_dir
+      )
     erl = expected_run_length(skeletons, seg, merge_threshold=merge_threshold, volume_name=seg_name)
     stats = erl.to_dict()
     stats["skeleton_voi_split"] = stats.pop("voi_split")
@@ -197,7 +205,9 @@ def define_flags() -> None:
   # Optional recipe: its `eval` section and `data.resolution` are the defaults of the flags above
   # (a flag given on the command line wins); the resolved config is written beside --output.
   config_util.define_config_flag(required=False)
-  flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
+  flags.DEFINE_bool(
+    "overwrite", False, "Replace an --output that jaxseg wrote from other inputs or settings."
+  )
 
 
 # Rows of the printed table: key, label, format.
@@ -235,13 +245,47 @@ def format_table(metrics: dict[str, Any]) -> str:
   return "\n".join(f"{label:<{width}}  {text}" for label, text in rows)
 
 
-def write_json(metrics: dict[str, Any], path: str, overwrite: bool = False) -> None:
-  """Writes ``metrics`` as JSON atomically; refuses to replace ``path`` unless ``overwrite``."""
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  files.write_json(path, files.json_ready(metrics))
+def metrics_output(path: str, settings: dict[str, Any]) -> outputs.StageOutput:
+  """The metrics file's entry in its folder's manifest (the folder may be the user's own).
+
+  The file and its ``<stem>.config.json`` are jaxseg's once written; an existing file jaxseg did
+  not write is never replaced, and one made from other inputs or settings only with
+  ``--overwrite``.
+  """
+  folder, name = os.path.split(os.path.abspath(path))
+  stem = os.path.splitext(name)[0]
+  inputs = [settings.get(k) for k in ("seg", "gt", "skeleton") if settings.get(k)]
+  return outputs.StageOutput(
+    folder,
+    name=f"evaluate:{name}",
+    stage="evaluation",
+    fingerprint={
+      **settings,
+      "inputs": {
+        k: outputs.input_identity(settings[k]) for k in ("seg", "gt", "skeleton") if settings.get(k)
+      },
+    },
+    paths=(name, f"{stem}.config.json"),
+    inputs=inputs,
+    what="--output",
+    shared=True,
+  )
+
+
+def _keep_elsewhere(metrics: dict[str, Any]) -> str:
+  """Saves ``metrics`` in the temp folder (often another disk) or else prints them; says where."""
+  text = json.dumps(files.json_ready(metrics), indent=2, sort_keys=True) + "\n"
+  path = None
+  try:
+    fd, path = tempfile.mkstemp(prefix="jaxseg-metrics-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+  except OSError:
+    if path is not None and os.path.exists(path):
+      os.remove(path)
+    print(text, end="", flush=True)
+    return "the JSON printed on stdout"
+  return path
 
 
 def main(argv):
@@ -251,10 +295,9 @@ def main(argv):
     raise app.UsageError("--seg is required")
   if not FLAGS.gt and not FLAGS.skeleton:
     raise app.UsageError("give --gt, --skeleton, or both")
-  if FLAGS.output and os.path.exists(FLAGS.output) and not FLAGS.overwrite:
-    # Checked before the (possibly long) evaluation, not only when writing.
-    print(f"error: --output {FLAGS.output} exists; pass --overwrite to replace it", file=sys.stderr)
-    return 1
+  # Checked before the (possibly long) evaluation, not only when writing.
+  if FLAGS.output and os.path.isdir(FLAGS.output):
+    raise OutputError(f"--output={FLAGS.output} is a folder; name the metrics file (e.g. .json)")
   config = FLAGS.config
   arand, crop_fraction, merge_threshold = FLAGS.arand, FLAGS.crop_fraction, FLAGS.merge_threshold
   resolution = None
@@ -272,22 +315,7 @@ def main(argv):
       raise app.UsageError(f"--resolution must be z,y,x numbers: {FLAGS.resolution}") from e
     if len(resolution) != 3:
       raise app.UsageError(f"--resolution needs 3 values (z,y,x), got {FLAGS.resolution}")
-  try:
-    metrics = evaluate(
-      FLAGS.seg,
-      FLAGS.gt,
-      FLAGS.skeleton,
-      resolution=resolution,
-      arand=arand,
-      crop_fraction=crop_fraction,
-      merge_threshold=merge_threshold,
-      seg_axis_order=FLAGS.seg_axis_order,
-      gt_axis_order=FLAGS.gt_axis_order,
-    )
-  except (ValueError, FileNotFoundError) as e:  # VolumeError / SkeletonError are ValueErrors.
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  metrics["inputs"] = {
+  settings = {
     "seg": FLAGS.seg,
     "gt": FLAGS.gt,
     "skeleton": FLAGS.skeleton,
@@ -298,21 +326,50 @@ def main(argv):
     "merge_threshold": merge_threshold,
     "crop_fraction": crop_fraction,
   }
+  entry = metrics_output(FLAGS.output, settings) if FLAGS.output else None
+  # Refused (or found done) now, not after the evaluation.
+  if entry is not None and entry.peek(overwrite=FLAGS.overwrite) is outputs.Decision.REUSE:
+    with open(FLAGS.output) as f:
+      print(format_table(json.load(f)))
+    print(f"{FLAGS.output}: already evaluated from these inputs and settings (reused)")
+    return 0
+  # Unreadable or mismatched inputs raise JaxsegError (VolumeError, SkeletonError): one line.
+  metrics = evaluate(
+    FLAGS.seg,
+    FLAGS.gt,
+    FLAGS.skeleton,
+    resolution=resolution,
+    arand=arand,
+    crop_fraction=crop_fraction,
+    merge_threshold=merge_threshold,
+    seg_axis_order=FLAGS.seg_axis_order,
+    gt_axis_order=FLAGS.gt_axis_order,
+  )
+  metrics["inputs"] = settings
   print(format_table(metrics))
-  if FLAGS.output:
-    write_json(metrics, FLAGS.output, overwrite=FLAGS.overwrite)
+  if entry is not None:
+    try:
+      entry.open(overwrite=FLAGS.overwrite)
+      files.write_json(FLAGS.output, files.json_ready(metrics))
+    except OSError as e:
+      # The evaluation may have taken hours: keep its result wherever it can still go.
+      error = from_os_error(e, FLAGS.output) or OutputError(
+        f"{FLAGS.output}: cannot write it ({e.strerror or e})"
+      )
+      raise OutputError(f"{error}; the metrics are in {_keep_elsewhere(metrics)}") from e
     print(f"wrote {FLAGS.output}")
     if config is not None:
       stem = os.path.splitext(os.path.basename(FLAGS.output))[0]
       config_util.save_config(
         config, os.path.dirname(os.path.abspath(FLAGS.output)), f"{stem}.config.json"
       )
+    entry.finish()
   return 0
 
 
 def run():
   define_flags()
-  app.run(main)
+  cli.run_main("jaxseg.evaluate", main)
 
 
 if __name__ == "__main__":

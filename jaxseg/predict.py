@@ -18,11 +18,9 @@ or ``JAX_COORDINATOR_ADDRESS``); each process predicts its share of the blocks.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
-from jaxseg.common import config_util, runtime
+from jaxseg.common import cli, config_util, runtime
 
 _CONFIG = config_util.define_config_flag()
 _CHECKPOINT = flags.DEFINE_string(
@@ -58,28 +56,25 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  cli.check_output_folder(_OUTPUT.value)
   runtime.quiet_libraries()
   import jax
 
   runtime.initialize_distributed(config)
   from jaxseg.inference.predict_lib import predict
-  from jaxseg.io import VolumeError
 
-  try:
-    results = predict(
-      config,
-      _CHECKPOINT.value,
-      _INPUT.value,
-      _OUTPUT.value,
-      step=_step(_STEP.value),
-      use_ema=not _RAW_WEIGHTS.value,
-      axis_order=_AXIS_ORDER.value,
-      overwrite=_OVERWRITE.value,
-      num_devices=_NUM_DEVICES.value,
-    )
-  except (VolumeError, FileNotFoundError, ValueError) as e:
-    # The user's input, checkpoint or settings: say what is wrong, without a traceback.
-    sys.exit(f"jaxseg.predict: {e}")
+  # The user's mistakes (input, checkpoint, settings) raise JaxsegError: one line via cli.
+  results = predict(
+    config,
+    _CHECKPOINT.value,
+    _INPUT.value,
+    _OUTPUT.value,
+    step=_step(_STEP.value),
+    use_ema=not _RAW_WEIGHTS.value,
+    axis_order=_AXIS_ORDER.value,
+    overwrite=_OVERWRITE.value,
+    num_devices=_NUM_DEVICES.value,
+  )
   for r in results:
     rate = r.get("voxels_per_second")
     print(
@@ -93,7 +88,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (``jaxseg-predict``)."""
-  app.run(main)
+  cli.run_main("jaxseg.predict", main)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ A finished identical QC in ``DIR`` is reused. This process never imports JAX.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
 
-from jaxseg.common import config_util
+from jaxseg.common import cli, config_util
 
 _CONFIG = config_util.define_config_flag(required=False)
 _AFFINITIES = flags.DEFINE_string(
@@ -71,8 +70,12 @@ def _summary_lines(result) -> list[str]:
   lines = [
     f"QC of {scan.affinities} {tuple(scan.shape)} {scan.dtype}"
     + (" (reused a finished QC)" if result.reused else f" in {scan.seconds:.2f} s"),
-    f"keep z [{result.low_z}, {result.high_z}) of {depth}: drops {result.low_z} at the start, "
-    f"{depth - result.high_z} at the end",
+    (
+      f"keep z [{result.low_z}, {result.high_z}) of {depth}: drops {result.low_z} at the start, "
+      f"{depth - result.high_z} at the end"
+      if result.high_z > result.low_z
+      else f"keeps nothing of {depth} sections: no section passed QC"
+    ),
     f"NaN {result.nan_count}, Inf {result.inf_count}",
   ]
   for c, ch in enumerate(scan.channels):
@@ -110,47 +113,45 @@ def _summary_lines(result) -> list[str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from jaxseg.io import VolumeError, open_volume
+  cli.check_output_folder(_OUTPUT.value)
+  from jaxseg.io import open_volume
   from jaxseg.quality import run_qc
   from jaxseg.quality.affinity_qc import open_affinity_volume
 
-  try:
-    spec = _AFFINITIES.value
-    if os.path.isdir(spec) and os.path.isdir(os.path.join(spec, "affinities")):
-      spec = os.path.join(spec, "affinities")
-    affinities = open_affinity_volume(open_volume(spec, axis_order=_AXIS_ORDER.value))
-    image_spec, origin = _image_spec(affinities)
-    if image_spec is not None and origin != "--image":
-      print(f"image {image_spec} ({origin})")
-    # A NISB cube's img is (x, y, z, c) on disk and says so nowhere (as jaxseg.predict assumes).
-    nisb = image_spec is not None and image_spec.rstrip("/").endswith("data.zarr/img")
-    image = (
-      None
-      if image_spec is None
-      else open_volume(
-        image_spec,
-        axis_order=_IMAGE_AXIS_ORDER.value,
-        default_axis_order="xyzc" if nisb else None,
-      )
+  # The user's mistakes (input, settings, a full disk) raise JaxsegError: one line via cli.
+  spec = _AFFINITIES.value
+  if os.path.isdir(spec) and os.path.isdir(os.path.join(spec, "affinities")):
+    spec = os.path.join(spec, "affinities")
+  affinities = open_affinity_volume(open_volume(spec, axis_order=_AXIS_ORDER.value))
+  image_spec, origin = _image_spec(affinities)
+  if image_spec is not None and origin != "--image":
+    print(f"image {image_spec} ({origin})")
+  # A NISB cube's img is (x, y, z, c) on disk and says so nowhere (as jaxseg.predict assumes).
+  nisb = image_spec is not None and image_spec.rstrip("/").endswith("data.zarr/img")
+  image = (
+    None
+    if image_spec is None
+    else open_volume(
+      image_spec,
+      axis_order=_IMAGE_AXIS_ORDER.value,
+      default_axis_order="xyzc" if nisb else None,
     )
-    result = run_qc(
-      _CONFIG.value,
-      affinities,
-      _OUTPUT.value,
-      image=image,
-      build_mask=_MASK.value,
-      show_progress=_PROGRESS.value,
-      overwrite=_OVERWRITE.value,
-    )
-  except (VolumeError, FileNotFoundError, ValueError) as e:
-    # The user's input or settings: say what is wrong, without a traceback.
-    sys.exit(f"jaxseg.qc: {e}")
+  )
+  result = run_qc(
+    _CONFIG.value,
+    affinities,
+    _OUTPUT.value,
+    image=image,
+    build_mask=_MASK.value,
+    show_progress=_PROGRESS.value,
+    overwrite=_OVERWRITE.value,
+  )
   print("\n".join(_summary_lines(result)))
 
 
 def run() -> None:
   """Console-script entry point (``jaxseg-qc``)."""
-  app.run(main)
+  cli.run_main("jaxseg.qc", main)
 
 
 if __name__ == "__main__":

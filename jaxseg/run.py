@@ -19,11 +19,9 @@ Modes: ``all``, ``train`` (data + train), ``test`` (predict, decode, evaluate), 
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
-from jaxseg.common import config_util, runtime
+from jaxseg.common import cli, config_util, runtime
 
 # As jaxseg.workflow.chain.MODES, spelled out so that --help needs no import of the chain.
 _MODES = ("all", "train", "test", "tune", "tune-test", "report")
@@ -51,42 +49,33 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars inside the stages
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.check_output_folder(_WORKDIR.value, flag="--workdir")
   runtime.quiet_libraries()
   # Imported after flag parsing: --help stays fast; JAX loads only in stages that need it.
-  from jaxseg.tuning.trials import TrialError
   from jaxseg.workflow import chain
 
-  try:
-    result = chain.run_chain(
-      _CONFIG.value,
-      _WORKDIR.value,
-      mode=_MODE.value,
-      overwrite=_OVERWRITE.value,
-      force_test=True if _FORCE_TEST.value else None,
-      show_progress=_PROGRESS.value,
-    )
-  except (ValueError, OSError, TrialError) as e:  # ChainError, VolumeError too
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  # The user's mistakes (settings, inputs, a taken --view_port, no neuroglancer) raise
+  # JaxsegError (ChainError, VolumeError, TrialError, ...): cli.run_main reports them in one line.
+  result = chain.run_chain(
+    _CONFIG.value,
+    _WORKDIR.value,
+    mode=_MODE.value,
+    overwrite=_OVERWRITE.value,
+    force_test=True if _FORCE_TEST.value else None,
+    show_progress=_PROGRESS.value,
+  )
   total = sum(s.seconds for s in result["stages"])
   print(f"done in {total:.1f} s" + (f"; report: {result['report']}" if result["report"] else ""))
   if _VIEW.value:
-    try:
-      chain.view(
-        chain.Chain(_CONFIG.value, _WORKDIR.value, show_progress=False), port=_VIEW_PORT.value
-      )
-    except (ImportError, chain.ChainError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 1
-    except OSError as e:  # e.g. the port is taken
-      print(f"error: {e}; try another --view_port (0 = any free port)", file=sys.stderr)
-      return 1
+    chain.view(
+      chain.Chain(_CONFIG.value, _WORKDIR.value, show_progress=False), port=_VIEW_PORT.value
+    )
   return 0
 
 
 def run() -> None:
   """Console-script entry point (``jaxseg-run``)."""
-  app.run(main)
+  cli.run_main("jaxseg.run", main)
 
 
 if __name__ == "__main__":

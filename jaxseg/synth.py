@@ -23,7 +23,7 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxseg.common import config_util, files
+from jaxseg.common import cli, config_util
 
 _CONFIG = config_util.define_config_flag(required=False)
 _OUTPUT = flags.DEFINE_string("output", None, "Dataset folder to write.", required=True)
@@ -43,28 +43,25 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported after flag parsing: keeps --help fast.
-  from jaxseg.synthesis import format_summary, generate_dataset, resolve_config
+  from jaxseg.synthesis import format_summary, generate_dataset
 
   config = _CONFIG.value
   if "data" not in config or "synth" not in config.data:
     raise app.UsageError("the config has no data.synth section (see jaxseg/synthesis/config.py)")
   output = _OUTPUT.value
-  os.makedirs(output, exist_ok=True)
-  config_util.save_config(config, output)
-  # config.json keeps preset knobs as null ("from the preset"); this file has every value used.
-  files.write_json(
-    os.path.join(output, "synth_params.json"), resolve_config(config.data.synth).to_dict()
-  )
+  cli.check_output_folder(output)
   logging.info("generating into %s", output)
-  summary = generate_dataset(config.data.synth, output, overwrite=_OVERWRITE.value)
-  # Unsorted: the splits stay in train, val, test order.
-  files.write_json(os.path.join(output, "synth_summary.json"), summary, sort_keys=False)
+  # Validates every knob before writing anything, and writes config.json, synth_params.json and
+  # synth_summary.json beside the cubes.
+  summary = generate_dataset(
+    config.data.synth, output, overwrite=_OVERWRITE.value, run_config=config
+  )
   print(format_summary(summary))
 
 
 def run() -> None:
   """Console-script entry point (``jaxseg-synth``)."""
-  app.run(main, argv=_with_default_config(sys.argv))
+  cli.run_main("jaxseg.synth", main, argv=_with_default_config(sys.argv))
 
 
 if __name__ == "__main__":

@@ -20,16 +20,23 @@ import os
 
 from absl import app, flags
 
-from jaxseg.common import config_util, runtime
+from jaxseg.common import cli, config_util, runtime
 
 _CONFIG = config_util.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, logs).", required=True)
+_OVERWRITE = flags.DEFINE_bool(
+  "overwrite",
+  False,
+  "Start afresh in a work dir trained with other settings: deletes only that run's checkpoints, "
+  "logs and config.json.",
+)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  cli.check_output_folder(_WORKDIR.value, flag="--workdir")
   runtime.quiet_libraries()
   root = config.data.get("root", None)
   if "synth" in config.data and root and not os.path.isdir(root):
@@ -43,7 +50,7 @@ def main(argv: list[str]) -> None:
   runtime.initialize_distributed(config)
   from jaxseg.training.train_lib import train_and_evaluate
 
-  result = train_and_evaluate(config, _WORKDIR.value)
+  result = train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
   if jax.process_index() == 0:
     print(
       f"trained to step {result['step']}: train loss {_fmt(result['train_loss'])}, "
@@ -59,7 +66,7 @@ def _fmt(value) -> str:
 
 def run() -> None:
   """Console-script entry point (``jaxseg-train``)."""
-  app.run(main)
+  cli.run_main("jaxseg.train", main)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,9 @@ Tuning on the test split is refused unless ``--force_test`` (or ``config.tune.fo
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
-from jaxseg.common import config_util
+from jaxseg.common import cli, config_util
 
 _CONFIG = config_util.define_config_flag()
 _WORKDIR = flags.DEFINE_string(
@@ -52,8 +50,8 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "One line per trial; progress ba
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.check_output_folder(_WORKDIR.value, flag="--workdir")
   from jaxseg.common import runtime
-  from jaxseg.io import VolumeError
   from jaxseg.tuning import tune_lib
   from jaxseg.tuning.trials import TrialError
 
@@ -61,6 +59,7 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   workdir = _WORKDIR.value
   checkpoint = _CHECKPOINT.value or workdir
+  # The user's mistakes (input, settings, state of the workdir) raise JaxsegError: one line.
   try:
     if _MODE.value == "tune":
       result = tune_lib.tune(
@@ -82,12 +81,9 @@ def main(argv: list[str]) -> None:
         show_progress=_PROGRESS.value,
       )
   except TrialError as e:
-    sys.exit(
-      f"jaxseg.tune: a trial failed: {e} (its traceback is stored with the trial in study.db)"
-    )
-  except (VolumeError, FileNotFoundError, ValueError, RuntimeError) as e:
-    # The user's input, settings or state of the workdir: say what is wrong, without a traceback.
-    sys.exit(f"jaxseg.tune: {e}")
+    raise TrialError(
+      f"a trial failed: {e} (its traceback is stored with the trial in study.db)", e.details
+    ) from e
   if _MODE.value == "tune":
     print(
       f"{result['decoder']}: best {result['objective']} {result['best_value']:.4f} "
@@ -115,7 +111,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (``jaxseg-tune``)."""
-  app.run(main)
+  cli.run_main("jaxseg.tune", main)
 
 
 if __name__ == "__main__":

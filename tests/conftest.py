@@ -29,3 +29,14 @@ def require_shared(path: Path) -> Path:
 def shared_data():
   """The folder of real EM volumes; skips the test when it is not staged on this machine."""
   return require_shared(SHARED_DATA)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def jaxseg_cache_dir(tmp_path_factory):
+  """jaxseg's own cache folder (parsed skeletons, ...) for the session, never the real home.
+
+  An environment variable, so the CLIs the tests start as subprocesses inherit it too.
+  """
+  with pytest.MonkeyPatch.context() as m:
+    m.setenv("JAXSEG_CACHE_DIR", str(tmp_path_factory.mktemp("jaxseg_cache")))
+    yield os.environ["JAXSEG_CACHE_DIR"]

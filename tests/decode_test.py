@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO_ROOT, SHARED_DATA, require_shared
 
 from jaxseg.common import config_util
+from jaxseg.common.errors import OutputError
 from jaxseg.data.affinity import compute_affinities
 from jaxseg.decoding import blockwise, decode_lib
 from jaxseg.decoding.settings import decode_settings
@@ -262,7 +263,7 @@ def test_existing_output_is_refused_or_reused(volume, tmp_path):
   before = read_seg(out)
   again = decode_lib.decode(cc_settings(threshold=0.5), path, out)
   assert again["already_done"] and again["segments"] == first["segments"]
-  with pytest.raises(VolumeError, match=r"thresholds: \[0.5\] -> \[0.7\]"):
+  with pytest.raises(OutputError, match=r"thresholds: \[0.5\] -> \[0.7\]"):
     decode_lib.decode(cc_settings(threshold=0.7), path, out)
   assert np.array_equal(read_seg(out), before)  # nothing already written is touched
   decode_lib.decode(cc_settings(threshold=0.7), path, out, overwrite=True)
@@ -302,6 +303,52 @@ def test_files_without_attributes_use_the_config_channel_order(tmp_path):
   assert np.array_equal(a.read()[0], with_attrs[2])  # the z edge first
 
 
+def test_pytc_cxyz_affinities_are_decoded_in_their_own_axis_order(tmp_path):
+  """PyTC stores affinities (c, x, y, z): an h5 says so through --axis_order, a zarr through its
+  own attribute; both decode exactly as the same affinities stored (c, z, y, x), whole-volume
+  and blockwise, and a flag that contradicts the file is refused in one line."""
+  import h5py
+
+  labels = voronoi_labels((10, 22, 26), 12, seed=4)  # every axis a different size
+  canonical = str(tmp_path / "czyx.zarr")
+  aff = write_affinities(canonical, labels, 0.2, 5)
+  cxyz = np.ascontiguousarray(aff.transpose(0, 3, 2, 1))
+  with h5py.File(tmp_path / "pytc.h5", "w") as f:
+    f["main"] = cxyz
+  h5 = f"{tmp_path / 'pytc.h5'}:main"
+  attrs = {"offsets": [list(o) for o in SOURCE_XYZ], "convention": "source", "channels": [0, 1, 2]}
+  zarr = str(tmp_path / "cxyz.zarr")
+  create_zarr(zarr, aff.shape, aff.dtype, axis_order="cxyz", attributes=attrs).write(
+    (0, 0, 0, 0), aff
+  ).result()
+  assert open_volume(zarr).attrs["axis_order"] == "cxyz"
+  for blockwise_ in ("never", "always"):
+    settings = cc_settings(threshold=0.5, blockwise=blockwise_, block_shape=(8, 16, 16))
+    want = decode_lib.decode(settings, canonical, str(tmp_path / blockwise_ / "want"))
+    got = decode_lib.decode(settings, h5, str(tmp_path / blockwise_ / "h5"), axis_order="CXYZ")
+    assert got["shape"] == list(labels.shape) and got["segments"] == want["segments"]
+    expected = read_seg(tmp_path / blockwise_ / "want")
+    assert np.array_equal(read_seg(tmp_path / blockwise_ / "h5"), expected)
+    decode_lib.decode(settings, zarr, str(tmp_path / blockwise_ / "zarr"))
+    assert np.array_equal(read_seg(tmp_path / blockwise_ / "zarr"), expected)
+    assert got["fingerprint"]["axis_order"] == "cxyz" and "axis_order" not in want["fingerprint"]
+  with pytest.raises(VolumeError, match=r"axis_order='czyx'.*contradicts.*'cxyz'"):
+    decode_lib.open_affinities(zarr, settings, axis_order="czyx")
+  assert decode_lib.open_affinities(zarr, settings, axis_order="cxyz").spatial_shape == (10, 22, 26)
+  cmd = [
+    sys.executable, "-m", "jaxseg.decode", f"--config={REPO_ROOT / 'configs' / 'demo.py'}",
+    f"--affinities={zarr}", f"--output={tmp_path / 'cli'}", "--axis_order=xyzc",
+  ]  # fmt: skip
+  bad = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+  assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+  assert "contradicts" in bad.stderr and not os.path.exists(tmp_path / "cli")
+  ok = subprocess.run(
+    [*cmd[:4], f"--affinities={h5}", f"--output={tmp_path / 'cli'}", "--axis_order=cxyz"],
+    capture_output=True, text=True, cwd=REPO_ROOT,
+  )  # fmt: skip
+  assert ok.returncode == 0, ok.stderr
+
+
 def test_gala_ground_truth_decodes_back_to_itself_blockwise(tmp_path):
   import h5py
 
@@ -339,5 +386,5 @@ def test_cli_decodes_without_importing_jax(volume, tmp_path):
     [*cmd[:-1], f"--output={out}", "--config.decode.threshold=0.9"], capture_output=True,
     text=True, cwd=REPO_ROOT,
   )  # fmt: skip
-  assert bad.returncode == 1 and "already holds a decode made differently" in bad.stderr
+  assert bad.returncode == 1 and "the decode there was made differently" in bad.stderr
   assert "Traceback" not in bad.stderr

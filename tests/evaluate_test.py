@@ -10,6 +10,7 @@ import pytest
 from conftest import SHARED_DATA, require_shared
 
 from jaxseg import evaluate as evaluate_module
+from jaxseg.common import files
 from jaxseg.evaluate import evaluate
 from jaxseg.metrics import adapted_rand, voi
 
@@ -87,11 +88,14 @@ def test_cli_end_to_end(tmp_path):
   assert metrics["nerl"] == pytest.approx(0.7085, abs=1e-4)
   assert metrics["voi_merge"] == pytest.approx(0.0, abs=1e-12)
 
-  # An existing output is never replaced without --overwrite.
+  # The same evaluation again is reused; one of other settings is never written over the
+  # existing output without --overwrite.
   before = out.read_text()
-  refused = _cli(*args)
+  again = _cli(*args)
+  assert again.returncode == 0 and "reused" in again.stdout and out.read_text() == before
+  refused = _cli(*args, "--merge_threshold=2")
   assert refused.returncode != 0 and "--overwrite" in refused.stderr
-  assert out.read_text() == before
+  assert "merge_threshold: 1 -> 2" in refused.stderr and out.read_text() == before
   assert _cli(*args, "--overwrite", "--merge_threshold=2").returncode == 0
   assert json.loads(out.read_text())["merge_threshold"] == 2
 
@@ -129,10 +133,8 @@ def test_json_has_no_nan(tmp_path):
   seg = np.ones((2, 3, 3), np.uint8)
   metrics = evaluate(seg, np.zeros_like(seg))  # empty GT foreground: NaN scores
   path = tmp_path / "m.json"
-  evaluate_module.write_json(metrics, str(path))
+  files.write_json(path, files.json_ready(metrics))  # as the CLI writes its --output
   assert json.loads(path.read_text())["adapted_rand"] is None
-  with pytest.raises(FileExistsError):
-    evaluate_module.write_json(metrics, str(path))
 
 
 def test_cli_takes_defaults_from_a_config(tmp_path):

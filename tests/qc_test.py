@@ -7,6 +7,7 @@ them (``offsets`` / ``convention`` / ``channels`` attributes); volumes are tiny.
 """
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -16,9 +17,10 @@ import pytest
 from conftest import REPO_ROOT
 
 from jaxseg.common import config_util
+from jaxseg.common.errors import OutputError
 from jaxseg.decoding import decode_lib
 from jaxseg.decoding.settings import decode_settings
-from jaxseg.io import Volume, VolumeError, create_zarr, open_volume, write_volume
+from jaxseg.io import Volume, create_zarr, open_volume, write_volume
 from jaxseg.quality import (
   MASK_ATTR,
   QcSettings,
@@ -187,12 +189,57 @@ def test_report_front_matter_round_trip_and_malformed_reports(planted, tmp_path)
     ("---\nlow_z: 1\n", "no closing '---'"),
     ("---\nlow_z: [1\n---\n", "not valid YAML"),
     ("---\nlow_z: 1\nhigh_z: 5\n---\n", r"lacks \['bg_thresh', 'border_width'\]"),
-    ("---\nlow_z: 5\nhigh_z: 5\nbg_thresh: 30\nborder_width: 0\n---\n", "nothing kept"),
+    ("---\nlow_z: 6\nhigh_z: 5\nbg_thresh: 30\nborder_width: 0\n---\n", "must not exceed"),
   ):
     bad.write_text(content)
     with pytest.raises(ValueError, match=message) as e:
       read_report(bad)
     assert str(bad) in str(e.value)
+
+
+def test_no_good_section_keeps_nothing_and_says_so(tmp_path, caplog):
+  """All-NaN affinities: every section is bad, so the keep range is empty (not the middle that
+  PyTC's fallback for the ends would keep), the mask is all 0, and report and log say so."""
+  aff = np.full((3, 64, 8, 8), np.nan, np.float16)
+  path = write_affinities(tmp_path / "nan.zarr", aff)
+  with caplog.at_level("WARNING"):
+    result = run_qc(PLANTED, path, tmp_path / "qc")
+  assert result.low_z == result.high_z == 0
+  assert not any(result.scan.good(z) for z in range(64))
+  assert not open_volume(result.mask)[:].any()
+  nothing = "no section passed QC: the mask keeps nothing"
+  assert nothing in result.warnings and nothing in caplog.text
+  front = read_report(result.report)  # an empty range is a valid report
+  assert (front["low_z"], front["high_z"]) == (0, 0) and nothing in front["warnings"]
+  with open(result.report) as f:
+    assert "No section passed QC: the mask keeps nothing" in f.read()
+  assert not build_affinity_mask(front, tmp_path / "again.zarr")[:].any()
+
+
+def test_image_path_is_recorded_absolute(bordered, tmp_path, monkeypatch):
+  """A QC run with relative paths records the image absolutely (report, qc.json, mask), so a
+  mask built from the report in another working directory still applies the ring rule."""
+  import h5py
+
+  aff_path, img_path, margin, settings = bordered
+  work = tmp_path / "work"
+  work.mkdir()
+  with h5py.File(work / "img.h5", "w") as f:
+    f["raw"] = np.asarray(open_volume(img_path)[:])
+  monkeypatch.chdir(work)
+  for image in ("img.h5:raw", os.path.relpath(img_path)):
+    out = f"qc_{image[:3]}"
+    result = run_qc(settings, aff_path, out, image=image)
+    expected = os.path.abspath(image)
+    assert result.scan.image == expected and result.scan.border is not None
+    assert read_report(result.report)["img"] == expected
+    with open(os.path.join(out, affinity_qc.SUMMARY_NAME)) as f:
+      assert json.load(f)["scan"]["image"] == expected
+    assert open_volume(result.mask).attrs[MASK_ATTR]["source_image"] == expected
+  report = os.path.abspath(os.path.join("qc_img", affinity_qc.REPORT_NAME))
+  monkeypatch.chdir(tmp_path)
+  mask = build_affinity_mask(report, tmp_path / "elsewhere.zarr")  # the image from the report
+  assert not mask[:][:, margin].any() and mask[1:15][:, ~margin].all()
 
 
 def test_border_check_and_mask_rules(bordered, tmp_path):
@@ -220,7 +267,7 @@ def test_border_check_and_mask_rules(bordered, tmp_path):
   # Same spec: reused. Another spec: refused, nothing touched, unless overwrite.
   assert build_affinity_mask(report, mask_path).path == mask_path
   other = {**report.frontmatter(), "low_z": 2}
-  with pytest.raises(VolumeError, match=r"made differently \(low_z: 1 -> 2\)"):
+  with pytest.raises(OutputError, match=r"made differently \(spec.low_z: 1 -> 2\)"):
     build_affinity_mask(other, mask_path)
   np.testing.assert_array_equal(open_volume(mask_path)[:], expected)
   replaced = build_affinity_mask(other, mask_path, overwrite=True)
@@ -265,7 +312,7 @@ def test_mask_round_trip_through_the_decoder(bordered, tmp_path):
   )
   front = read_report(result.report)
   build_affinity_mask({**front, "low_z": front["low_z"] + 2}, result.mask, overwrite=True)
-  with pytest.raises(VolumeError, match="affinity_mask"):
+  with pytest.raises(OutputError, match="affinity_mask"):
     decode_lib.decode(decode_settings(config), aff_path, str(tmp_path / "masked"))
 
 
@@ -280,7 +327,7 @@ def test_run_qc_reuses_refuses_and_overwrites(bordered, tmp_path):
   third = run_qc(settings, aff_path, out, image=img_path)
   assert third.reused and third.summary()["mask"] == again.mask
   changed = dataclasses.replace(settings, drift_thresh=0.3)
-  with pytest.raises(VolumeError, match="already holds a QC made differently"):
+  with pytest.raises(OutputError, match="the qc there was made differently"):
     run_qc(changed, aff_path, out, image=img_path)
   redone = run_qc(changed, aff_path, out, image=img_path, overwrite=True)
   assert not redone.reused and (redone.low_z, redone.high_z) == (0, 16)  # 0.6 passes 0.8 - 0.3

@@ -6,6 +6,7 @@ report) on CPU, checks that the learned segmentation beats the trivial baselines
 and that a rerun (a fresh process through the CLI) reuses everything without loading JAX.
 """
 
+import http.client
 import json
 import os
 import subprocess
@@ -18,11 +19,13 @@ import urllib.request
 import numpy as np
 import pytest
 
+from jaxseg.common import outputs
 from jaxseg.common.config_util import load_config
+from jaxseg.common.errors import JaxsegError, OutputError
 from jaxseg.io import create_zarr, open_volume
 from jaxseg.io.datasets import dataset_volumes
 from jaxseg.synthesis import generate_dataset
-from jaxseg.training.paths import completed_steps
+from jaxseg.training.paths import completed_steps, training_output
 from jaxseg.workflow import baselines, chain, report, viewer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,7 +192,8 @@ def test_viewer_layout_points_at_the_arrays_with_the_right_dimensions(tmp_path):
   )
   shown = open_volume(display)
   assert shown.dtype == np.uint8 and shown.shape == (3, *shape)
-  assert np.all(shown[...] == 128) and shown.attrs["complete"]
+  assert np.all(shown[...] == 128)
+  assert outputs.is_complete(os.path.dirname(display), f"display:{os.path.basename(display)}")
   layers = [
     viewer.Layer("image", "image", str(data / "c" / "data.zarr" / "img")),
     viewer.Layer("affinities", "image", display, rgb=True),
@@ -248,10 +252,56 @@ def test_file_server_sends_cors_and_stays_inside_its_roots(tmp_path):
     server.shutdown()
 
 
+def test_file_server_answers_only_its_own_host_and_rejects_undecodable_paths(tmp_path):
+  """DNS rebinding (a page whose domain now resolves to 127.0.0.1) gets a 421; a path with NUL
+  or bad UTF-8 a 400, and the handler itself never raises."""
+  (tmp_path / "f.txt").write_text("hi")
+  server, _ = viewer.start_file_server({"workdir": str(tmp_path)}, port=0)
+  port = server.server_address[1]
+  handler_errors = []
+  server.handle_error = lambda request, address: handler_errors.append(sys.exc_info()[1])
+
+  def status(path, host=f"127.0.0.1:{port}"):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+      conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+      if host is not None:
+        conn.putheader("Host", host)
+      conn.endheaders()
+      response = conn.getresponse()
+      response.read()
+      return response.status
+    finally:
+      conn.close()
+
+  try:
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}"):
+      assert status("/workdir/f.txt", host) == 200, host
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", "127.0.0.1",
+                 f"localhost.evil.example:{port}", "", None):  # fmt: skip
+      assert status("/workdir/f.txt", host) == 421, host
+    for path in ("/workdir/f.txt%00", "/workdir/%00/x", "/workdir/%ff.txt", "/%00/f.txt"):
+      assert status(path) == 400, path
+    assert status("/workdir/missing.txt") == 404
+  finally:
+    server.shutdown()
+  assert handler_errors == []
+
+
+def test_file_server_on_a_taken_port_says_which_flag_to_change(tmp_path):
+  server, _ = viewer.start_file_server({"workdir": str(tmp_path)}, port=0)
+  try:
+    with pytest.raises(JaxsegError, match=r"--view_port=\d+: .*try another --view_port"):
+      viewer.start_file_server({"workdir": str(tmp_path)}, port=server.server_address[1])
+  finally:
+    server.shutdown()
+
+
 def test_view_without_neuroglancer_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "neuroglancer", None)  # import fails
-  with pytest.raises(ImportError, match="pip install neuroglancer"):
+  with pytest.raises(ImportError, match="pip install neuroglancer") as error:
     viewer.serve(lambda base: {}, {}, port=0)
+  assert isinstance(error.value, JaxsegError)  # jaxseg.run --view: one line, no traceback
 
 
 # -- chain stages ---------------------------------------------------------------------------------
@@ -272,7 +322,9 @@ def test_data_and_train_stages_reuse_complete_outputs(tmp_path):
   assert c.run_stage("data").status == "ran"
   assert os.path.exists(os.path.join(root, "synth_summary.json"))
   assert c.run_stage("data").status == "reused"
-  os.makedirs(os.path.join(c.checkpoint_dir, "5"))  # a finished checkpoint of train.num_steps
+  # A finished checkpoint of train.num_steps, made as jaxseg.train makes it (its manifest entry).
+  training_output(config, c.workdir).open()
+  os.makedirs(os.path.join(c.checkpoint_dir, "5"))
   result = c.run_stage("train")
   assert result.status == "reused" and "step 5" in result.detail
   assert lines[0].startswith("[data] ran: generated 3 of 3 cubes") and len(lines) == 3
@@ -290,7 +342,7 @@ def test_data_and_train_stages_reuse_complete_outputs(tmp_path):
   assert chain.Chain(moved, c.workdir, show_progress=False).run_stage("train").status == "reused"
   other = _tiny_config(root, **{"data.synth.train_seeds": (0,), "train.num_steps": 5})
   other.optim.lr = 0.5
-  with pytest.raises(chain.ChainError, match=r"optim\.lr: 0\.003 -> 0\.5"):
+  with pytest.raises(OutputError, match=r"optim\.lr: 0\.003 -> 0\.5"):
     chain.Chain(other, c.workdir, show_progress=False).run_stage("train")
 
 
@@ -333,7 +385,7 @@ def test_cli_missing_data_is_one_clear_line(tmp_path):
   )
   assert proc.returncode == 1, proc.stderr
   lines = proc.stderr.strip().splitlines()
-  assert lines[-1].startswith("error: data.root=") and "does not exist" in lines[-1]
+  assert lines[-1].startswith("jaxseg.run: data.root=") and "does not exist" in lines[-1]
   assert "Traceback" not in proc.stderr
 
 
@@ -446,3 +498,26 @@ def test_unlabeled_test_volumes_are_decoded_without_baselines(tmp_path, tiny_roo
   assert result.status == "ran" and len(decoded) == 1
   assert "baselines" not in result.detail
   assert not os.path.exists(c.baseline_path(volume.name))
+
+
+def test_chain_caches_parsed_skeletons_under_its_workdir(tmp_path, tiny_root, monkeypatch):
+  """The test stage's scores (decodes and baselines) parse skeletons into DIR/cache/erl, never
+  beside the user's skeleton.pkl."""
+  from jaxseg.tuning import cache, scoring
+
+  config = _tiny_config(tiny_root, **{"run.decoders": ("cc",)})
+  (volume,) = dataset_volumes(config.data, "test")
+  labeled = cache.CachedAffinities(name=volume.name, affinities="aff", volume=volume)
+  monkeypatch.setattr(cache, "cached_predictions", lambda *a, **k: [labeled])
+  passed = []
+  monkeypatch.setattr(
+    scoring, "decode_and_evaluate", lambda config, c, out, **k: passed.append(k) or {}
+  )
+  work = tmp_path / "work"
+  c = chain.Chain(config, str(work), show_progress=False, echo=lambda line: None)
+  assert c.run_stage("test").status == "ran" and os.path.exists(c.baseline_path(volume.name))
+  erl = str(work / "cache" / "erl")
+  assert c.erl_cache_dir == erl and [k["erl_cache_dir"] for k in passed] == [erl]
+  assert len(os.listdir(erl)) == 1  # the baselines parsed the skeleton once, then hit the cache
+  beside = [n for _, _, names in os.walk(tiny_root) for n in names if "erl_cache" in n]
+  assert not beside

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA
 
+from jaxseg.io import skeleton as skeleton_lib
 from jaxseg.io.skeleton import (
   CACHE_SUFFIX,
   SkeletonError,
@@ -121,26 +122,77 @@ def test_missing_and_non_graph_files(tmp_path):
     load_skeleton_graph(tmp_path / "junk.pkl")
 
 
-def test_cache_is_used_and_invalidated(tmp_path):
+def _cache_files(folder):
+  return sorted(p.name for p in Path(folder).glob("*")) if Path(folder).exists() else []
+
+
+def test_cache_is_used_and_invalidated(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXSEG_CACHE_DIR", str(tmp_path / "cache"))
   path = tmp_path / "skeleton.pkl"
   save_skeleton_graph(_graph(), path)
   first = load_skeletons(path)
-  cache = Path(str(path) + CACHE_SUFFIX)
-  assert cache.exists()
-  second = load_skeletons(path)
+  (cache,) = _cache_files(tmp_path / "cache" / "erl")
+  assert cache.endswith(CACHE_SUFFIX) and not Path(str(path) + CACHE_SUFFIX).exists()
+
+  def no_parsing(path):
+    raise AssertionError("parsed the pickle again instead of reading the cache")
+
+  with monkeypatch.context() as m:
+    m.setattr(skeleton_lib, "_read_pickle", no_parsing)
+    second = load_skeletons(path)  # a cache hit
   for key, value in first.to_npz_dict().items():
     np.testing.assert_array_equal(value, second.to_npz_dict()[key])
   assert second.edge_length_source == first.edge_length_source
 
-  # A changed pickle (new size / mtime) must not be served from the stale cache.
+  # A changed pickle (new size / mtime) must not be served from the stale cache, which goes.
   g = _graph()
   g.add_node(20, id=11, index_position=(0, 0, 0), nm_position=(0.0, 0.0, 0.0))
   save_skeleton_graph(g, path)
   os.utime(path, ns=(1, 1))
   assert load_skeletons(path).num_nodes == 6
-  # A different resolution is a different cache key too.
+  assert len(_cache_files(tmp_path / "cache" / "erl")) == 1
+  assert _cache_files(tmp_path / "cache" / "erl") != [cache]
+  # Only touched (same bytes, new mtime): parsed again too.
+  os.utime(path, ns=(2, 2))
+  parsed = []
+  with monkeypatch.context() as m:
+    m.setattr(skeleton_lib, "_read_pickle", lambda p: parsed.append(p) or g)
+    assert load_skeletons(path).num_nodes == 6
+  assert parsed == [str(path)]
+  # A different resolution is a different cache entry, kept beside the other.
   assert load_skeletons(path, resolution=(20, 9, 9)).num_nodes == 6
+  assert len(_cache_files(tmp_path / "cache" / "erl")) == 2
   assert load_skeletons(path, cache=False).num_nodes == 6
+
+
+def test_cache_never_writes_beside_the_skeleton(tmp_path, monkeypatch):
+  """The user's data folder may be read-only (or shared): the cache goes to jaxseg's own."""
+  monkeypatch.setenv("JAXSEG_CACHE_DIR", str(tmp_path / "env"))
+  data = tmp_path / "data"
+  data.mkdir()
+  path = data / "skeleton.pkl"
+  save_skeleton_graph(_graph(), path)
+  before = _cache_files(data)
+  data.chmod(0o555)
+  try:
+    load_skeletons(path)
+    load_skeletons(path, cache_dir=tmp_path / "explicit")  # an explicit folder wins
+    assert _cache_files(data) == before  # tests run as root: the chmod alone proves nothing
+  finally:
+    data.chmod(0o755)
+  assert len(_cache_files(tmp_path / "env" / "erl")) == 1
+  assert len(_cache_files(tmp_path / "explicit")) == 1
+  assert skeleton_lib.cache_path(path, None).startswith(str(tmp_path / "env" / "erl") + os.sep)
+  # Without the variable: ~/.cache/jaxseg/erl.
+  monkeypatch.delenv("JAXSEG_CACHE_DIR")
+  monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  load_skeletons(path)
+  assert len(_cache_files(tmp_path / "home" / ".cache" / "jaxseg" / "erl")) == 1
+  # An unwritable cache folder costs the cache, never the load.
+  blocked = tmp_path / "blocked"
+  blocked.write_text("a file where the folder should be")
+  assert load_skeletons(path, cache_dir=blocked / "erl").num_nodes == 5
 
 
 def test_check_bounds_message():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
+from jaxseg.common.errors import OutputError
 from jaxseg.synthesis import (
   cube_stats,
   default_config,
@@ -224,7 +225,7 @@ def test_generate_dataset_resumes(tmp_path):
   assert again["val"]["generated"] == 1 and again["train"]["generated"] == 0
   # Different knobs never mix silently into an existing dataset.
   config.noise_std = 0.2
-  with pytest.raises(ValueError, match="different generator settings"):
+  with pytest.raises(OutputError, match="generated dataset there was made differently"):
     generate_dataset(config, root, show_progress=False)
   assert generate_dataset(config, root, overwrite=True, show_progress=False)["train"]["generated"]
 

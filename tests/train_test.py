@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxseg.common.config_util import load_config
+from jaxseg.common.errors import OutputError
 from jaxseg.data import pipeline
 from jaxseg.synthesis import generate_dataset
 from jaxseg.training import checkpoint as ckpt_lib
@@ -174,7 +175,7 @@ def test_different_model_in_workdir_is_refused(straight_run, data_root):
   with open(os.path.join(workdir, "config.json")) as f:
     before = f.read()
   wider = _config(data_root, **{"model.widths": (4, 16)})
-  with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match=r"model\.widths.*\[4, 8\]"):
+  with pytest.raises(OutputError, match=r"model\.widths: \[4, 8\] -> \[4, 16\].*--overwrite"):
     train_lib.train_and_evaluate(wider, workdir)
   with open(os.path.join(workdir, "config.json")) as f:
     assert f.read() == before  # refused before writing anything

@@ -18,8 +18,11 @@ import numpy as np
 import optuna
 import pytest
 
+from jaxseg.common import outputs
 from jaxseg.common.config_util import load_config
+from jaxseg.common.errors import OutputError
 from jaxseg.common.files import write_json
+from jaxseg.inference import layout
 from jaxseg.io import create_zarr, open_volume
 from jaxseg.io.datasets import dataset_volumes
 from jaxseg.synthesis import generate_cube, resolve_config, write_cube
@@ -63,6 +66,11 @@ def make_config(root, **overrides):
 
 
 def make_checkpoint(path, steps=(100, 200)):
+  """Step folders of a training run, recorded in the work dir as jaxseg.train records them."""
+  entry = outputs.StageOutput(
+    str(path), name="train", stage="training run", fingerprint={}, paths=("checkpoints",)
+  )
+  entry.open()
   for step in steps:
     os.makedirs(os.path.join(path, "checkpoints", str(step)), exist_ok=True)
   return str(path)
@@ -88,6 +96,15 @@ def write_predictions(config, checkpoint, split, cache_root, seed=0):
   rng = np.random.default_rng(seed)
   for v in dataset_volumes(config.data, split):
     seg = v.labels.read()
+    # Recorded in the folder's manifest as jaxseg.predict records it.
+    entry = outputs.StageOutput(
+      out,
+      name=layout.entry_name(v.name),
+      stage="predict",
+      fingerprint={"seed": seed},
+      paths=(layout.group_name(v.name), layout.summary_name(v.name)),
+    )
+    entry.open(overwrite=True)
     array = create_zarr(
       os.path.join(out, f"{v.name}.zarr", "affinities"),
       (3, *seg.shape),
@@ -102,6 +119,7 @@ def write_predictions(config, checkpoint, split, cache_root, seed=0):
     )
     array.write((0, 0, 0, 0), affinities_from_labels(seg, rng)).result()
     write_json(os.path.join(out, f"{v.name}_predict.json"), {"name": v.name, "complete": True})
+    entry.finish()
   return out
 
 
@@ -252,6 +270,10 @@ def test_grid_study_resumes_without_redoing_finished_trials(cc_run):
   assert os.path.exists(second["plot"]) and os.path.getsize(second["plot"]) > 1000
   with open(second["trials_csv"]) as f:
     assert len(f.read().strip().splitlines()) == 1 + len(study.trials)
+  # NERL's skeletons are parsed into the tuner's own cache, never beside the user's data.
+  assert os.listdir(os.path.join(cc_run["workdir"], "cache", "erl"))
+  root = cc_run["config"].data.root
+  assert not [n for _, _, names in os.walk(root) for n in names if "erl_cache" in n]
 
 
 def test_finished_study_is_not_rerun(cc_run, monkeypatch):
@@ -274,7 +296,7 @@ def test_finished_study_is_not_rerun(cc_run, monkeypatch):
 def test_study_of_other_settings_is_refused(cc_run):
   config = cc_run["config"].copy_and_resolve_references()
   config.eval.merge_threshold = 5
-  with pytest.raises(ValueError, match=r"eval\.merge_threshold: 1 -> 5"):
+  with pytest.raises(OutputError, match=r"eval\.merge_threshold: 1 -> 5"):
     tune_lib.tune(config, cc_run["workdir"], checkpoint=cc_run["ckpt"], decoder="cc",
                   show_progress=False)  # fmt: skip
 
@@ -376,6 +398,67 @@ def test_timed_out_trial_scores_worst_and_is_not_rerun(data_root, tmp_path, monk
   reran = [t for t in study.trials if t.params["threshold"] == 0.5]
   assert len(reran) == 2 and math.isfinite(reran[-1].value)
   assert len(study.trials) == len(GRID) + 1
+
+
+class ScoreByFormula:
+  """``TrialWorker`` without a child or a decode: a waterz trial's adapted Rand is a fixed
+  function of its parameters (cheap and deterministic, so two studies can be compared)."""
+
+  def __init__(self, setup, timeout_s):
+    self.starts = 1
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    pass
+
+  def run(self, params):
+    value = abs(params["aff_threshold_low"] - 0.1) + abs(params["aff_threshold_high"] - 0.9)
+    value += 0.05 * (params["merge_function"] == "aff50_his256")
+    thresholds = [{"threshold": t, "value": value} for t in (0.3, 0.6)]
+    return {"value": value, "threshold": 0.3, "per_volume": {}, "thresholds": thresholds,
+            "seconds": 0.0}  # fmt: skip
+
+
+def test_resumed_tpe_study_draws_what_an_uninterrupted_one_draws(data_root, tmp_path, monkeypatch):
+  """Killed after k trials (one left RUNNING) and resumed, a TPE study runs the very trials, in
+  the same order, that one run straight through with the same seed runs: the killed trial's
+  point is asked again, and the draws after it are not reseeded."""
+  monkeypatch.setattr(tune_lib.trials_lib, "TrialWorker", ScoreByFormula)
+  config = make_config(data_root, tune__waterz__n_startup_trials=3)
+  total, stop = 9, 4
+
+  def run(workdir, n_trials):
+    ckpt = make_checkpoint(workdir)
+    if not os.path.exists(workdir / "predictions"):
+      write_predictions(config, ckpt, "val", str(workdir / "predictions"))
+    tune_lib.tune(config, str(workdir), checkpoint=ckpt, decoder="waterz", n_trials=n_trials,
+                  show_progress=False)  # fmt: skip
+    return optuna.load_study(
+      study_name="jaxseg-waterz", storage=f"sqlite:///{workdir}/tune/waterz/study.db"
+    )
+
+  def completed(study):
+    return [t.params for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+  straight = completed(run(tmp_path / "straight", total))
+  assert len(straight) == total and len({_key(p) for p in straight}) > 3
+
+  study = run(tmp_path / "killed", stop)
+  assert completed(study) == straight[:stop]
+  space = search.search_space(config, "waterz")
+  study.sampler = search.make_sampler(space, config.seed)
+  running = study.ask(space.distributions())  # the kill leaves this trial RUNNING
+  assert running.params == straight[stop]
+  resumed = run(tmp_path / "killed", total)
+  killed = resumed.trials[running.number]
+  assert killed.state == optuna.trial.TrialState.FAIL and killed.user_attrs["interrupted"]
+  assert completed(resumed) == straight
+
+
+def _key(params):
+  return tuple(sorted(params.items()))
 
 
 def _load_nothing(setup):
@@ -541,8 +624,8 @@ def test_refusals_come_before_the_prediction(data_root, tmp_path, monkeypatch):
     tune_lib.tune(config, str(tmp_path / "run"), checkpoint=ckpt, decoder="cc")
   config = make_config(data_root)
   folder = tmp_path / "run" / "tune" / "cc"
-  folder.mkdir(parents=True)
-  with open(folder / tune_lib.LOCK_FILE, "w") as held:
+  folder.mkdir(parents=True, exist_ok=True)
+  with open(folder / outputs.LOCK, "w") as held:
     fcntl.flock(held, fcntl.LOCK_EX)
-    with pytest.raises(ValueError, match=r"another jaxseg\.tune is tuning this study"):
+    with pytest.raises(OutputError, match=r"another jaxseg\.tune is running on this folder"):
       tune_lib.tune(config, str(tmp_path / "run"), checkpoint=ckpt, decoder="cc")

@@ -19,8 +19,19 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxseg.common import files
+from jaxseg.common.errors import ConfigError
 
 RESOLVED_CONFIG_NAME = "config.json"
+
+
+# Names of the config-file flags defined here (jaxseg.common.cli checks their files and keys).
+CONFIG_FLAGS: set[str] = set()
+
+
+class UnknownConfigKeyError(ConfigError, KeyError):
+  """An override names a key or section the config lacks (a ``KeyError`` too, as before)."""
+
+  __str__ = Exception.__str__  # KeyError's would quote the message
 
 
 def define_config_flag(name: str = "config", required: bool = True):
@@ -28,6 +39,7 @@ def define_config_flag(name: str = "config", required: bool = True):
   holder = config_flags.DEFINE_config_file(
     name, None, "Path to a config file (configs/*.py), optionally with ':arg'.", lock_config=True
   )
+  CONFIG_FLAGS.add(name)
   if required:
     flags.mark_flag_as_required(name)
   return holder
@@ -38,35 +50,70 @@ def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> ml_col
 
   Args:
     path: the config file, optionally followed by ``:arg`` passed to ``get_config(arg)``.
-    overrides: ``{"optim.lr": 1e-4}``-style overrides. An unknown key raises ``KeyError``.
+    overrides: ``{"optim.lr": 1e-4}``-style overrides.
 
   Returns:
     The locked, resolved config.
+
+  Raises:
+    ConfigError: the file does not exist or its ``get_config()`` returns no ConfigDict.
+    UnknownConfigKeyError: an override names a key the config lacks (also a ``KeyError``).
   """
   file_path, _, arg = path.partition(":")
-  if not os.path.exists(file_path):
-    raise FileNotFoundError(f"config file {file_path!r} does not exist")
+  if not os.path.isfile(file_path):
+    raise ConfigError(f"config file {file_path!r} does not exist")
   module = _load_module(file_path)
   config = module.get_config(arg) if arg else module.get_config()
   if not isinstance(config, ml_collections.ConfigDict):
-    raise TypeError(f"{file_path}: get_config() must return an ml_collections.ConfigDict")
+    raise ConfigError(f"{file_path}: get_config() must return an ml_collections.ConfigDict")
   config.lock()
   for dotted, value in (overrides or {}).items():
     apply_override(config, dotted, value)
   return config
 
 
+def check_key(config: ml_collections.ConfigDict, dotted: str) -> None:
+  """Raises :class:`UnknownConfigKeyError` unless ``dotted`` (``'a.b'``) is a key of ``config``.
+
+  The message names the key, the missing part and the keys there are instead.
+  """
+  node, done = config, []
+  for part in dotted.split("."):
+    # ``a.b[0]``-style indexing is ml_collections' to check.
+    name = part.split("[", 1)[0]
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise UnknownConfigKeyError(
+        f"unknown config key {dotted!r}: {'.'.join(done)} is a value, not a section"
+      )
+    if name not in node:
+      where = f"section {'.'.join(done)!r}" if done else "the config"
+      kind = "key" if len(done) == len(dotted.split(".")) - 1 else "section"
+      raise UnknownConfigKeyError(
+        f"unknown config key {dotted!r}: {where} has no {kind} {name!r}; it has "
+        f"{', '.join(sorted(node.keys()))}"
+      )
+    if name != part:
+      return
+    node = node[name]
+    done.append(name)
+
+
 def apply_override(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-  """Sets ``config[a][b] = value`` for ``dotted == 'a.b'``; unknown keys raise ``KeyError``."""
+  """Sets ``config[a][b] = value`` for ``dotted == 'a.b'``.
+
+  Raises:
+    UnknownConfigKeyError: unknown key or section (also a ``KeyError``).
+    ConfigError: the value has the wrong type for the key.
+  """
+  check_key(config, dotted)
   *parents, leaf = dotted.split(".")
   node = config
   for part in parents:
-    if part not in node:
-      raise KeyError(f"unknown config key {dotted!r} (no section {part!r})")
     node = node[part]
-  if leaf not in node:
-    raise KeyError(f"unknown config key {dotted!r}; known keys here: {sorted(node.keys())}")
-  node[leaf] = value  # a locked ConfigDict still type-checks the new value
+  try:
+    node[leaf] = value  # a locked ConfigDict still type-checks the new value
+  except TypeError as e:
+    raise ConfigError(f"config key {dotted!r}: {e}") from e
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -100,13 +147,3 @@ def load_sibling(this_file: str, name: str):
   ``load_sibling(__file__, "nisb_base").get_config()``.
   """
   return _load_module(os.path.join(os.path.dirname(os.path.abspath(this_file)), f"{name}.py"))
-
-
-def fingerprint_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-  """``"key.sub: old -> new"`` for every leaf where two nested dicts (saved settings) differ."""
-  if isinstance(old, dict) and isinstance(new, dict):
-    out = []
-    for key in sorted(set(old) | set(new)):
-      out += fingerprint_differences(old.get(key), new.get(key), f"{prefix}{key}.")
-    return out
-  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]

@@ -68,6 +68,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxseg.common.errors import ConfigError, InputError
 from jaxseg.data.affinity import (
   Context,
   affinity_context,
@@ -138,16 +139,19 @@ def target_settings(config) -> TargetSettings:
       bad erosion setting.
   """
   target = config.target
-  spec = get_preset(target.preset)
-  convention = check_convention(target.get("convention", spec.convention))
+  try:
+    spec = get_preset(target.preset)
+    convention = check_convention(target.get("convention", spec.convention))
+  except ValueError as e:  # the message names the bad value and the valid ones
+    raise ConfigError(f"config.target: {e}") from None
   if target.get("relabel_connected_components", False):
-    raise ValueError(
+    raise ConfigError(
       "target.relabel_connected_components=True is not supported: jaxseg keeps the label ids of "
       "the volume within each crop, as PyTC's recipes do (relabel_connected_components: false)"
     )
   configured = tuple(int(v) for v in target.get("target_context", (0, 0, 0)))
   if len(configured) not in (3, 6) or min(configured, default=0) < 0:
-    raise ValueError(
+    raise ConfigError(
       f"target.target_context must be 3 (per axis) or 6 (leading z, y, x, trailing z, y, x) "
       f"non-negative ints, got {configured}"
     )
@@ -159,7 +163,7 @@ def target_settings(config) -> TargetSettings:
       lead, trail = configured[:3], configured[3:]
       agrees = context == tuple(zip(lead, trail, strict=True))
     if not agrees:
-      raise ValueError(
+      raise ConfigError(
         f"target.target_context {configured} disagrees with the context the {target.preset!r} "
         f"offsets need under the {convention!r} convention: {context} ((leading, trailing) per "
         "axis z, y, x); fix target_context or set it to zeros for no context"
@@ -168,10 +172,10 @@ def target_settings(config) -> TargetSettings:
     context = ((0, 0), (0, 0), (0, 0))
   erosion = target.get("erosion", 0)
   if int(erosion) != erosion or erosion < 0:
-    raise ValueError(f"target.erosion must be a non-negative int, got {erosion!r}")
+    raise ConfigError(f"target.erosion must be a non-negative int, got {erosion!r}")
   plane = target.get("erosion_plane", "yx")
   if plane not in PLANES:
-    raise ValueError(f"target.erosion_plane must be one of {sorted(PLANES)}, got {plane!r}")
+    raise ConfigError(f"target.erosion_plane must be one of {sorted(PLANES)}, got {plane!r}")
   return TargetSettings(spec.offsets, convention, context, int(erosion), plane)
 
 
@@ -185,7 +189,7 @@ def read_shape_for(config) -> tuple[int, int, int]:
 def _patch_size(config) -> tuple[int, int, int]:
   patch = tuple(int(p) for p in config.data.patch_size)
   if len(patch) != 3 or min(patch) < 1:
-    raise ValueError(f"data.patch_size must be 3 positive ints (z, y, x), got {patch}")
+    raise ConfigError(f"data.patch_size must be 3 positive ints (z, y, x), got {patch}")
   return patch
 
 
@@ -219,7 +223,7 @@ def volume_stats(volume: Volume | np.ndarray) -> VolumeStats:
   shape = tuple(volume.shape)
   where = getattr(volume, "path", "array")
   if not shape or min(shape) == 0:
-    raise ValueError(f"{where}: cannot compute statistics of an empty volume {shape}")
+    raise InputError(f"{where}: cannot compute statistics of an empty volume {shape}")
   nz = shape[-3]
   chunks = getattr(volume, "chunks", None)
   if chunks:
@@ -240,10 +244,10 @@ def volume_stats(volume: Volume | np.ndarray) -> VolumeStats:
 def _normalize_settings(data_config) -> tuple[str, str]:
   mode = data_config.get("normalize", None)
   if mode not in NORMALIZE_MODES:
-    raise ValueError(f"data.normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
+    raise ConfigError(f"data.normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
   scope = data_config.get("normalize_scope", "volume")
   if mode == "minmax" and scope not in NORMALIZE_SCOPES:
-    raise ValueError(f"data.normalize_scope must be one of {NORMALIZE_SCOPES}, got {scope!r}")
+    raise ConfigError(f"data.normalize_scope must be one of {NORMALIZE_SCOPES}, got {scope!r}")
   return mode, scope
 
 
@@ -332,7 +336,7 @@ def labels_to_int32(labels: np.ndarray, where: str = "labels", *, out=None) -> n
   lo, hi = labels.min(), labels.max()
   signed = np.issubdtype(labels.dtype, np.signedinteger)
   if signed and lo < -1:
-    raise ValueError(
+    raise InputError(
       f"{where}: negative label {int(lo)}; labels are 0 (background), -1 (unlabeled) or > 0 ids"
     )
   if hi <= _INT32_MAX:
@@ -489,19 +493,19 @@ class TrainData:
     pad = data.get("pad_size", None)
     self.pad = tuple(int(p) for p in pad) if pad is not None else (0, 0, 0)
     if len(self.pad) != 3 or min(self.pad) < 0:
-      raise ValueError(f"data.pad_size must be 3 non-negative ints (z, y, x), got {pad}")
+      raise ConfigError(f"data.pad_size must be 3 non-negative ints (z, y, x), got {pad}")
     self.pad_mode = data.get("pad_mode", "reflect")
     if self.pad_mode not in PAD_MODES:
-      raise ValueError(f"data.pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
+      raise ConfigError(f"data.pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
     self.pad_labels = data.get("pad_labels", "unlabeled")
     if self.pad_labels not in PAD_LABELS:
-      raise ValueError(f"data.pad_labels must be one of {PAD_LABELS}, got {self.pad_labels!r}")
+      raise ConfigError(f"data.pad_labels must be one of {PAD_LABELS}, got {self.pad_labels!r}")
 
     if volumes is None:
       volumes = dataset_volumes(data, split)
     self.volumes = list(volumes)
     if not self.volumes:
-      raise ValueError(
+      raise ConfigError(
         f"split {split!r} has no volumes (layout {data.get('layout')!r}, root "
         f"{data.get('root')!r}); check the {split}_seeds / {split}_files / val_sections settings"
       )
@@ -515,23 +519,23 @@ class TrainData:
   def _prepare(self, vol: LabeledVolume, in_channels, in_memory: bool) -> _Source:
     where = f"{self.split} volume {vol.name!r} ({vol.image.path})"
     if vol.labels is None:
-      raise ValueError(f"{where}: has no labels; training and validation crops need labels")
+      raise InputError(f"{where}: has no labels; training and validation crops need labels")
     shape = tuple(int(n) for n in vol.spatial_shape)
     z0 = vol.z_range[0] if vol.z_range is not None else 0
     full_z = vol.image.shape[-3]
     if vol.z_range is not None and not 0 <= z0 <= vol.z_range[1] <= full_z:
-      raise ValueError(f"{where}: z_range {vol.z_range} lies outside its {full_z} sections")
+      raise InputError(f"{where}: z_range {vol.z_range} lies outside its {full_z} sections")
     if min(shape) == 0:
-      raise ValueError(f"{where}: usable shape {shape} (z, y, x) has an empty axis")
+      raise InputError(f"{where}: usable shape {shape} (z, y, x) has an empty axis")
     padded = tuple(n + 2 * p for n, p in zip(shape, self.pad, strict=True))
     if any(r > n for r, n in zip(self.read_shape, padded, strict=True)):
-      raise ValueError(
+      raise InputError(
         f"{where}: crop of read_shape {self.read_shape} (patch {self.patch_size} + context "
         f"{self.context}) does not fit the usable shape {shape} padded by {self.pad} = {padded}"
       )
     channels = vol.image.shape[0] if vol.image.ndim == 4 else 1
     if in_channels is not None and channels != int(in_channels):
-      raise ValueError(
+      raise InputError(
         f"{where}: image has {channels} channel(s) (shape {vol.image.shape}) but "
         f"model.in_channels is {in_channels}"
       )

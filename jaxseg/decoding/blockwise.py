@@ -50,6 +50,7 @@ import time
 import numpy as np
 
 from jaxseg.common import runtime
+from jaxseg.common.errors import ConfigError, JaxsegError
 from jaxseg.common.files import atomic_output, write_json
 from jaxseg.data.affinity import convert_convention
 from jaxseg.decoding import cc, decode_lib, labels
@@ -72,20 +73,27 @@ class BlockJob:
   shape: tuple[int, int, int]
   scratch: str
   outputs: tuple[str, ...] = ()
+  axis_order: str | None = None  # of the affinities (a PyTC file's "cxyz" may be in no attribute)
+
+
+class BlocksFailedError(JaxsegError, RuntimeError):
+  """Worker processes failed some blocks (the message has the last worker error); a rerun
+  retries only those."""
 
 
 # -- per-process volume cache ---------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=16)
-def _volume(path: str, writable: bool = False):
-  return reopen_zarr(path) if writable else open_volume(path)
+def _volume(path: str, writable: bool = False, axis_order: str | None = None):
+  return reopen_zarr(path) if writable else open_volume(path, axis_order=axis_order)
 
 
 def _read_affinities(job: BlockJob, start, stop) -> np.ndarray:
   """``[3, z, y, x]`` (z, y, x edges) of a box clipped to the volume; masked voxels zeroed."""
   box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
-  aff = decode_lib.read_channels(_volume(job.affinities), job.positions, box)
+  volume = _volume(job.affinities, axis_order=job.axis_order)
+  aff = decode_lib.read_channels(volume, job.positions, box)
   if not np.isfinite(aff).all():
     raise VolumeError(f"{job.affinities}: NaN or Inf in the box {start} - {stop}")
   if job.mask:
@@ -350,7 +358,7 @@ def _run_stage(job: BlockJob, name: str, function, show_progress: bool) -> int:
   state = states[f"decode_{name}"]
   if state.completed_count != state.total_block_count:
     error = state.last_worker_error or f"worker logs in {os.path.join(job.scratch, 'daisy_logs')}"
-    raise RuntimeError(
+    raise BlocksFailedError(
       f"blockwise decode, stage {name}: {state.failed_count} of {state.total_block_count} "
       f"blocks failed ({error}); run again to retry them"
     )
@@ -373,7 +381,7 @@ def decode_blockwise(
     ``(output arrays, segment counts per threshold, info dict)``.
   """
   if tuple(source.distances) != (1, 1, 1):
-    raise ValueError(
+    raise ConfigError(
       f"blockwise decoding takes nearest-neighbour edges only, not {source.offsets}; use "
       "config.decode.blockwise='never' for long-range channels"
     )
@@ -385,7 +393,7 @@ def decode_blockwise(
     try:
       graph_agglomeration.parse_merge_function(scoring)
     except NotImplementedError as e:
-      raise ValueError(
+      raise ConfigError(
         f"blockwise waterz: {e}; use config.decode.blockwise='never' for this merge function"
       ) from e
   scratch = os.path.join(output, SCRATCH)
@@ -397,6 +405,7 @@ def decode_blockwise(
   job = BlockJob(
     settings=settings,
     affinities=source.volume.path,
+    axis_order=source.volume.axis_order,
     positions=source.positions,
     distances=source.distances,
     convention=source.convention,

@@ -7,7 +7,8 @@ Owns:
   * :func:`decode_array`: the whole-volume decoders on in-memory arrays (connected components, or
     waterz with dust / branch merges), returning one ``[z, y, x]`` segmentation per threshold.
   * :func:`decode`: the file-level job: checks, whole-volume or blockwise (``blockwise.py``),
-    output arrays, preview PNG and a ``decode.json`` summary; refuses to overwrite other work.
+    output arrays, preview PNG and a ``decode.json`` summary. What already exists in the output
+    folder is reused, resumed, refused or replaced by :mod:`jaxseg.common.outputs`.
 
 Output layout: ``<output>/segmentation`` (one threshold) or ``<output>/segmentation_t<thr>`` (one
 per waterz threshold), each a ``[z, y, x]`` zarr in the smallest unsigned dtype that holds its ids,
@@ -21,14 +22,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 
-from jaxseg.common import config_util
 from jaxseg.common.files import write_json
+from jaxseg.common.outputs import Decision, StageOutput, input_identity
 from jaxseg.data.affinity import convert_convention
 from jaxseg.decoding import cc
 from jaxseg.decoding.settings import DecodeSettings
@@ -37,6 +38,8 @@ from jaxseg.io.volume import Volume
 
 ATTR_KEY = "jaxseg_decode"
 SUMMARY = "decode.json"
+PREVIEW = "preview.png"
+BLOCKWISE_SCRATCH = "_blockwise"
 MASK_SPEC_ATTR = "jaxseg_affinity_mask"  # what jaxseg.quality.mask records in a mask it builds
 _AXES = "zyx"
 
@@ -79,7 +82,9 @@ def read_channels(volume: Volume, positions: Sequence[int], box: Sequence[slice]
   return np.stack([np.asarray(volume[(p, *box)]) for p in positions])
 
 
-def open_affinities(spec: str, settings: DecodeSettings) -> AffinitySource:
+def open_affinities(
+  spec: str, settings: DecodeSettings, *, axis_order: str | None = None
+) -> AffinitySource:
   """Opens an affinity volume and finds the decoded channels.
 
   Args:
@@ -87,15 +92,25 @@ def open_affinities(spec: str, settings: DecodeSettings) -> AffinitySource:
       output folder holding an ``affinities`` array.
     settings: ``config.decode``; its ``channels`` are the preset's channel numbers, mapped to
       stored positions through the file's ``channels`` attribute when it has one.
+    axis_order: the on-disk axis order (``"cxyz"`` for PyTC's h5) of a file that names none;
+      default the file's ``axis_order`` attribute, else ``czyx``.
 
   Raises:
-    VolumeError: not a ``[C, z, y, x]`` float volume, channels missing, offsets that are not one
-      positive axis-aligned edge per axis, or a convention that contradicts the config.
+    VolumeError: not a ``[C, z, y, x]`` float volume, an ``axis_order`` that does not fit it or
+      contradicts the file's own, channels missing, offsets that are not one positive
+      axis-aligned edge per axis, or a convention that contradicts the config.
   """
   spec = os.fspath(spec)
   if os.path.isdir(spec) and os.path.isdir(os.path.join(spec, "affinities")):
     spec = os.path.join(spec, "affinities")
-  volume = open_volume(spec)
+  volume = open_volume(spec, axis_order=axis_order)
+  own = volume.attrs.get("axis_order")
+  if axis_order and own and str(own).lower() != volume.axis_order:
+    # The explicit order would win in open_volume: a wrong flag must not transpose the volume.
+    raise VolumeError(
+      f"{spec}: axis_order={axis_order!r} (--axis_order) contradicts the file's own axis_order "
+      f"attribute {own!r}; drop the flag"
+    )
   if not volume.has_channels or len(volume.shape) != 4:
     raise VolumeError(f"{spec}: expected affinities [C, z, y, x], got shape {volume.shape}")
   if not np.issubdtype(volume.dtype, np.floating):
@@ -293,6 +308,9 @@ def _job_fingerprint(
     "shape": list(source.spatial_shape),
     "blockwise": blockwise,
   }
+  if source.volume.axis_order != "czyx":
+    # Only when not canonical, so decodes made before the key existed stay valid.
+    out["axis_order"] = source.volume.axis_order
   if mask is not None:
     # The path alone would let a mask rebuilt in place (jaxseg.qc --overwrite) pass for the old
     # one; the spec that jaxseg.qc stores in its attributes names what it keeps.
@@ -302,56 +320,6 @@ def _job_fingerprint(
     if settings.method == "waterz":
       out["context"] = list(settings.context)
   return out
-
-
-def _saved_fingerprint(output: str) -> dict | None:
-  """The fingerprint of the decode (finished or under way) in ``output``, or None."""
-  for path in (os.path.join(output, SUMMARY), os.path.join(output, "_blockwise", "job.json")):
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f).get("fingerprint", {})
-  return None
-
-
-def check_existing(output: str, fingerprint: dict, overwrite: bool) -> dict | None:
-  """The saved summary of a finished identical job, or None to (re)do it.
-
-  Raises:
-    VolumeError: the folder holds a decode made with other settings or input (the differences
-      are listed), unless ``overwrite``; nothing is touched then.
-  """
-  summary_path = os.path.join(output, SUMMARY)
-  state_path = os.path.join(output, "_blockwise", "job.json")
-  saved_path = next((p for p in (summary_path, state_path) if os.path.exists(p)), None)
-  if saved_path is None:
-    names = os.listdir(output) if os.path.isdir(output) else []
-    leftovers = [n for n in names if n.startswith("segmentation")]
-    if leftovers and not overwrite:
-      raise VolumeError(
-        f"{output}: holds {leftovers} without a {SUMMARY}; use --overwrite or another --output"
-      )
-    return None
-  with open(saved_path) as f:
-    saved = json.load(f)
-  diff = config_util.fingerprint_differences(saved.get("fingerprint", {}), fingerprint)
-  if diff and not overwrite:
-    raise VolumeError(
-      f"{output}: already holds a decode made differently ({'; '.join(diff)}); use --overwrite "
-      "or another --output"
-    )
-  if not diff and os.path.exists(summary_path) and saved.get("complete"):
-    return saved
-  return None
-
-
-def _clear(output: str) -> None:
-  """Removes what a previous decode wrote here (only jaxseg's own names)."""
-  if not os.path.isdir(output):
-    return
-  for name in os.listdir(output):
-    if name.startswith("segmentation") or name in (SUMMARY, "_blockwise", "preview.png"):
-      path = os.path.join(output, name)
-      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def create_output(output, name, threshold, dtype, source: AffinitySource, settings, fingerprint):
@@ -390,8 +358,11 @@ def decode(
   overwrite: bool = False,
   verbose: bool = False,
   show_progress: bool = True,
+  axis_order: str | None = None,
 ) -> dict:
   """Decodes an affinity volume into ``output`` (a folder), whole-volume or blockwise.
+
+  ``axis_order``: the affinities' on-disk order when the file names none (:func:`open_affinities`).
 
   Returns:
     The summary written to ``<output>/decode.json``: arrays, segment counts, timings.
@@ -401,19 +372,23 @@ def decode(
     ValueError: settings the decoder cannot run.
   """
   start = time.perf_counter()
-  source = open_affinities(affinities, settings)
+  source = open_affinities(affinities, settings, axis_order=axis_order)
   shape = source.spatial_shape
   mask = open_mask(settings.affinity_mask_path, shape) if settings.affinity_mask_path else None
   blockwise = wants_blockwise(settings, shape)
   fingerprint = _job_fingerprint(settings, source, blockwise, mask)
-  done = check_existing(output, fingerprint, overwrite)
-  if done is not None:
-    return {**done, "already_done": True}
-  # Only what another decode wrote is cleared: an identical unfinished blockwise job resumes.
-  saved = _saved_fingerprint(output)
-  if overwrite and (saved is None or config_util.fingerprint_differences(saved, fingerprint)):
-    _clear(output)
-  os.makedirs(output, exist_ok=True)
+  names = output_names(settings)
+  stage = decode_output(output, fingerprint, names, source, settings.affinity_mask_path)
+  decision = stage.open(overwrite=overwrite)
+  if decision is Decision.REUSE:
+    with open(os.path.join(output, SUMMARY)) as f:
+      return {**json.load(f), "already_done": True}
+  if decision is Decision.REPLACE and stage.replaced_because:
+    logging.warning("%s: redoing the decode (%s)", output, "; ".join(stage.replaced_because))
+  if not blockwise:
+    # A whole-volume decode killed mid-write left partial arrays of its own: start them again.
+    for name in (*names, SUMMARY):
+      stage.remove_own(name)
 
   if blockwise:
     from jaxseg.decoding import blockwise as blockwise_lib
@@ -447,9 +422,8 @@ def decode(
       array.write((0, 0, 0), seg).result()
     counts = [int(seg.max()) if seg.size else 0 for _, seg in results]
     info = {"blocks": 1}
-  names = output_names(settings)
   # The middle threshold's segmentation (the only one, usually).
-  preview = write_preview(os.path.join(output, "preview.png"), source, arrays[len(arrays) // 2])
+  preview = write_preview(os.path.join(output, PREVIEW), source, arrays[len(arrays) // 2])
   summary = {
     "fingerprint": fingerprint,
     "complete": True,
@@ -465,6 +439,29 @@ def decode(
     **info,
   }
   write_json(os.path.join(output, SUMMARY), summary)
-  # Scratch goes only once the summary marks the job complete: a run killed before that resumes.
-  shutil.rmtree(os.path.join(output, "_blockwise"), ignore_errors=True)
+  # Scratch goes only once the summary is written: a run killed before that resumes.
+  stage.discard(BLOCKWISE_SCRATCH)
+  stage.finish()
   return summary
+
+
+def decode_output(
+  output: str, fingerprint: dict, names: Sequence[str], source: AffinitySource, mask_path
+) -> StageOutput:
+  """The decode's entry in ``output``'s manifest: its arrays, preview, summary and scratch.
+
+  The fingerprint gains the identity of the affinities and the mask (their files' sizes and
+  times), so a re-prediction or a rebuilt mask in place is never decoded from the old result.
+  """
+  inputs = {"affinities": input_identity(source.volume.path)}
+  if mask_path:
+    inputs["mask"] = input_identity(mask_path)
+  return StageOutput(
+    output,
+    name="decode",
+    stage="decode",
+    fingerprint={**fingerprint, "inputs": inputs},
+    paths=[*names, PREVIEW, SUMMARY, BLOCKWISE_SCRATCH],
+    inputs=[source.volume.path, *([mask_path] if mask_path else [])],
+    what="--output folder",
+  )

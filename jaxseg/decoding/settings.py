@@ -14,6 +14,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from jaxseg.common.errors import ConfigError
+
 METHODS = ("cc", "waterz")
 BLOCKWISE = ("auto", "always", "never")
 CONVENTIONS = ("source", "target")
@@ -138,7 +140,7 @@ def _as_dict(section: Any) -> dict:
 def _check_keys(given: Mapping, known: set, where: str) -> None:
   unknown = sorted(set(given) - known)
   if unknown:
-    raise ValueError(
+    raise ConfigError(
       f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)} (refusing rather than "
       "silently ignoring them)"
     )
@@ -147,17 +149,31 @@ def _check_keys(given: Mapping, known: set, where: str) -> None:
 def _triple(value, name: str, minimum: int) -> tuple[int, int, int]:
   try:
     out = tuple(int(v) for v in value)
-  except TypeError:
-    out = ()
-  if len(out) != 3 or any(v < minimum for v in out) or any(float(v) != v for v in value):
-    raise ValueError(f"config.decode.{name} must be three integers >= {minimum}, not {value!r}")
+    whole = all(float(v) == v for v in value)
+  except (TypeError, ValueError):  # not a sequence, or 'abc' from --config.decode.x=abc
+    out, whole = (), False
+  if len(out) != 3 or any(v < minimum for v in out) or not whole:
+    raise ConfigError(f"config.decode.{name} must be three integers >= {minimum}, not {value!r}")
+  return out
+
+
+def _number(value, name: str, kind=float):
+  """``kind(value)``, or a ConfigError naming ``config.decode.<name>``."""
+  try:
+    out = kind(value)
+  except (TypeError, ValueError):
+    raise ConfigError(
+      f"config.decode.{name} must be {'an integer' if kind is int else 'a number'}, not {value!r}"
+    ) from None
+  if kind is int and isinstance(value, float) and value != out:
+    raise ConfigError(f"config.decode.{name} must be an integer, not {value!r}")
   return out
 
 
 def _fraction(value, name: str) -> float:
-  value = float(value)
+  value = _number(value, name)
   if not 0.0 <= value <= 1.0:
-    raise ValueError(f"config.decode.{name} must lie in [0, 1], not {value}")
+    raise ConfigError(f"config.decode.{name} must lie in [0, 1], not {value}")
   return value
 
 
@@ -165,26 +181,30 @@ def decode_settings(config_or_section: Any) -> DecodeSettings:
   """Checks ``config.decode`` (or the section itself) and resolves it.
 
   Raises:
-    ValueError: an unknown key, method, axis order or convention; thresholds outside [0, 1];
-      shapes that are not three positive integers; and so on, each naming the key.
+    ConfigError: an unknown key, method, axis order or convention; thresholds outside [0, 1];
+      shapes that are not three positive integers; and so on, each naming the key (a
+      ``ValueError`` too).
   """
   section = getattr(config_or_section, "decode", config_or_section)
   d = _as_dict(section)
   _check_keys(d, _TOP_KEYS, "config.decode")
   method = d.get("method", "cc")
   if method not in METHODS:
-    raise ValueError(f"config.decode.method must be one of {METHODS}, not {method!r}")
-  channels = tuple(int(c) for c in d.get("channels", (0, 1, 2)))
+    raise ConfigError(f"config.decode.method must be one of {METHODS}, not {method!r}")
+  try:
+    channels = tuple(int(c) for c in d.get("channels", (0, 1, 2)))
+  except (TypeError, ValueError):
+    channels = ()
   if len(channels) != 3 or len(set(channels)) != 3 or min(channels) < 0:
-    raise ValueError(
+    raise ConfigError(
       f"config.decode.channels must be three distinct channel numbers, not {channels}"
     )
   order = str(d.get("channel_order", "xyz"))
   if sorted(order) != ["x", "y", "z"]:
-    raise ValueError(f"config.decode.channel_order must be a permutation of 'zyx', not {order!r}")
+    raise ConfigError(f"config.decode.channel_order must be a permutation of 'zyx', not {order!r}")
   convention = d.get("convention", "source")
   if convention not in CONVENTIONS:
-    raise ValueError(f"config.decode.convention must be one of {CONVENTIONS}, not {convention!r}")
+    raise ConfigError(f"config.decode.convention must be one of {CONVENTIONS}, not {convention!r}")
 
   if method == "cc":
     thresholds = (_fraction(d.get("threshold", 0.75), "threshold"),)
@@ -192,37 +212,40 @@ def decode_settings(config_or_section: Any) -> DecodeSettings:
     raw = d.get("thresholds", (0.5,))
     raw = (raw,) if isinstance(raw, (int, float)) else tuple(raw)
     if not raw:
-      raise ValueError("config.decode.thresholds is empty")
+      raise ConfigError("config.decode.thresholds is empty")
     thresholds = tuple(sorted(_fraction(t, "thresholds") for t in raw))
     if len(set(thresholds)) != len(thresholds):
-      raise ValueError(f"config.decode.thresholds has repeats: {raw}")
+      raise ConfigError(f"config.decode.thresholds has repeats: {raw}")
 
   low = _fraction(d.get("aff_threshold_low", 0.1), "aff_threshold_low")
   high = _fraction(d.get("aff_threshold_high", 0.999), "aff_threshold_high")
   if method == "waterz" and not low < high:
-    raise ValueError(
+    raise ConfigError(
       f"config.decode.aff_threshold_low ({low}) must be below aff_threshold_high ({high})"
     )
-  queue = int(d.get("discretize_queue", 256))
+  queue = _number(d.get("discretize_queue", 256), "discretize_queue", int)
   if not 0 <= queue <= 65536:
-    raise ValueError(f"config.decode.discretize_queue must lie in [0, 65536], not {queue}")
+    raise ConfigError(f"config.decode.discretize_queue must lie in [0, 65536], not {queue}")
 
   dust = _as_dict(d.get("dust", {"enabled": False}))
   _check_keys(dust, _DUST_KEYS, "config.decode.dust")
   dust_settings = None
   if method == "waterz" and dust.get("enabled", False):
     dust_settings = DustSettings(
-      size=int(dust.get("size", 800)),
+      size=_number(dust.get("size", 800), "dust.size", int),
       affinity=_fraction(dust.get("affinity", 0.3), "dust.affinity"),
-      remove_size=int(dust.get("remove_size", 600)),
+      remove_size=_number(dust.get("remove_size", 600), "dust.remove_size", int),
     )
   branch = _as_dict(d.get("branch_merge", {"enabled": False}))
   _check_keys(branch, _BRANCH_KEYS, "config.decode.branch_merge")
   branch_settings = None
   if method == "waterz" and branch.get("enabled", False):
-    ratio = tuple(float(r) for r in branch.get("size_ratio", (0.5, 2.0)))
+    try:
+      ratio = tuple(float(r) for r in branch.get("size_ratio", (0.5, 2.0)))
+    except (TypeError, ValueError):
+      ratio = ()
     if len(ratio) != 2 or not 0 <= ratio[0] <= 1 or abs(ratio[0] * ratio[1] - 1) > 1e-6:
-      raise ValueError(
+      raise ConfigError(
         "config.decode.branch_merge.size_ratio must be (r, 1 / r) with 0 < r <= 1 (or (0, inf) "
         f"to disable the size-ratio merge), not {ratio}"
       )
@@ -233,7 +256,9 @@ def decode_settings(config_or_section: Any) -> DecodeSettings:
       one_sided_threshold=_fraction(
         branch.get("one_sided_threshold", 0.8), "branch_merge.one_sided_threshold"
       ),
-      one_sided_min_size=int(branch.get("one_sided_min_size", 100)),
+      one_sided_min_size=_number(
+        branch.get("one_sided_min_size", 100), "branch_merge.one_sided_min_size", int
+      ),
       affinity_threshold=_fraction(
         branch.get("affinity_threshold", 0.0), "branch_merge.affinity_threshold"
       ),
@@ -241,13 +266,13 @@ def decode_settings(config_or_section: Any) -> DecodeSettings:
 
   blockwise = d.get("blockwise", "auto")
   if blockwise not in BLOCKWISE:
-    raise ValueError(f"config.decode.blockwise must be one of {BLOCKWISE}, not {blockwise!r}")
-  num_workers = int(d.get("num_workers", 1))
+    raise ConfigError(f"config.decode.blockwise must be one of {BLOCKWISE}, not {blockwise!r}")
+  num_workers = _number(d.get("num_workers", 1), "num_workers", int)
   if num_workers < 1:
-    raise ValueError(f"config.decode.num_workers must be >= 1, not {num_workers}")
-  min_size = int(d.get("min_size", 0))
+    raise ConfigError(f"config.decode.num_workers must be >= 1, not {num_workers}")
+  min_size = _number(d.get("min_size", 0), "min_size", int)
   if min_size < 0:
-    raise ValueError(f"config.decode.min_size must be >= 0, not {min_size}")
+    raise ConfigError(f"config.decode.min_size must be >= 0, not {min_size}")
   return DecodeSettings(
     method=method,
     channels=channels,

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxseg.common.errors import ConfigError, JaxsegError
 from jaxseg.data import affinity as affinity_lib
 
 # The name forms :func:`scoring_function` understands, with what each one means.
@@ -116,7 +117,7 @@ def scoring_function(name: str, discretize_queue: int | None = None) -> tuple[st
     is_histogram = "HistogramQuantileAffinity<" in text
   else:
     forms = "\n".join(f"  {form}: {meaning}" for form, meaning in MERGE_FUNCTIONS.items())
-    raise ValueError(f"unknown waterz merge function {name!r}; known forms:\n{forms}")
+    raise ConfigError(f"unknown waterz merge function {name!r}; known forms:\n{forms}")
   if discretize_queue is None:
     discretize_queue = DEFAULT_HISTOGRAM_QUEUE if is_histogram else 0
   discretize_queue = int(discretize_queue)
@@ -128,7 +129,7 @@ def scoring_function(name: str, discretize_queue: int | None = None) -> tuple[st
 def _check_quantile(text: str, name: str) -> int:
   quantile = int(text)
   if not 0 < quantile < 100:
-    raise ValueError(f"merge function {name!r}: the percentile must lie in 1..99, got {quantile}")
+    raise ConfigError(f"merge function {name!r}: the percentile must lie in 1..99, got {quantile}")
   return quantile
 
 
@@ -180,6 +181,10 @@ def is_prebuilt(function: str, discretize_queue: int) -> bool:
   return _agglomerate._load_prebuilt(function, discretize_queue) is not None
 
 
+class BuildToolsMissingError(JaxsegError, RuntimeError):
+  """A merge function waterz must compile, on a machine without Boost / a compiler / witty."""
+
+
 def check_compilable(function: str, discretize_queue: int) -> None:
   """Raises a clear error if waterz would have to compile ``function`` and cannot.
 
@@ -187,7 +192,8 @@ def check_compilable(function: str, discretize_queue: int) -> None:
   and witty; without them it fails deep inside a compile with a less helpful message.
 
   Raises:
-    RuntimeError: naming the function and how to install what is missing.
+    BuildToolsMissingError: naming the function and how to install what is missing (a
+      ``RuntimeError``).
   """
   if is_prebuilt(function, discretize_queue):
     return
@@ -196,7 +202,7 @@ def check_compilable(function: str, discretize_queue: int) -> None:
     fixes = ["apt-get install libboost-dev g++"]
     if "the witty package" in missing:
       fixes.append("pip install witty")
-    raise RuntimeError(
+    raise BuildToolsMissingError(
       f"waterz scoring function {function!r} (discretize_queue={discretize_queue}) is not "
       f"prebuilt and must be compiled, but {', '.join(missing)} "
       f"{'is' if len(missing) == 1 else 'are'} missing. Install with: {'; '.join(fixes)}. "

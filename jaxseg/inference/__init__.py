@@ -7,6 +7,7 @@
   affinity-correct inverse (channel moves and re-anchoring shifts) and running ensembles.
 - ``jaxseg.inference.engine``: the device side: windows cut from a hull, predicted through every
   view, blended into an accumulator, one compiled step per geometry, sharded over local devices.
+- ``jaxseg.inference.layout``: the names of what predict writes (no jax).
 - ``jaxseg.inference.predict_lib``: batch predict: inputs, output zarrs, prefetch / write threads,
   resume, multi-host split, previews (``python -m jaxseg.predict``).
 

@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxseg.common.errors import ConfigError
 from jaxseg.data.pipeline import PAD_MODES, padded_indices, read_mapped
 from jaxseg.io.volume import Volume
 
@@ -333,7 +334,7 @@ def plan_geometry(
     raise ValueError(f"{where}: {e}") from None
   padded = tuple(n + 2 * p for n, p in zip(volume, pad, strict=True))
   if snap_to_edge and any(w > n for w, n in zip(window, padded, strict=True)):
-    raise ValueError(
+    raise ConfigError(
       f"{where}: window {window} is larger than the padded volume {padded} (volume {volume} + 2 "
       f"x pad {pad}); with snap_to_edge every window must fit: use a smaller window or more pad"
     )
@@ -349,7 +350,7 @@ def plan_geometry(
     crop = tuple((int(values[2 * a]), int(values[2 * a + 1])) for a in range(3))
   output = tuple(n - lo - hi for n, (lo, hi) in zip(padded, crop, strict=True))
   if min(output) < 1:
-    raise ValueError(
+    raise ConfigError(
       f"{where}: cropping {crop} ((lo, hi) per axis) from the padded volume {padded} leaves the "
       f"output {output}; every axis needs at least 1 voxel"
     )

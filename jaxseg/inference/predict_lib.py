@@ -15,8 +15,10 @@ memory is a few hulls and blocks, whatever the size of the volume.
 
 Resume: a block is marked done only after its write is durable, so a killed run restarts at the
 first unmarked block and writes the same bytes an uninterrupted run would (every block is computed
-from the input alone, in a fixed order). An output made with other settings, another checkpoint or
-another input is refused unless ``overwrite``.
+from the input alone, in a fixed order). Each input's output is an entry of the folder's jaxseg
+manifest (:mod:`jaxseg.common.outputs`): one made with other settings or another checkpoint is
+refused unless ``overwrite`` (which deletes only that entry's files), one of an image changed in
+place is predicted again, and a folder holding the user's files or the inputs is refused.
 
 Many hosts: process ``i`` of ``n`` predicts the blocks whose flat index is ``i`` mod ``n``. Blocks
 own whole chunks, so processes never write the same file; process 0 creates the outputs and the
@@ -30,7 +32,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -41,11 +42,18 @@ from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from jaxseg.common import config_util
 from jaxseg.common.files import atomic_output, write_json
+from jaxseg.common.outputs import (
+  Decision,
+  StageOutput,
+  check_outside_inputs,
+  input_identity,
+  prepare_folder,
+)
 from jaxseg.common.progress import progress
 from jaxseg.data.pipeline import VolumeStats, needs_volume_stats, normalize_image, volume_stats
 from jaxseg.inference import engine as engine_lib
+from jaxseg.inference import layout
 from jaxseg.inference import tta as tta_lib
 from jaxseg.inference.geometry import BlockPlan, Geometry, read_padded
 from jaxseg.inference.settings import InferenceSettings, inference_settings
@@ -53,8 +61,8 @@ from jaxseg.io import Volume, VolumeError, block_chunks, create_zarr, open_volum
 from jaxseg.io.datasets import dataset_volumes, nisb_cube
 from jaxseg.training import sharding as sharding_lib
 
-AFFINITIES = "affinities"
-BLOCKS_DONE = "blocks_done"
+AFFINITIES = layout.AFFINITIES
+BLOCKS_DONE = layout.BLOCKS_DONE
 ATTR_KEY = "jaxseg_predict"
 SPLIT_PREFIX = "split:"
 # How long processes other than 0 wait for process 0 to create the outputs.
@@ -164,6 +172,7 @@ class _Job:
   done: Any  # WritableVolume of uint8 [nbz, nby, nbx]
   todo: list[BlockPlan]
   skipped: int
+  stage: StageOutput
   blocks_written: int = 0
   windows_computed: int = 0
   started: float | None = None  # perf_counter when its first block was dispatched
@@ -178,9 +187,34 @@ def _wait_for(path: str, what: str) -> None:
     time.sleep(1.0)
 
 
+def predict_output(output_dir: str, source: PredictInput, fingerprint: dict) -> StageOutput:
+  """One input's entry in the output folder's manifest: its zarr group, summary and preview.
+
+  The fingerprint gains the identity of the image and of the checkpoint's step folder (their
+  files' sizes and times), so an image changed in place, or a model retrained into the same work
+  dir, is predicted again instead of being taken as done.
+  """
+  name = source.name
+  inputs = {"image": input_identity(source.volume.path)}
+  model = fingerprint.get("model") or {}
+  if model.get("checkpoint_dir") and model.get("step") is not None:
+    # Retraining into the same work dir writes the same step numbers: their files tell.
+    step_folder = os.path.join(model["checkpoint_dir"], str(model["step"]))
+    inputs["checkpoint"] = input_identity(step_folder)
+  return StageOutput(
+    output_dir,
+    name=layout.entry_name(name),
+    stage="predict",
+    fingerprint={**fingerprint, "inputs": inputs},
+    paths=[layout.group_name(name), layout.summary_name(name), layout.preview_name(name)],
+    inputs=[source.volume.path],
+    what="--output folder",
+  )
+
+
 def _open_outputs(
   source: PredictInput,
-  group: str,
+  stage: StageOutput,
   geometry: Geometry,
   settings: InferenceSettings,
   fingerprint: dict,
@@ -191,37 +225,38 @@ def _open_outputs(
 ) -> tuple[Any, Any, VolumeStats | None]:
   """Creates (process 0) or reopens the affinity and completion arrays.
 
+  Process 0 asks :mod:`jaxseg.common.outputs` what to do with what is there: reuse or resume
+  (reopen; finished blocks are kept), create, or replace (only this input's own files). The
+  other processes wait for process 0's arrays and reopen them.
+
   Returns:
     ``(affinities, blocks_done, stats)``: the two arrays and the image statistics the output was
     (or is now) made with, recorded in its attributes so a resumed run does not recompute them.
   """
+  group = stage.path(layout.group_name(source.name))
   aff_path = os.path.join(group, AFFINITIES)
   done_path = os.path.join(group, BLOCKS_DONE)
   shape = (len(settings.output_channels), *geometry.output_shape)
   if process_index != 0:
     _wait_for(os.path.join(done_path, ".zarray"), done_path)
-  elif os.path.exists(group) and overwrite:
-    shutil.rmtree(group)
+  else:
+    decision = stage.open(overwrite=overwrite)
+    if decision is Decision.REPLACE and stage.replaced_because:
+      logging.warning("%s: predicting again (%s)", group, "; ".join(stage.replaced_because))
+    if decision in (Decision.REUSE, Decision.RESUME) and not os.path.exists(
+      os.path.join(done_path, ".zarray")
+    ):
+      stage.remove_own(
+        layout.group_name(source.name)
+      )  # killed before its arrays existed: start again
   if os.path.exists(aff_path):
     existing = reopen_zarr(aff_path)
     if existing.shape != shape or existing.dtype != settings.output_dtype:
       raise VolumeError(
-        f"{aff_path}: an array of shape {existing.shape} and dtype {existing.dtype} exists, but "
-        f"predicting {source.volume.path} makes shape {shape} and dtype "
-        f"{np.dtype(settings.output_dtype)}; pass --overwrite to replace it or choose another "
-        "--output"
+        f"{aff_path}: holds shape {existing.shape} and dtype {existing.dtype}, but predicting "
+        f"{source.volume.path} makes shape {shape} and dtype {np.dtype(settings.output_dtype)}"
       )
-    saved = dict(existing.attrs.get(ATTR_KEY, {}))
-    saved_stats = saved.pop("stats", None)
-    differences = config_util.fingerprint_differences(saved, fingerprint)
-    if differences:
-      raise VolumeError(
-        f"{aff_path}: exists from a prediction with other settings, so resuming it would mix two "
-        "predictions:\n  " + "\n  ".join(differences[:10]) + "\npass --overwrite to replace it "
-        "or choose another --output"
-      )
-    if not os.path.exists(os.path.join(done_path, ".zarray")):
-      raise VolumeError(f"{done_path}: missing, so finished blocks are unknown; use --overwrite")
+    saved_stats = existing.attrs.get(ATTR_KEY, {}).get("stats")
     stats = VolumeStats(*saved_stats) if saved_stats is not None else None
     return existing, reopen_zarr(done_path), stats
 
@@ -358,7 +393,12 @@ def predict_volumes(
   process_count = jax.process_count() if process_count is None else int(process_count)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
-  os.makedirs(output_dir, exist_ok=True)
+  if process_index == 0:
+    # Before anything is written: the folder is jaxseg's (or new) and holds none of the inputs.
+    check_outside_inputs(output_dir, [s.volume.path for s in inputs], what="--output folder")
+    prepare_folder(output_dir, what="--output folder")
+  else:
+    os.makedirs(output_dir, exist_ok=True)
   sharding = sharding_lib.create_sharding(num_devices, local=True)
   variables = jax.device_put(variables, sharding.replicated)
   engines: dict[tuple, engine_lib.WindowEngine] = {}
@@ -381,11 +421,12 @@ def predict_volumes(
         "normalize_scope": config.data.get("normalize_scope", None),
       },
     }
-    group = os.path.join(output_dir, f"{source.name}.zarr")
+    stage = predict_output(output_dir, source, fingerprint)
+    group = stage.path(layout.group_name(source.name))
     open_outputs = functools.partial(
       _open_outputs,
       source,
-      group,
+      stage,
       geometry,
       settings,
       fingerprint,
@@ -418,6 +459,7 @@ def predict_volumes(
         done=done,
         todo=todo,
         skipped=len(mine) - len(todo),
+        stage=stage,
       )
     )
     if views not in engines:
@@ -503,10 +545,11 @@ def predict_volumes(
       share = job.blocks_written / max(1, job.geometry.num_blocks)
       summary["voxels_per_second"] = round(voxels * share / seconds, 1)
     if complete and writes_summary:
-      preview = os.path.join(output_dir, f"{job.source.name}_preview.png")
+      preview = os.path.join(output_dir, layout.preview_name(job.source.name))
       _preview(job, settings, data_config, preview)
       summary["preview"] = preview
-      write_json(os.path.join(output_dir, f"{job.source.name}_predict.json"), summary)
+      write_json(os.path.join(output_dir, layout.summary_name(job.source.name)), summary)
+      job.stage.finish()
     results.append(summary)
   return results
 
@@ -531,6 +574,9 @@ def predict(
   # Bad settings and missing inputs fail before the checkpoint is read.
   inference_settings(config)
   sources = resolve_inputs(config, inputs, axis_order=axis_order)
+  # The output folder is checked before the checkpoint is read: refused at once, not after it.
+  for source in sources:
+    predict_output(output_dir, source, {}).check_free()
   model, info = restore_inference_model(config, checkpoint, step, use_ema=use_ema)
   apply, variables = engine_lib.model_apply(model)
   model_info = {

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxseg.common.errors import ConfigError
 from jaxseg.data.affinity import Offsets, check_convention, get_preset
 from jaxseg.inference.geometry import BLEND_MODES, Geometry, plan_geometry
 from jaxseg.inference.tta import ENSEMBLES
@@ -120,15 +121,26 @@ def _triple(value: Any, name: str, minimum: int) -> tuple[int, int, int]:
   try:
     out = tuple(int(v) for v in value)
   except (TypeError, ValueError):
-    raise ValueError(f"infer.{name} must be three ints (z, y, x), got {value!r}") from None
+    raise ConfigError(f"infer.{name} must be three ints (z, y, x), got {value!r}") from None
   if len(out) != 3 or min(out) < minimum or any(int(v) != v for v in value):
-    raise ValueError(f"infer.{name} must be three ints >= {minimum} (z, y, x), got {value!r}")
+    raise ConfigError(f"infer.{name} must be three ints >= {minimum} (z, y, x), got {value!r}")
   return out  # type: ignore[return-value]
+
+
+def _number(value: Any, name: str, kind):
+  """``kind(value)`` (int or float), or a ConfigError naming ``infer.<name>``."""
+  try:
+    out = kind(value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"infer.{name} must be a number, not {value!r}") from None
+  if kind is int and out != value:
+    raise ConfigError(f"infer.{name} must be an integer, not {value!r}")
+  return out
 
 
 def _choice(value: Any, name: str, choices: Sequence[str]) -> str:
   if value not in choices:
-    raise ValueError(f"infer.{name} must be one of {', '.join(choices)}; got {value!r}")
+    raise ConfigError(f"infer.{name} must be one of {', '.join(choices)}; got {value!r}")
   return str(value)
 
 
@@ -136,7 +148,7 @@ def inference_settings(config) -> InferenceSettings:
   """Resolves and checks ``config.infer`` against ``config.model`` and ``config.target``.
 
   Raises:
-    ValueError: naming the key and the expected values.
+    ConfigError: naming the key and the expected values (a ``ValueError`` too).
   """
   # Imported here: jaxseg.models imports jax, and this module stays importable without it.
   from jaxseg.models import input_multiple
@@ -145,49 +157,61 @@ def inference_settings(config) -> InferenceSettings:
   window = _triple(infer.window, "window", 1)
   multiple = input_multiple(model)
   if any(w % m for w, m in zip(window, multiple, strict=True)):
-    raise ValueError(
+    raise ConfigError(
       f"infer.window {window} must be a multiple of {multiple} (z, y, x) for this "
       f"{model.name} (its pooling); e.g. "
       f"{tuple(max(m, round(w / m) * m) for w, m in zip(window, multiple, strict=True))}"
     )
-  overlap = float(infer.overlap)
+  overlap = _number(infer.overlap, "overlap", float)
   if not 0.0 <= overlap < 1.0:
-    raise ValueError(f"infer.overlap must be in [0, 1), got {overlap}")
+    raise ConfigError(f"infer.overlap must be in [0, 1), got {overlap}")
   pad = _triple(infer.get("pad", (0, 0, 0)), "pad", 0)
-  crop_pad = tuple(int(v) for v in (infer.get("crop_pad", ()) or ()))
+  try:
+    crop_pad = tuple(int(v) for v in (infer.get("crop_pad", ()) or ()))
+  except (TypeError, ValueError):
+    crop_pad = (-1,)
   if crop_pad and (len(crop_pad) != 6 or min(crop_pad) < 0):
-    raise ValueError(
+    raise ConfigError(
       f"infer.crop_pad must be () or six ints >= 0 (z0, z1, y0, y1, x0, x1), got {crop_pad}"
     )
-  batch_size = int(infer.sw_batch_size)
+  batch_size = _number(infer.sw_batch_size, "sw_batch_size", int)
   if batch_size < 1:
-    raise ValueError(f"infer.sw_batch_size must be >= 1, got {batch_size}")
-  temperature = float(infer.get("temperature", 1.0))
+    raise ConfigError(f"infer.sw_batch_size must be >= 1, got {batch_size}")
+  temperature = _number(infer.get("temperature", 1.0), "temperature", float)
   if temperature <= 0:
-    raise ValueError(f"infer.temperature must be > 0, got {temperature}")
+    raise ConfigError(f"infer.temperature must be > 0, got {temperature}")
 
-  spec = get_preset(config.target.preset)
-  convention = check_convention(config.target.get("convention", spec.convention))
+  try:
+    spec = get_preset(config.target.preset)
+  except ValueError as e:
+    raise ConfigError(f"target.preset: {e}") from None
+  try:
+    convention = check_convention(config.target.get("convention", spec.convention))
+  except ValueError as e:
+    raise ConfigError(f"target.convention: {e}") from None
   out_channels = int(model.out_channels)
   if out_channels != spec.num_channels:
-    raise ValueError(
+    raise ConfigError(
       f"model.out_channels={out_channels} but target.preset={spec.name!r} has "
       f"{spec.num_channels} affinity channels"
     )
-  channels = tuple(int(c) for c in (infer.get("output_channels", ()) or range(out_channels)))
+  try:
+    channels = tuple(int(c) for c in (infer.get("output_channels", ()) or range(out_channels)))
+  except (TypeError, ValueError):
+    channels = ()
   if not channels or any(c < 0 or c >= out_channels for c in channels):
-    raise ValueError(
+    raise ConfigError(
       f"infer.output_channels {channels} must name channels of the model's {out_channels}"
     )
   if len(set(channels)) != len(channels):
-    raise ValueError(f"infer.output_channels {channels} repeats a channel")
+    raise ConfigError(f"infer.output_channels {channels} repeats a channel")
 
   block_shape = _triple(infer.block_shape, "block_shape", 1)
-  chunk_shape = tuple(int(c) for c in (infer.get("chunk_shape", ()) or ()))
+  chunk_shape = tuple(infer.get("chunk_shape", ()) or ())
   if chunk_shape:
     chunk_shape = _triple(chunk_shape, "chunk_shape", 1)
     if any(b % c for b, c in zip(block_shape, chunk_shape, strict=True)):
-      raise ValueError(
+      raise ConfigError(
         f"infer.block_shape {block_shape} must be a multiple of infer.chunk_shape {chunk_shape}: "
         "a block writes whole chunks, so blocks never share one"
       )

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxseg.common.errors import ConfigError
 from jaxseg.data.affinity import (
   Offset,
   array_namespace,
@@ -168,28 +169,30 @@ def tta_views(
   flip_axes = tuple(tta_config.get("flip_axes", ()) or ())
   unknown = [a for a in flip_axes if a not in AXES]
   if unknown:
-    raise ValueError(f"tta.flip_axes: unknown axis names {unknown}; use {AXES}")
+    raise ConfigError(f"infer.tta.flip_axes: unknown axis names {unknown}; use {AXES}")
   flip_idx = sorted({AXES.index(a) for a in flip_axes})
   rot90 = bool(tta_config.get("rot90_yx", False))
   if rot90 and window[1] != window[2]:
-    raise ValueError(f"tta.rot90_yx needs a window with y == x, got window (z, y, x) = {window}")
+    raise ConfigError(
+      f"infer.tta.rot90_yx needs a window with y == x, got infer.window (z, y, x) = {window}"
+    )
   if rot90 and resolution is not None and not np.isclose(resolution[1], resolution[2]):
-    raise ValueError(
-      f"tta.rot90_yx turns y into x, but the volume's y and x resolutions differ "
+    raise ConfigError(
+      f"infer.tta.rot90_yx turns y into x, but the volume's y and x resolutions differ "
       f"({tuple(resolution)} nm, z, y, x); switch it off for this volume"
     )
 
   perms = [(0, 1, 2)]
   if tta_config.get("permute_axes", False):
     if resolution is None:
-      raise ValueError("tta.permute_axes needs the volume resolution (z, y, x)")
+      raise ConfigError("infer.tta.permute_axes needs the volume resolution (z, y, x)")
     res = tuple(float(r) for r in resolution)
     if len(res) != 3:
       raise ValueError(f"resolution must be (z, y, x), got {resolution}")
     for i, j in itertools.combinations(range(3), 2):
       if np.isclose(res[i], res[j]) and window[i] != window[j]:
-        raise ValueError(
-          f"tta.permute_axes: axes {AXES[i]} and {AXES[j]} share resolution {res[i]} but the "
+        raise ConfigError(
+          f"infer.tta.permute_axes: axes {AXES[i]} and {AXES[j]} share resolution {res[i]} but the "
           f"window {window} differs along them"
         )
     perms = [

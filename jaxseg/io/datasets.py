@@ -24,6 +24,7 @@ import os
 
 import numpy as np
 
+from jaxseg.common.errors import ConfigError
 from jaxseg.io.errors import VolumeError
 from jaxseg.io.volume import Volume, open_volume
 
@@ -106,7 +107,7 @@ def check_pair(image: Volume, labels: Volume | None) -> None:
 def dataset_volumes(data_config, split: str) -> list[LabeledVolume]:
   """Opens (lazily) every volume of ``split`` for the layout in ``data_config``."""
   if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
   layout = data_config.layout
   if layout == "nisb":
     volumes = _nisb(data_config, split)
@@ -115,7 +116,9 @@ def dataset_volumes(data_config, split: str) -> list[LabeledVolume]:
   elif layout == "cremi":
     volumes = _cremi(data_config, split)
   else:
-    raise ValueError(f"unknown data layout {layout!r}; expected 'nisb', 'snemi' or 'cremi'")
+    raise ConfigError(
+      f"config.data.layout: unknown layout {layout!r}; expected 'nisb', 'snemi' or 'cremi'"
+    )
   for v in volumes:
     check_pair(v.image, v.labels)
   return volumes

@@ -17,12 +17,20 @@ Two on-disk layouts are read:
 - em_erl ``gt_graph.npz``: ``skeleton_id`` [S], ``nodes`` [N, 4] = (skeleton_index, z, y, x) in nm
   and ``edges_<k>`` [E_k, 3] = (u, v, length_nm) with u, v global node rows.
 
+Parsing a large pickle takes minutes, so the flat form of a ``.pkl`` is cached in jaxseg's own
+cache folder (:func:`default_cache_dir`: ``$JAXSEG_CACHE_DIR/erl``, else ``~/.cache/jaxseg/erl``;
+the run chain and the tuner pass ``<workdir>/cache/erl``), never beside the skeleton: the user's
+data folder may be read-only or shared. A cache file is named by the skeleton's identity (absolute
+path, size, mtime) and the resolution, so an edited skeleton never reuses a stale one.
+
 This module never imports JAX.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import os
 import pickle
 import re
@@ -36,6 +44,10 @@ from jaxseg.io.errors import VolumeError
 # Bump when the cache layout or the conversion rules change, so stale caches are ignored.
 _CACHE_VERSION = 1
 CACHE_SUFFIX = ".erl_cache.npz"
+# The jaxseg cache root (ERL caches in its ``erl`` folder); default ``~/.cache/jaxseg``.
+CACHE_ENV = "JAXSEG_CACHE_DIR"
+# Under a run's or a tuning's work dir (``workdir_cache_dir``).
+_WORKDIR_CACHE = os.path.join("cache", "erl")
 
 
 class SkeletonError(VolumeError):
@@ -270,14 +282,18 @@ def _stack_positions(values: list, name: str, attr: str) -> np.ndarray:
 
 
 def load_skeletons(
-  path: str | os.PathLike, resolution: Sequence[float] | None = None, cache: bool = True
+  path: str | os.PathLike,
+  resolution: Sequence[float] | None = None,
+  cache: bool = True,
+  cache_dir: str | os.PathLike | None = None,
 ) -> Skeletons:
   """Reads skeleton GT into the flat :class:`Skeletons` form.
 
   For a NISB ``.pkl`` (networkx) see :func:`skeletons_from_graph` for how edge lengths are chosen.
-  The parsed arrays are cached beside it as ``<pkl>.erl_cache.npz``, keyed by the pickle's mtime,
-  size and ``resolution``, so a graph of a million nodes loads in well under a second the second
-  time. A cache that cannot be written (read-only directory) is silently skipped.
+  The parsed arrays are cached in ``cache_dir`` (:func:`cache_path`), keyed by the pickle's
+  absolute path, mtime, size and ``resolution``, so a graph of a million nodes loads in well under
+  a second the second time. Nothing is written beside the pickle; a cache folder that cannot be
+  written only costs the cache.
 
   For an em_erl ``.npz`` (``nodes`` = (skeleton_index, z, y, x) in nm, ``edges_<k>`` = (u, v,
   length_nm)), ``resolution`` is required and voxel = round(nm / resolution); the stored lengths are
@@ -286,7 +302,8 @@ def load_skeletons(
   Args:
     path: ``skeleton.pkl`` (NISB) or ``gt_graph.npz`` (em_erl).
     resolution: (z, y, x) voxel size in nm.
-    cache: read / write the ``.erl_cache.npz`` for pickles.
+    cache: read / write the cache for pickles.
+    cache_dir: the cache folder (default :func:`default_cache_dir`).
 
   Returns:
     The flat skeletons.
@@ -301,16 +318,56 @@ def load_skeletons(
     raise SkeletonError(f"{path}: this is a cache file; pass the skeleton .pkl it belongs to")
   if path.endswith(".npz"):
     return _load_em_erl_npz(path, resolution)
-  cache_path = path + CACHE_SUFFIX
   key = _cache_key(path, resolution)
   if cache:
-    cached = _read_cache(cache_path, key, path)
+    where = cache_path(path, resolution, cache_dir)
+    cached = _read_cache(where, key, path)
     if cached is not None:
       return cached
   skeletons = skeletons_from_graph(_read_pickle(path), resolution=resolution, path=path)
   if cache:
-    _write_cache(cache_path, key, skeletons)
+    _write_cache(where, key, skeletons)
   return skeletons
+
+
+def default_cache_dir() -> str:
+  """The ERL cache folder: ``$JAXSEG_CACHE_DIR/erl``, else ``~/.cache/jaxseg/erl`` (``~/.cache``
+  being ``$XDG_CACHE_HOME`` when set)."""
+  root = os.environ.get(CACHE_ENV)
+  if not root:
+    home_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = os.path.join(home_cache, "jaxseg")
+  return os.path.join(os.path.abspath(os.path.expanduser(root)), "erl")
+
+
+def workdir_cache_dir(workdir: str | os.PathLike) -> str:
+  """The ERL cache folder of a run's or a tuning's work dir: ``<workdir>/cache/erl``."""
+  return os.path.join(os.path.abspath(os.fspath(workdir)), _WORKDIR_CACHE)
+
+
+def cache_path(
+  path: str | os.PathLike,
+  resolution: Sequence[float] | None,
+  cache_dir: str | os.PathLike | None = None,
+) -> str:
+  """The cache file of skeleton ``path`` read at ``resolution``, in ``cache_dir`` (default
+  :func:`default_cache_dir`).
+
+  Named ``<entry>-<state><CACHE_SUFFIX>``: ``entry`` hashes the real absolute path and the
+  resolution, ``state`` the file's size and mtime (and the cache layout), so an edited or touched
+  skeleton gets a new file and the old one is pruned by name.
+  """
+  real = os.path.realpath(os.fspath(path))
+  st = os.stat(real)
+  res = "none" if resolution is None else ",".join(repr(float(r)) for r in resolution)
+  entry = _digest(f"{real}\0{res}")
+  state = _digest(f"{_CACHE_VERSION}\0{st.st_size}\0{st.st_mtime_ns}")
+  folder = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
+  return os.path.join(os.path.abspath(folder), f"{entry}-{state}{CACHE_SUFFIX}")
+
+
+def _digest(text: str) -> str:
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _cache_key(path: str, resolution) -> np.ndarray:
@@ -340,7 +397,9 @@ def _read_cache(cache_path: str, key: np.ndarray, path: str) -> Skeletons | None
 
 
 def _write_cache(cache_path: str, key: np.ndarray, skeletons: Skeletons) -> None:
+  folder, name = os.path.split(cache_path)
   try:
+    os.makedirs(folder, exist_ok=True)
     with atomic_output(cache_path) as tmp:
       np.savez(
         tmp,
@@ -349,7 +408,13 @@ def _write_cache(cache_path: str, key: np.ndarray, skeletons: Skeletons) -> None
         **skeletons.to_npz_dict(),
       )
   except OSError:
-    pass  # A read-only skeleton folder only costs the cache, never the load.
+    return  # An unwritable cache folder only costs the cache, never the load.
+  # The same skeleton (and resolution) in an older state: stale for good.
+  entry = name.split("-", 1)[0] + "-"
+  for other in os.listdir(folder):
+    if other.startswith(entry) and other.endswith(CACHE_SUFFIX) and other != name:
+      with contextlib.suppress(OSError):  # another process pruned it first
+        os.remove(os.path.join(folder, other))
 
 
 def _load_em_erl_npz(path: str, resolution) -> Skeletons:

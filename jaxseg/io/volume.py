@@ -121,6 +121,11 @@ def _normalize_key(key: Any, shape: Sequence[int], where: str) -> tuple[list[sli
 # Backends: each reads (and for tensorstore writes) boxes in on-disk order.
 
 
+def _box(slices: Sequence[slice]) -> str:
+  """``[0:8, 16:32]``: a box in on-disk order, for messages."""
+  return "[" + ", ".join(f"{s.start}:{s.stop}" for s in slices) + "] (on-disk order)"
+
+
 class _TensorStoreBackend:
   def __init__(self, store, where: str):
     self.store = store
@@ -136,7 +141,11 @@ class _TensorStoreBackend:
 
   def read(self, slices: Sequence[slice]) -> np.ndarray:
     key = tuple(slice(s.start + o, s.stop + o) for s, o in zip(slices, self.origin, strict=True))
-    return np.asarray(self.store[key].read().result())
+    try:
+      return np.asarray(self.store[key].read().result())
+    except ValueError as e:
+      # A corrupt or truncated chunk: tensorstore's message names the chunk file.
+      raise VolumeError(f"{self.where}: cannot read {_box(slices)}: {e}") from e
 
   def write(self, slices: Sequence[slice], array: np.ndarray):
     key = tuple(slice(s.start + o, s.stop + o) for s, o in zip(slices, self.origin, strict=True))
@@ -160,8 +169,11 @@ class _H5Backend:
 
   def read(self, slices: Sequence[slice]) -> np.ndarray:
 
-    with h5py.File(self._file, "r") as f:
-      return np.asarray(f[self._name][tuple(slices)])
+    try:
+      with h5py.File(self._file, "r") as f:
+        return np.asarray(f[self._name][tuple(slices)])
+    except OSError as e:  # h5py: a corrupt chunk, a truncated or vanished file
+      raise VolumeError(f"{self.where}: cannot read {_box(slices)}: {e}") from e
 
 
 class _TiffBackend:

@@ -16,10 +16,13 @@ The rules follow PyTC's affinity QC (``pytc_spec.md`` section 7): the interior m
 the sampled (every ``z_stride``-th) section means without ``k_edge`` samples at each end; a section
 is good when every channel's mean is at least ``interior - drift_thresh``; ``low_z`` is the first
 good section within ``refine_window`` of the start (``refine_window`` if none), ``high_z`` one past
-the last good one within ``refine_window`` of the end (``Z - refine_window`` if none). Two choices
+the last good one within ``refine_window`` of the end (``Z - refine_window`` if none). Three choices
 of ours: each channel is compared with its own interior mean (one mean over all channels would
-flag every section whenever one channel, often z, sits ``drift_thresh`` below the others), and a
-section holding NaN / Inf is never good. Never imports JAX.
+flag every section whenever one channel, often z, sits ``drift_thresh`` below the others), a
+section holding NaN / Inf is never good, and when no section at all is good the keep range is
+empty (``low_z = high_z = 0``: the mask keeps nothing) rather than PyTC's fallback middle. Paths
+(affinities, image) are recorded absolute, so a report or QC is usable from any working directory.
+Never imports JAX.
 """
 
 from __future__ import annotations
@@ -30,16 +33,17 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import yaml
+from absl import logging
 
-from jaxseg.common import config_util
-from jaxseg.common.files import atomic_output, write_json
+from jaxseg.common.errors import ConfigError, InputError, MissingInputError
+from jaxseg.common.files import atomic_output, local_abspath, write_json
+from jaxseg.common.outputs import Decision, StageOutput, input_identity
 from jaxseg.common.progress import progress
 from jaxseg.io import Volume, VolumeError, open_volume
 
@@ -56,6 +60,8 @@ _KEYS = {
   "n_z_border",
 }  # fmt: skip
 _REQUIRED_FRONT_MATTER = ("low_z", "high_z", "bg_thresh", "border_width")
+# Report warning and log line when no section is good (low_z == high_z == 0).
+NOTHING_KEPT = "no section passed QC: the mask keeps nothing"
 
 
 # -- settings -------------------------------------------------------------------------------------
@@ -99,7 +105,7 @@ def _int(value: Any, name: str, minimum: int) -> int:
   except (TypeError, ValueError):
     integral = False
   if not integral or out < minimum:
-    raise ValueError(f"config.qc.{name} must be an integer >= {minimum}, not {value!r}")
+    raise ConfigError(f"config.qc.{name} must be an integer >= {minimum}, not {value!r}")
   return out
 
 
@@ -110,7 +116,7 @@ def _float(value: Any, name: str, minimum: float | None = None) -> float:
     out = math.nan
   if not math.isfinite(out) or (minimum is not None and out < minimum):
     bound = f" >= {minimum:g}" if minimum is not None else ""
-    raise ValueError(f"config.qc.{name} must be a finite number{bound}, not {value!r}")
+    raise ConfigError(f"config.qc.{name} must be a finite number{bound}, not {value!r}")
   return out
 
 
@@ -133,7 +139,7 @@ def qc_settings(config_or_section: Any = None) -> QcSettings:
   d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
   unknown = sorted(set(d) - _KEYS)
   if unknown:
-    raise ValueError(
+    raise ConfigError(
       f"config.qc: unknown key(s) {unknown}; known keys: {sorted(_KEYS)} (refusing rather than "
       "silently ignoring them)"
     )
@@ -174,7 +180,8 @@ class QcReport:
     cutoff: ``[C]`` ``interior_mean - drift_thresh``.
     nan_count, inf_count: ``[C]`` over the whole volume.
     min, max: ``[C]`` of the finite values.
-    low_z, high_z: the sections ``[low_z, high_z)`` worth decoding.
+    low_z, high_z: the sections ``[low_z, high_z)`` worth decoding; ``0, 0`` (empty) when no
+      section passed.
     border: the XY-border diagnostic (see :func:`scan_affinities`), or None without an image.
     warnings: anything a user should know (fallbacks, non-finite values, ...).
     seconds: time the scan took.
@@ -504,8 +511,9 @@ def scan_affinities(
     [[int(v) for v in o] for o in offsets] if offsets is not None and len(offsets) == n_ch else None
   )
   report = QcReport(
-    affinities=volume.path,
-    image=None if img is None else img.path,
+    # Absolute: the report and qc.json are read from other working directories.
+    affinities=stable_path(volume.path),
+    image=None if img is None else stable_path(img.path),
     shape=[int(n) for n in volume.shape],
     dtype=str(volume.dtype),
     channels=channels,
@@ -531,6 +539,12 @@ def scan_affinities(
     (z + 1 for z in reversed(range(depth_z - window, depth_z)) if report.good(z)),
     depth_z - window,
   )
+  if not any(report.good(z) for z in range(depth_z)):
+    # PyTC's fallback (``refine_window`` in from each end) would keep the middle of a volume with
+    # no usable section at all.
+    report.low_z = report.high_z = 0
+    warnings.insert(0, NOTHING_KEPT)
+    logging.warning("%s: %s", report.affinities, NOTHING_KEPT)
   if border_z:
     report.border = _border_summary(border_z, settings, b_sum, b_n, b_bg, b_all, warnings)
   elif img is not None:
@@ -619,11 +633,14 @@ def _markdown_body(report: QcReport, png_name: str) -> str:
   lines = [f"# Affinity QC: `{report.affinities}`", ""]
   dropped = [f"{report.low_z} at the start"] if report.low_z else []
   dropped += [f"{depth - report.high_z} at the end"] if report.high_z < depth else []
+  if report.low_z >= report.high_z:
+    kept = f"**{NOTHING_KEPT[0].upper()}{NOTHING_KEPT[1:]}** (low_z = high_z = {report.low_z})"
+  else:
+    kept = f"Keeps sections **[{report.low_z}, {report.high_z})** of {depth}: " + (
+      ("drops " + " and ".join(dropped)) if dropped else "nothing dropped"
+    )
   lines += [
-    f"Shape (C, z, y, x) {tuple(report.shape)}, {report.dtype}. Keeps sections "
-    f"**[{report.low_z}, {report.high_z})** of {depth}: "
-    + (("drops " + " and ".join(dropped)) if dropped else "nothing dropped")
-    + ".",
+    f"Shape (C, z, y, x) {tuple(report.shape)}, {report.dtype}. {kept}.",
     "",
     f"Sections sampled every {s.z_stride}; the interior mean leaves out {s.k_edge} samples at "
     f"each end ({len(report.interior_z)} used); a section is good when every channel's mean is "
@@ -736,33 +753,31 @@ def read_report(path_md: str | os.PathLike) -> dict:
   """
   path_md = os.fspath(path_md)
   if not os.path.isfile(path_md):
-    raise FileNotFoundError(f"{path_md}: no such QC report")
+    raise MissingInputError(f"{path_md}: no such QC report")
   with open(path_md) as f:
     text = f.read()
   lines = text.splitlines()
   if not lines or lines[0].strip() != "---":
-    raise ValueError(f"{path_md}: not a QC report: it does not start with '---' front matter")
+    raise InputError(f"{path_md}: not a QC report: it does not start with '---' front matter")
   end = next((i for i in range(1, len(lines)) if lines[i].strip() == "---"), None)
   if end is None:
-    raise ValueError(f"{path_md}: the front matter has no closing '---' line")
+    raise InputError(f"{path_md}: the front matter has no closing '---' line")
   try:
     front = yaml.safe_load("\n".join(lines[1:end]))
   except yaml.YAMLError as e:
-    raise ValueError(f"{path_md}: the front matter is not valid YAML: {e}") from None
+    raise InputError(f"{path_md}: the front matter is not valid YAML: {e}") from None
   if not isinstance(front, dict):
-    raise ValueError(f"{path_md}: the front matter must be a mapping, got {type(front).__name__}")
+    raise InputError(f"{path_md}: the front matter must be a mapping, got {type(front).__name__}")
   missing = [k for k in _REQUIRED_FRONT_MATTER if k not in front]
   if missing:
-    raise ValueError(f"{path_md}: the front matter lacks {missing}")
+    raise InputError(f"{path_md}: the front matter lacks {missing}")
   for key in ("low_z", "high_z", "border_width"):
     if isinstance(front[key], bool) or not isinstance(front[key], int) or front[key] < 0:
-      raise ValueError(f"{path_md}: {key} must be an integer >= 0, not {front[key]!r}")
+      raise InputError(f"{path_md}: {key} must be an integer >= 0, not {front[key]!r}")
   if isinstance(front["bg_thresh"], bool) or not isinstance(front["bg_thresh"], (int, float)):
-    raise ValueError(f"{path_md}: bg_thresh must be a number, not {front['bg_thresh']!r}")
-  if front["low_z"] >= front["high_z"]:
-    raise ValueError(
-      f"{path_md}: low_z {front['low_z']} must be below high_z {front['high_z']} (nothing kept)"
-    )
+    raise InputError(f"{path_md}: bg_thresh must be a number, not {front['bg_thresh']!r}")
+  if front["low_z"] > front["high_z"]:  # equal: an empty range, a QC that passed no section
+    raise InputError(f"{path_md}: low_z {front['low_z']} must not exceed high_z {front['high_z']}")
   return front
 
 
@@ -815,10 +830,12 @@ class QcResult:
 
 
 def stable_path(path: str | None) -> str | None:
-  """An absolute path when ``path`` names a local file or folder (stable across working dirs)."""
+  """``path`` made absolute (stable across working directories), ``file.h5:dataset`` included;
+  URLs and tensorstore specs (a volume opened from a dict is named by its JSON) as they are."""
   if path is None:
     return None
-  return os.path.abspath(path) if os.path.exists(path) else path
+  path = os.fspath(path)
+  return path if path.startswith("{") else local_abspath(path)
 
 
 def _job_fingerprint(volume: Volume, image: Volume | None, settings: QcSettings) -> dict:
@@ -849,16 +866,6 @@ def _result(summary: dict, output_dir: str, reused: bool) -> QcResult:
     reused=reused,
     output_dir=output_dir,
   )
-
-
-def _clear(output_dir: str) -> None:
-  """Removes what an earlier QC wrote here (only our own names)."""
-  for name in (SUMMARY_NAME, REPORT_NAME, "means.png", MASK_NAME, MASK_NAME + ".partial"):
-    path = os.path.join(output_dir, name)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    elif os.path.exists(path):
-      os.remove(path)
 
 
 def run_qc(
@@ -899,6 +906,20 @@ def run_qc(
   output_dir = os.fspath(output_dir)
   fingerprint = _job_fingerprint(volume, img, settings)
   summary_path = os.path.join(output_dir, SUMMARY_NAME)
+  inputs = {
+    "affinities": input_identity(volume.path),
+    "image": None if img is None else input_identity(img.path),
+  }
+  stage = StageOutput(
+    output_dir,
+    name="qc",
+    stage="qc",
+    fingerprint={**fingerprint, "inputs": inputs},
+    paths=[SUMMARY_NAME, REPORT_NAME, os.path.basename(plot_path(REPORT_NAME))],
+    inputs=[volume.path, *([img.path] if img is not None else [])],
+    what="--output folder",
+  )
+  decision = stage.open(overwrite=overwrite)
   block_shape = tuple(
     getattr(getattr(config, "decode", None), "block_shape", None) or mask_lib.DEFAULT_BLOCK_SHAPE
   )
@@ -908,36 +929,24 @@ def run_qc(
     image=img,
     shape=volume.shape[1:],
     block_shape=block_shape,
-    overwrite=overwrite,
+    # The mask (its own entry in the folder) follows its QC: replaced when the QC is.
+    overwrite=overwrite or decision is Decision.REPLACE,
     show_progress=show_progress,
   )
-
-  if os.path.exists(summary_path):
+  if decision is Decision.REUSE:
     with open(summary_path) as f:
       saved = json.load(f)
-    diff = config_util.fingerprint_differences(saved.get("fingerprint", {}), fingerprint)
-    if diff and not overwrite:
-      raise VolumeError(
-        f"{output_dir}: already holds a QC made differently ({'; '.join(diff)}); use --overwrite "
-        "or another --output"
-      )
-    if diff:
-      _clear(output_dir)
-    else:
-      result = _result(saved, output_dir, reused=True)
-      files_there = all(os.path.exists(p) for p in (result.report, result.plot))
-      mask_there = result.mask is not None and os.path.exists(result.mask)
-      if files_there and (mask_there or not build_mask):
-        return result
-      if files_there:  # finished without a mask: add it, the scan stands
-        mask = build(result.scan)
-        saved["mask"] = mask.path
-        write_json(summary_path, saved)
-        return dataclasses.replace(result, mask=mask.path, reused=False)
-  elif overwrite:
-    _clear(output_dir)
+    result = _result(saved, output_dir, reused=True)
+    if not build_mask or (result.mask is not None and os.path.exists(result.mask)):
+      return result
+    # Finished without a mask: add it, the scan stands.
+    stage.invalidate()
+    mask = build(result.scan)
+    saved["mask"] = mask.path
+    write_json(summary_path, saved)
+    stage.finish()
+    return dataclasses.replace(result, mask=mask.path, reused=False)
 
-  os.makedirs(output_dir, exist_ok=True)
   scan = scan_affinities(volume, settings, image=img, show_progress=show_progress)
   paths = write_report(scan, os.path.join(output_dir, REPORT_NAME))
   mask_path = None
@@ -952,4 +961,5 @@ def run_qc(
     "mask": mask_path,
   }
   write_json(summary_path, saved)
+  stage.finish()
   return _result(saved, output_dir, reused=False)

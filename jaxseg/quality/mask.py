@@ -4,8 +4,9 @@ Rules (``pytc_spec.md`` section 7): sections outside ``[low_z, high_z)`` are dro
 pixels of the XY ring (``border_width`` wide) whose image is at or below ``bg_thresh`` (a dark
 padded margin the net reads as one huge cell). The spec travels in the array's attributes
 (``jaxseg_affinity_mask``: ``low_z``, ``high_z``, ``bg_thresh``, ``border_width``,
-``source_image``, ``affinities``, ``shape``), so a mask says how it was made; an existing mask with
-the same spec is reused, a different one is refused unless ``overwrite``.
+``source_image``, ``affinities``, ``shape``), so a mask says how it was made. The mask is an entry
+of its folder's jaxseg manifest (:mod:`jaxseg.common.outputs`): the same spec is reused, a
+different one is refused unless ``overwrite``, and a path jaxseg did not make is never replaced.
 
 The mask is written one chunk-deep z slab at a time (only the ring strips of the image are read)
 into ``<output>.partial``, renamed onto ``<output>`` when complete, so a killed build never leaves
@@ -16,12 +17,11 @@ reads it box by box. Never imports JAX.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jaxseg.common import config_util
+from jaxseg.common.outputs import Decision, StageOutput, input_identity
 from jaxseg.common.progress import progress
 from jaxseg.io import Volume, VolumeError, block_chunks, create_zarr, open_volume
 from jaxseg.quality.affinity_qc import QcReport, image_box, read_report, stable_path
@@ -88,8 +88,11 @@ def mask_spec(
     )
   if img is not None and tuple(img.shape[-3:]) != shape:
     raise VolumeError(f"{img.path}: image (z, y, x) {tuple(img.shape[-3:])} is not the mask's {shape}")  # fmt: skip
-  if not 0 <= low < high <= shape[0]:
-    raise ValueError(f"QC low_z {low} / high_z {high} keep nothing of {shape[0]} sections")
+  # low == high is a QC that passed no section: a mask that keeps nothing.
+  if not 0 <= low <= high <= shape[0]:
+    raise ValueError(
+      f"QC low_z {low} / high_z {high} must satisfy 0 <= low_z <= high_z <= {shape[0]} sections"
+    )
   spec = {
     "low_z": low,
     "high_z": high,
@@ -143,27 +146,29 @@ def build_affinity_mask(
     The mask, opened for reading.
 
   Raises:
-    VolumeError: ``output`` holds something else (a mask with another spec, or any other array)
-      and not ``overwrite``; nothing is touched then. Bad inputs as :func:`mask_spec`.
+    OutputError: ``output`` holds a mask made differently and not ``overwrite``, or anything
+      jaxseg did not make (even with ``overwrite``); nothing is touched then.
+    VolumeError: bad inputs, as :func:`mask_spec`.
   """
-  output = os.fspath(output)
+  output = os.path.abspath(os.fspath(output))
   spec, img = mask_spec(report_or_frontmatter, image=image, shape=shape)
   shape = tuple(spec["shape"])
-  if os.path.exists(output):
-    try:
-      old = open_volume(output)
-      old_spec = old.attrs.get(MASK_ATTR)
-    except VolumeError:
-      old_spec = None
-    if old_spec is not None:
-      diff = config_util.fingerprint_differences(old_spec, spec)
-      if not diff:
-        return old
-      what = f"a mask made differently ({'; '.join(diff)})"
-    else:
-      what = "something that is not a jaxseg affinity mask"
-    if not overwrite:
-      raise VolumeError(f"{output}: already holds {what}; use --overwrite or another output")
+  folder, name = os.path.split(output.rstrip("/"))
+  partial_name = name + ".partial"
+  stage = StageOutput(
+    folder,
+    name=f"mask:{name}",
+    stage="affinity mask",
+    # The image's background decides the ring: an image changed in place makes another mask.
+    fingerprint={"spec": spec, "inputs": {"image": input_identity(img.path) if img else None}},
+    paths=[name, partial_name],
+    inputs=[p for p in (spec["affinities"], img.path if img is not None else None) if p],
+    what="mask output",
+    shared=True,
+  )
+  if stage.open(overwrite=overwrite) is Decision.REUSE:
+    return open_volume(output)
+  stage.remove_own(name)  # killed between the rename and the manifest: build it again
 
   resolution = (1.0, 1.0, 1.0)
   if img is not None:
@@ -171,9 +176,8 @@ def build_affinity_mask(
   elif spec["affinities"] and os.path.exists(spec["affinities"]):
     resolution = open_volume(spec["affinities"]).resolution
   chunks = block_chunks([min(int(b), n) for b, n in zip(block_shape, shape, strict=True)])
-  partial = output.rstrip("/") + ".partial"
-  if os.path.exists(partial):  # a build killed earlier; ours by name
-    shutil.rmtree(partial)
+  partial = os.path.join(folder, partial_name)
+  stage.remove_own(partial_name)  # a build killed earlier
   out = create_zarr(
     partial,
     shape,
@@ -198,7 +202,6 @@ def build_affinity_mask(
         keep[:, rows, cols][background] = 0
     out.write((z0, 0, 0), block)
   out.flush()
-  if os.path.exists(output):  # overwrite, checked above
-    shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
   os.replace(partial, output)
+  stage.finish()
   return open_volume(output)

@@ -22,6 +22,8 @@ from typing import Any
 
 import ml_collections
 
+from jaxseg.common.errors import ConfigError
+
 # Values every preset shares; a preset below overrides some of them.
 _COMMON: dict[str, Any] = {
   # Geometry.
@@ -97,7 +99,7 @@ def default_config(difficulty: str = "base") -> ml_collections.ConfigDict:
     An unlocked ``ConfigDict``; recipes override ``shape`` and the seeds.
   """
   if difficulty not in PRESETS:
-    raise ValueError(f"unknown difficulty {difficulty!r}; known: {sorted(PRESETS)}")
+    raise ConfigError(f"data.synth.difficulty={difficulty!r} unknown; known: {sorted(PRESETS)}")
   c = ml_collections.ConfigDict()
   c.shape = (128, 128, 128)  # voxels (z, y, x)
   c.resolution = (20.0, 9.0, 9.0)  # nm (z, y, x), NISB base voxel size
@@ -166,10 +168,27 @@ class SynthParams:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _numbers(value, name: str, kind=float) -> tuple:
+  """``value`` as a tuple of ``kind``, or a ConfigError naming ``data.synth.<name>``."""
+  try:
+    return tuple(kind(v) for v in value)
+  except (TypeError, ValueError):
+    what = "integers" if kind is int else "numbers"
+    raise ConfigError(f"data.synth.{name} must be a tuple of {what}, got {value!r}") from None
+
+
+def _number(value, name: str, kind=float):
+  try:
+    return kind(value)
+  except (TypeError, ValueError):
+    what = "an integer" if kind is int else "a number"
+    raise ConfigError(f"data.synth.{name} must be {what}, got {value!r}") from None
+
+
 def _triplet(value, name: str, kind) -> tuple:
-  value = tuple(kind(v) for v in value)
+  value = _numbers(value, name, kind)
   if len(value) != 3:
-    raise ValueError(f"synth.{name} must have 3 entries (z, y, x), got {value}")
+    raise ConfigError(f"data.synth.{name} must have 3 entries (z, y, x), got {value}")
   return value
 
 
@@ -184,30 +203,33 @@ def resolve_config(config: ml_collections.ConfigDict | SynthParams) -> SynthPara
     The concrete parameters.
 
   Raises:
-    ValueError: unknown difficulty or an out-of-range knob; the message names the field.
+    ConfigError: unknown difficulty or an out-of-range knob; the message names the key
+      (``data.synth.<name>``). Also a ``ValueError``.
   """
   if isinstance(config, SynthParams):
     return config
   difficulty = str(config.difficulty)
   if difficulty not in PRESETS:
-    raise ValueError(f"synth.difficulty={difficulty!r} unknown; known: {sorted(PRESETS)}")
+    raise ConfigError(f"data.synth.difficulty={difficulty!r} unknown; known: {sorted(PRESETS)}")
   values = dict(_COMMON, **PRESETS[difficulty])
   for name in _COMMON:
     if config.get(name) is not None:
       values[name] = config[name]
   for name in _TUPLE_KNOBS:
-    values[name] = tuple(float(v) for v in values[name])
+    values[name] = _numbers(values[name], name)
   for name in set(_COMMON) - set(_TUPLE_KNOBS):
-    values[name] = float(values[name])
+    values[name] = _number(values[name], name)
   params = SynthParams(
     shape=_triplet(config.shape, "shape", int),
     resolution=_triplet(config.resolution, "resolution", float),
     difficulty=difficulty,
-    max_neurites=int(config.max_neurites),
-    persistence_nm=float(config.persistence_nm),
-    node_spacing_nm=float(config.node_spacing_nm),
-    min_length_nm=float(config.min_length_nm),
-    shifted_slice_max_voxels=int(config.shifted_slice_max_voxels),
+    max_neurites=_number(config.max_neurites, "max_neurites", int),
+    persistence_nm=_number(config.persistence_nm, "persistence_nm"),
+    node_spacing_nm=_number(config.node_spacing_nm, "node_spacing_nm"),
+    min_length_nm=_number(config.min_length_nm, "min_length_nm"),
+    shifted_slice_max_voxels=_number(
+      config.shifted_slice_max_voxels, "shifted_slice_max_voxels", int
+    ),
     chunks=_triplet(config.chunks, "chunks", int),
     **values,
   )
@@ -216,22 +238,19 @@ def resolve_config(config: ml_collections.ConfigDict | SynthParams) -> SynthPara
 
 
 def _validate(p: SynthParams) -> None:
-  def need(ok: bool, message: str):
+  def need(ok: bool, name: str, expected: str):
     if not ok:
-      raise ValueError(f"synth config: {message}")
+      raise ConfigError(f"data.synth.{name} must be {expected}, got {getattr(p, name)}")
 
-  need(all(s >= 8 for s in p.shape), f"shape must be >= 8 voxels per axis, got {p.shape}")
-  need(all(r > 0 for r in p.resolution), f"resolution must be positive, got {p.resolution}")
-  need(0.0 < p.fill_fraction <= 0.9, f"fill_fraction must be in (0, 0.9], got {p.fill_fraction}")
+  need(all(s >= 8 for s in p.shape), "shape", ">= 8 voxels per axis")
+  need(all(r > 0 for r in p.resolution), "resolution", "positive")
+  need(0.0 < p.fill_fraction <= 0.9, "fill_fraction", "in (0, 0.9]")
   for name in ("radius_thick_nm", "radius_thin_nm"):
     lo_hi = getattr(p, name)
-    need(
-      len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], f"{name} must be (min, max) > 0, got {lo_hi}"
-    )
-  need(len(p.blur_sigma_nm) == 3, f"blur_sigma_nm must be (z, y, x), got {p.blur_sigma_nm}")
+    need(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], name, "(min, max) with 0 < min <= max")
+  need(len(p.blur_sigma_nm) == 3, "blur_sigma_nm", "three sigmas (z, y, x)")
   for name in ("thin_fraction", "touch_probability", "missing_slice_prob", "shifted_slice_prob"):
-    need(0.0 <= getattr(p, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(p, name)}")
-  need(
-    p.node_spacing_nm > 0 and p.persistence_nm > 0, "node_spacing_nm, persistence_nm must be > 0"
-  )
-  need(all(c > 0 for c in p.chunks), f"chunks must be positive, got {p.chunks}")
+    need(0.0 <= getattr(p, name) <= 1.0, name, "in [0, 1]")
+  need(p.node_spacing_nm > 0, "node_spacing_nm", "> 0")
+  need(p.persistence_nm > 0, "persistence_nm", "> 0")
+  need(all(c > 0 for c in p.chunks), "chunks", "positive")

@@ -28,7 +28,10 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from jaxseg.common import config_util
+from jaxseg.common.errors import OutputError
 from jaxseg.common.files import write_json
+from jaxseg.common.outputs import Decision, StageOutput, is_jaxseg_folder
 from jaxseg.common.progress import progress
 from jaxseg.synthesis.config import SynthParams, resolve_config
 from jaxseg.synthesis.preview import save_preview
@@ -38,6 +41,10 @@ from jaxseg.synthesis.segmentation import build_segmentation
 GENERATOR = "jaxseg.synthesis"
 COMPLETE_MARKER = "synth_complete.json"
 SPLITS = ("train", "val", "test")
+_CUBE_FILES = ("data.zarr", "skeleton.pkl", "preview.png", COMPLETE_MARKER)
+# What a dataset root holds beside the split folders.
+PARAMS_FILE = "synth_params.json"
+SUMMARY_FILE = "synth_summary.json"
 
 
 def generate_cube(config, seed: int) -> tuple[np.ndarray, np.ndarray, nx.Graph]:
@@ -96,8 +103,13 @@ def write_cube(
   chunks=(64, 64, 64),
   attributes: dict[str, Any] | None = None,
   preview: bool = True,
+  overwrite: bool = False,
 ) -> dict[str, Any]:
-  """Writes a cube in the NISB layout (see the module docstring), replacing what is there.
+  """Writes a cube in the NISB layout (see the module docstring).
+
+  The folder must be new, empty, or a cube jaxseg wrote (its manifest says so): an identical
+  cube is written again, one made with other attributes only with ``overwrite``, and a folder
+  of the user's data never (:mod:`jaxseg.common.outputs`).
 
   Args:
     directory: the cube folder, e.g. ``root/train/seed0``.
@@ -108,9 +120,14 @@ def write_cube(
     chunks: on-disk chunk shape (z, y, x).
     attributes: extra array attributes (seed, config, ...), also stored in the marker.
     preview: also write ``preview.png``.
+    overwrite: replace a cube jaxseg wrote here with other attributes.
 
   Returns:
     The marker contents: :func:`cube_stats` plus ``attributes``.
+
+  Raises:
+    OutputError: the folder holds data jaxseg did not generate, or (without ``overwrite``) a
+      cube made with other attributes.
   """
   # Imported here so the geometry / rendering library does not depend on the I/O stack.
   from jaxseg.io import create_zarr
@@ -118,15 +135,17 @@ def write_cube(
 
   if img.shape != seg.shape or img.ndim != 3:
     raise ValueError(f"img {img.shape} and seg {seg.shape} must be equal [z, y, x] shapes")
-  os.makedirs(directory, exist_ok=True)
-  marker = os.path.join(directory, COMPLETE_MARKER)
-  if os.path.exists(marker):
-    os.remove(marker)  # incomplete until everything below is written again
   attrs = dict(attributes or {})
   attrs.setdefault("generator", GENERATOR)
-  zarr_path = os.path.join(directory, "data.zarr")
   chunks = tuple(int(c) for c in chunks)
   resolution = tuple(float(r) for r in resolution)
+  stage = cube_output(directory, attrs, resolution, chunks)
+  if stage.open(overwrite=overwrite) is Decision.REUSE:
+    stage.invalidate()  # asked to write it again: incomplete until everything below is
+  marker = os.path.join(directory, COMPLETE_MARKER)
+  for name in _CUBE_FILES:  # only this cube's own files, from an earlier or killed write
+    stage.remove_own(name)
+  zarr_path = os.path.join(directory, "data.zarr")
   out = create_zarr(
     os.path.join(zarr_path, "img"),
     (1, *img.shape),
@@ -135,7 +154,6 @@ def write_cube(
     axis_order="xyzc",
     resolution=resolution,
     attributes=attrs,
-    overwrite=True,
   )
   out.write((0, 0, 0, 0), img[None])
   out.flush()
@@ -147,7 +165,6 @@ def write_cube(
     axis_order="xyz",
     resolution=resolution,
     attributes=attrs,
-    overwrite=True,
   )
   out.write((0, 0, 0), seg.astype(np.uint32, copy=False))
   out.flush()
@@ -156,7 +173,24 @@ def write_cube(
     save_preview(os.path.join(directory, "preview.png"), img, seg)
   info = dict(cube_stats(seg, graph), resolution=list(resolution), **attrs)
   write_json(marker, info)
+  stage.finish()
   return info
+
+
+def cube_output(directory: str, attributes: dict, resolution, chunks) -> StageOutput:
+  """A cube folder's entry in its manifest: the arrays, skeleton, preview and marker."""
+  return StageOutput(
+    directory,
+    name="cube",
+    stage="generated cube",
+    fingerprint={
+      "attributes": attributes,
+      "resolution": [float(r) for r in resolution],
+      "chunks": [int(c) for c in chunks],
+    },
+    paths=_CUBE_FILES,
+    what="cube folder",
+  )
 
 
 def split_seeds(config) -> dict[str, tuple[int, ...]]:
@@ -165,19 +199,30 @@ def split_seeds(config) -> dict[str, tuple[int, ...]]:
 
 
 def generate_dataset(
-  config, root: str, *, overwrite: bool = False, show_progress: bool = True
+  config,
+  root: str,
+  *,
+  overwrite: bool = False,
+  show_progress: bool = True,
+  run_config=None,
+  flag: str = "--overwrite",
 ) -> dict[str, dict[str, Any]]:
   """Generates ``{root}/{train,val,test}/seed{N}`` for the config's seeds; resumable.
 
-  A complete cube made with the same knobs is skipped; a complete cube made with different knobs
-  is an error unless ``overwrite`` (so two configs never mix silently in one dataset); an
-  incomplete cube is regenerated.
+  ``root`` must be new, empty or a dataset jaxseg generated: a folder of the user's data is
+  refused, even with ``overwrite``. A complete cube made with the same knobs is skipped; one made
+  with different knobs is an error unless ``overwrite`` (so two configs never mix silently in one
+  dataset); an incomplete cube is regenerated. Beside the splits the root gets
+  ``synth_params.json`` (every resolved knob), ``synth_summary.json`` and, given ``run_config``,
+  the resolved ``config.json``.
 
   Args:
     config: the ``data.synth`` ConfigDict (with ``train_seeds`` / ``val_seeds`` / ``test_seeds``).
     root: dataset folder.
-    overwrite: regenerate complete cubes too.
+    overwrite: replace cubes made with other knobs.
     show_progress: show a progress bar / periodic progress lines.
+    run_config: the whole config, saved as ``config.json`` in the root (None: not saved).
+    flag: how the caller's user asks for ``overwrite`` (named in refusals).
 
   Returns:
     Per split: ``cubes``, ``generated``, ``skipped``, ``seeds``, ``shape``, ``neurons`` (total),
@@ -185,26 +230,33 @@ def generate_dataset(
     ``skeleton_length_um`` (totals) and ``seconds`` (generation + writing time of new cubes).
 
   Raises:
-    ValueError: a complete cube was made with different knobs and ``overwrite`` is False.
+    OutputError: ``root`` or a cube folder holds data jaxseg did not generate, or a cube was made
+      with different knobs and ``overwrite`` is False.
   """
-  params: SynthParams = resolve_config(config)
+  params: SynthParams = resolve_config(config)  # bad knobs fail before anything is written
   fingerprint = params.fingerprint()
+  if not is_jaxseg_folder(root):
+    names = sorted(os.listdir(root))
+    raise OutputError(
+      f"{root}: this folder holds data jaxseg did not generate ({', '.join(names[:4])}"
+      f"{', ...' if len(names) > 4 else ''}); jaxseg generates only into an empty folder or one "
+      "it made, never over other data: point data.root elsewhere, or remove data.synth from the "
+      "config to use the data that is there"
+    )
+  dataset = StageOutput(
+    root,
+    name="dataset",
+    stage="generated dataset",
+    fingerprint={"generator": fingerprint},
+    paths=(PARAMS_FILE, SUMMARY_FILE, config_util.RESOLVED_CONFIG_NAME),
+    what="dataset folder",
+    flag=flag,
+  )
+  dataset.open(overwrite=overwrite)
   jobs = [(split, seed) for split, seeds in split_seeds(config).items() for seed in seeds]
   per_cube: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
   for split, seed in progress(jobs, desc="synth", unit="cube", disable=not show_progress):
     directory = os.path.join(root, split, f"seed{seed}")
-    if is_complete(directory) and not overwrite:
-      info = read_marker(directory)
-      if info.get("fingerprint") != fingerprint:
-        raise ValueError(
-          f"{directory}: complete cube made with different generator settings (fingerprint "
-          f"{info.get('fingerprint')} != {fingerprint}); pass overwrite=True (--overwrite) or "
-          "use another output folder"
-        )
-      per_cube[split].append(dict(info, seed=seed, generated=False, seconds=0.0))
-      continue
-    start = time.perf_counter()
-    img, seg, graph = generate_cube(params, seed)
     attrs = {
       "generator": GENERATOR,
       "seed": int(seed),
@@ -213,6 +265,13 @@ def generate_dataset(
       "fingerprint": fingerprint,
       "config": params.to_dict(),
     }
+    cube = cube_output(directory, attrs, params.resolution, params.chunks)
+    cube.flag = flag
+    if cube.open(overwrite=overwrite) is Decision.REUSE:
+      per_cube[split].append(dict(read_marker(directory), seed=seed, generated=False, seconds=0.0))
+      continue
+    start = time.perf_counter()
+    img, seg, graph = generate_cube(params, seed)
     info = write_cube(
       directory,
       img,
@@ -224,7 +283,15 @@ def generate_dataset(
       preview=bool(config.get("preview", True)),
     )
     per_cube[split].append(dict(info, generated=True, seconds=time.perf_counter() - start))
-  return {split: _aggregate(cubes) for split, cubes in per_cube.items() if cubes}
+  summary = {split: _aggregate(cubes) for split, cubes in per_cube.items() if cubes}
+  if run_config is not None:
+    config_util.save_config(run_config, root)
+  # config.json keeps preset knobs as null ("from the preset"); this file has every value used.
+  write_json(os.path.join(root, PARAMS_FILE), params.to_dict())
+  # Unsorted: the splits stay in train, val, test order.
+  write_json(os.path.join(root, SUMMARY_FILE), summary, sort_keys=False)
+  dataset.finish()
+  return summary
 
 
 def _aggregate(cubes: list[dict[str, Any]]) -> dict[str, Any]:

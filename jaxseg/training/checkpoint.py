@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxseg.common import config_util
+from jaxseg.common.errors import ConfigError, MissingInputError
 
 # Model config fields that do not change parameter shapes: a resumed or restored run may change
 # them freely (bf16 vs f32 compute, rematerialisation).
@@ -119,7 +120,7 @@ def _shape_differences(saved_tree: Any, abstract_tree: Any, limit: int = 5) -> l
   return out
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(ConfigError):
   """The checkpoint was written by a model of a different shape than the current config's."""
 
 
@@ -150,7 +151,7 @@ class CheckpointManager:
     async_save: bool = True,
   ):
     if monitor_mode not in ("min", "max"):
-      raise ValueError(f"train.monitor_mode must be 'min' or 'max', got {monitor_mode!r}")
+      raise ConfigError(f"train.monitor_mode must be 'min' or 'max', got {monitor_mode!r}")
     self.directory = os.path.abspath(directory)
     self.keep_top_k = int(keep_top_k)
     self.monitor = monitor
@@ -207,13 +208,16 @@ class CheckpointManager:
       if found is None:
         found = self.latest_step()
     else:
-      found = int(step)
+      try:
+        found = int(step)
+      except (TypeError, ValueError):
+        raise ConfigError(f"step must be 'best', 'latest' or a number, not {step!r}") from None
       if found not in self.all_steps():
-        raise FileNotFoundError(
+        raise MissingInputError(
           f"no checkpoint for step {found} in {self.directory}; have {self.all_steps()}"
         )
     if found is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      raise MissingInputError(f"no checkpoint in {self.directory}")
     return found
 
   # -- save / retention ------------------------------------------------------------------------
@@ -305,9 +309,10 @@ class CheckpointManager:
     if problems:
       raise IncompatibleCheckpointError(
         f"the checkpoint at step {step} in {self.directory} was written by a model of a "
-        "different shape than the current config asks for:\n  "
-        + "\n  ".join(problems)
-        + "\nUse a new --workdir for a different model, or restore the checkpoint's model settings."
+        "different shape than the current config asks for ("
+        + "; ".join(problems)
+        + "); use a new --workdir for a different model, or restore the checkpoint's model "
+        "settings"
       )
 
   def restore(
@@ -334,7 +339,7 @@ class CheckpointManager:
     wanted = {"params": params, "train": train, "ema": ema}
     wanted = {k: v for k, v in wanted.items() if v is not None}
     if "ema" in wanted and not self.meta(step).get("ema"):
-      raise FileNotFoundError(f"the checkpoint at step {step} has no EMA (train.ema.enabled off)")
+      raise MissingInputError(f"the checkpoint at step {step} has no EMA (train.ema.enabled off)")
     args = {
       k: ocp.args.StandardRestore(abstract_like(to_pure(v), sharding)) for k, v in wanted.items()
     }

@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxseg.common.errors import ConfigError
+
 LOSSES = ("per_channel_bce", "masked_bce")
 
 
@@ -113,4 +115,4 @@ def make_loss_fn(train_config):
     return lambda logits, target, mask: per_channel_bce(logits, target, mask, max_pw, clamp)
   if name == "masked_bce":
     return lambda logits, target, mask: masked_bce(logits, target, mask)
-  raise ValueError(f"unknown train.loss {name!r}; valid: {', '.join(LOSSES)}")
+  raise ConfigError(f"unknown train.loss {name!r}; valid: {', '.join(LOSSES)}")

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxseg.common.errors import ConfigError
+
 SCHEDULES = ("warmup_cosine", "cosine", "constant")
 
 # Parameter names that never get weight decay (besides the ndim rule, see `decay_mask`).
@@ -53,14 +55,14 @@ def create_learning_rate_fn(optim_config, num_steps: int) -> Callable[[jax.Array
   name = optim_config.schedule
   base_lr = float(optim_config.lr)
   if num_steps <= 0:
-    raise ValueError(f"num_steps must be positive, got {num_steps}")
+    raise ConfigError(f"train.num_steps must be positive, got {num_steps}")
   if name == "constant":
     return lambda step: jnp.full((), base_lr, jnp.float32)
   min_lr = float(optim_config.get("min_lr", 0.0))
   warmup_steps = int(optim_config.get("warmup_steps", 0))
   if name == "cosine":
     if warmup_steps:
-      raise ValueError(
+      raise ConfigError(
         "optim.schedule='cosine' has no warmup (PyTorch CosineAnnealingLR); set "
         "optim.warmup_steps=0 or use optim.schedule='warmup_cosine'"
       )
@@ -74,7 +76,7 @@ def create_learning_rate_fn(optim_config, num_steps: int) -> Callable[[jax.Array
   if name == "warmup_cosine":
     steps_per_epoch = int(optim_config.get("steps_per_epoch", 1))
     if steps_per_epoch <= 0:
-      raise ValueError(f"optim.steps_per_epoch must be positive, got {steps_per_epoch}")
+      raise ConfigError(f"optim.steps_per_epoch must be positive, got {steps_per_epoch}")
     per_epoch = bool(optim_config.get("step_per_epoch", False))
     start_factor = float(optim_config.get("warmup_start_factor", 0.0))
     total_epochs = num_steps / steps_per_epoch
@@ -96,7 +98,7 @@ def create_learning_rate_fn(optim_config, num_steps: int) -> Callable[[jax.Array
       return min_lr + (base_lr * warm - min_lr) * cos
 
     return warmup_cosine
-  raise ValueError(f"unknown optim.schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+  raise ConfigError(f"unknown optim.schedule {name!r}; valid: {', '.join(SCHEDULES)}")
 
 
 def _path_names(path) -> list[str]:
@@ -137,7 +139,7 @@ def create_optimizer(optim_config, num_steps: int) -> optax.GradientTransformati
   norm scales and biases (:func:`decay_mask`) unless ``optim.decay_norm_and_bias``.
   """
   if optim_config.name != "adamw":
-    raise ValueError(f"unknown optim.name {optim_config.name!r}; valid: adamw")
+    raise ConfigError(f"unknown optim.name {optim_config.name!r}; valid: adamw")
   schedule = create_learning_rate_fn(optim_config, num_steps)
   mask = None if optim_config.get("decay_norm_and_bias", False) else decay_mask
   parts = []

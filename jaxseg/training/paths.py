@@ -1,16 +1,35 @@
-"""Where a training run keeps its checkpoints, read without JAX or orbax.
+"""Where a training run keeps its files, read without JAX or orbax.
 
 Owns :data:`CHECKPOINT_DIR`, :func:`checkpoint_dir` (a workdir or a checkpoint folder -> the
-checkpoint folder) and :func:`completed_steps` (the finished step folders in it). The checkpoint
-manager (``jaxseg.training.checkpoint``), the affinity cache and the chain all find checkpoints
+checkpoint folder), :func:`completed_steps` (the finished step folders in it) and
+:func:`training_output` (the training run's entry in the workdir's jaxseg manifest, with the
+config sections that make a checkpoint this config's model). The checkpoint manager
+(``jaxseg.training.checkpoint``), the training loop, the affinity cache and the chain all go
 through these, so the chain can tell a finished training from a folder listing alone.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
+from jaxseg.common import config_util
+from jaxseg.common.outputs import StageOutput
+
 CHECKPOINT_DIR = "checkpoints"
+# What the training loop logs beside the checkpoints (jaxseg.training.summary writes them).
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+PREVIEW_DIR = "previews"
+CURVES_FILE = "training_curves.png"
+# The config sections that shape the trained model; keys below them that do not (where the data
+# lives, logging and checkpoint cadence, test-only seeds) are left out of the fingerprint.
+TRAINING_SECTIONS = ("data", "target", "model", "optim", "train")
+NOT_TRAINING_KEYS = (
+  "data.root", "data.test_", "data.synth.test_seeds", "data.synth.preview", "data.prefetch",
+  "data.in_memory", "train.log_every", "train.checkpoint_every", "train.keep_every",
+  "train.keep_top_k", "train.distributed",
+)  # fmt: skip
 
 
 def checkpoint_dir(path: str | os.PathLike) -> str:
@@ -34,3 +53,46 @@ def completed_steps(folder: str | os.PathLike) -> list[int]:
   if not os.path.isdir(folder):
     return []
   return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+def training_fingerprint(config) -> dict:
+  """The training sections of ``config`` as a JSON-ready dict, without :data:`NOT_TRAINING_KEYS`."""
+  full = json.loads(json.dumps(config_util.config_to_dict(config)))
+  kept = {section: full.get(section) for section in TRAINING_SECTIONS}
+
+  def prune(node, prefix):
+    if not isinstance(node, dict):
+      return node
+    out = {}
+    for key, value in node.items():
+      name = f"{prefix}.{key}"
+      if not name.startswith(NOT_TRAINING_KEYS):
+        out[key] = prune(value, name)
+    return out
+
+  return {section: prune(value, section) for section, value in kept.items()}
+
+
+def training_output(config, workdir: str, *, flag: str = "--overwrite") -> StageOutput:
+  """The training run's entry in ``workdir``'s manifest.
+
+  A workdir trains one model: resuming or reusing it under other training settings is refused
+  (listing the differences) unless ``flag``, which deletes only the run's own files (resolved
+  config, checkpoints, logs, previews, curves) and starts again.
+  """
+  return StageOutput(
+    os.path.abspath(workdir),
+    name="train",
+    stage="training run",
+    fingerprint=training_fingerprint(config),
+    paths=(
+      config_util.RESOLVED_CONFIG_NAME,
+      CHECKPOINT_DIR,
+      TENSORBOARD_DIR,
+      METRICS_FILE,
+      PREVIEW_DIR,
+      CURVES_FILE,
+    ),
+    what="work dir",
+    flag=flag,
+  )

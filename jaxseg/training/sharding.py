@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jaxseg.common.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -50,10 +52,10 @@ def make_mesh(num_devices: int = 0, *, local: bool = False) -> jax.sharding.Mesh
   n = len(devices) if not num_devices else int(num_devices)
   if n < 1 or n > len(devices):
     if local:
-      raise ValueError(f"num_devices={num_devices}: this process has {len(devices)} device(s)")
-    raise ValueError(f"train.mesh_devices={num_devices}: this run has {len(devices)} device(s)")
+      raise ConfigError(f"num_devices={num_devices}: this process has {len(devices)} device(s)")
+    raise ConfigError(f"train.mesh_devices={num_devices}: this run has {len(devices)} device(s)")
   if not local and jax.process_count() > 1 and n != len(devices):
-    raise ValueError(
+    raise ConfigError(
       f"train.mesh_devices={num_devices} with {jax.process_count()} processes: a multi-host run "
       f"must use all {len(devices)} devices (set train.mesh_devices=0)"
     )

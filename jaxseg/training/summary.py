@@ -27,10 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-PREVIEW_DIR = "previews"
-CURVES_FILE = "training_curves.png"
+from jaxseg.training.paths import CURVES_FILE, METRICS_FILE, PREVIEW_DIR, TENSORBOARD_DIR
 
 
 def _to_float(value) -> float:

@@ -46,6 +46,7 @@ from absl import logging
 from flax import nnx
 
 from jaxseg.common import config_util
+from jaxseg.common.errors import ConfigError, MissingInputError
 from jaxseg.data import pipeline
 from jaxseg.training import checkpoint as ckpt_lib
 from jaxseg.training import ema as ema_lib
@@ -230,12 +231,12 @@ def _check_batch_geometry(config) -> None:
   patch = tuple(int(p) for p in config.data.patch_size)
   multiple = input_multiple(config.model)
   if any(p % m for p, m in zip(patch, multiple, strict=True)):
-    raise ValueError(
+    raise ConfigError(
       f"data.patch_size {patch} must be a multiple of {multiple} (z, y, x) for model "
       f"{config.model.name!r} with these settings"
     )
   if int(config.train.batch_size) < 1:
-    raise ValueError(f"train.batch_size (per device) must be >= 1, got {config.train.batch_size}")
+    raise ConfigError(f"train.batch_size (per device) must be >= 1, got {config.train.batch_size}")
 
 
 def _eval_enabled(config) -> bool:
@@ -298,7 +299,9 @@ def _restore_state(manager, step: int, state: dict, sharding) -> dict:
 # -- the loop ------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+  config, workdir: str, *, stop_at: int | None = None, overwrite: bool = False
+) -> dict[str, Any]:
   """Trains ``config`` in ``workdir``, resuming from its latest checkpoint when there is one.
 
   Every ``train.log_every`` steps: a progress line (loss, lr, steps/s, voxels/s, ETA), scalars to
@@ -311,9 +314,12 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
 
   Args:
     config: the full, resolved config.
-    workdir: output folder (created when missing).
+    workdir: output folder: new, empty, or this training's (see
+      :func:`jaxseg.training.paths.training_output`).
     stop_at: stop after this step with a checkpoint, as a preempted or time-limited job would;
       the schedules still follow ``train.num_steps`` and a later call continues exactly.
+    overwrite: start afresh in a workdir trained with other settings, deleting only that run's
+      own files (checkpoints, logs, resolved config).
 
   Returns:
     ``{"step", "train_loss", "val_loss", "best_step", "best_value", "monitor",
@@ -322,15 +328,23 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
   Raises:
     NonFiniteLossError: the loss became NaN / Inf (the last good checkpoint is kept).
     IncompatibleCheckpointError: the workdir holds checkpoints of a different model.
+    OutputError: the workdir holds files jaxseg did not make, or a run of other training
+      settings (unless ``overwrite``).
     ValueError: bad settings or data (messages from the data pipeline name volume and shapes).
   """
   train_cfg = config.train
   num_steps = int(train_cfg.num_steps)
   if num_steps < 1:
-    raise ValueError(f"train.num_steps must be >= 1, got {num_steps}")
+    raise ConfigError(f"train.num_steps must be >= 1, got {num_steps}")
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  stage = paths.training_output(config, workdir)
+  if is_main:
+    # Before anything is written: the workdir is new, empty or this training's; a run of other
+    # training settings is refused (or, with overwrite, only its own files are removed).
+    stage.open(overwrite=overwrite)
+  else:
+    os.makedirs(workdir, exist_ok=True)
 
   sharding = sharding_lib.create_sharding(int(train_cfg.get("mesh_devices", 0)))
   _check_batch_geometry(config)
@@ -530,6 +544,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at: int | None = None) -> d
     manager.prune()
     if is_main:
       summary.plot_training_curves(workdir)
+      if step >= num_steps:
+        stage.finish()
     best = manager.best_step()
     result = {
       "step": step,
@@ -572,7 +588,7 @@ def restore_inference_model(
   """
   directory = paths.checkpoint_dir(path)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints at {path} (looked for {directory})")
+    raise MissingInputError(f"no checkpoints at {path} (looked for {directory})")
   manager = ckpt_lib.CheckpointManager(
     directory,
     keep_top_k=int(config.train.get("keep_top_k", 3)),

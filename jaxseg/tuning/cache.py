@@ -4,13 +4,13 @@ Layout under ``cache_root`` (``DIR/predictions`` in a run)::
 
   <key>/cache.json                       what the key was made of (checkpoint, steps, inputs, ...)
   <key>/<name>.zarr/affinities           [C, z, y, x] affinities (jaxseg.predict's layout)
-  <key>/<name>_predict.json              complete: true once every block is written
+  <key>/<name>_predict.json              what predict ran (its manifest entry says complete)
   <key>/<name>_qc/report.md, mask.zarr   QC report and affinity mask (when config.qc.enabled)
 
 ``<key>`` is a short hash of the absolute checkpoint folder, the sorted step folder names in it,
 the step spec (``run.checkpoint_step``), ``run.use_ema``, every input (path, z range, shape), the
 input normalisation and the ``infer`` fingerprint: a new checkpoint or input gets a new folder, an
-identical one is reused. When every volume's ``_predict.json`` says ``complete`` nothing is
+identical one is reused. When every volume's predict entry is complete nothing is
 predicted and JAX is never imported; otherwise :func:`jaxseg.inference.predict_lib.predict`
 (imported only then) fills in what is missing (finished blocks are kept).
 """
@@ -25,6 +25,8 @@ import os
 
 from jaxseg.common import config_util
 from jaxseg.common.files import local_abspath, write_json
+from jaxseg.common.outputs import StageOutput, input_identity, is_complete
+from jaxseg.inference import layout
 from jaxseg.io import VolumeError
 from jaxseg.io.datasets import LabeledVolume, dataset_volumes
 from jaxseg.training.paths import checkpoint_dir, completed_steps
@@ -84,7 +86,8 @@ def cache_key(config, checkpoint: str, split: str) -> tuple[str, dict]:
         "path": local_abspath(str(v.image.path)),
         "z_range": list(v.z_range) if v.z_range else None,
         "shape": list(w.image.shape),
-        # Data regenerated at the same path (other synthesis settings) is other data.
+        # Data regenerated or edited at the same path is other data: its files' sizes and times.
+        "content": input_identity(v.image.path)["content"],
         "attrs": hashlib.sha256(
           json.dumps(w.image.attrs, sort_keys=True, default=str).encode()
         ).hexdigest()[:16],
@@ -123,16 +126,8 @@ def _infer_fingerprint(config) -> dict:
 
 
 def _complete(out_dir: str, name: str) -> bool:
-  path = os.path.join(out_dir, f"{name}_predict.json")
-  if not os.path.exists(path) or not os.path.isdir(
-    os.path.join(out_dir, f"{name}.zarr", "affinities")
-  ):
-    return False
-  try:
-    with open(path) as f:
-      return bool(json.load(f).get("complete"))
-  except (OSError, ValueError):
-    return False  # a half-written summary (cannot happen with atomic writes) means redo
+  """True when ``jaxseg.predict`` finished this volume in ``out_dir`` (its manifest says so)."""
+  return is_complete(out_dir, layout.entry_name(name))
 
 
 def cached_predictions(
@@ -161,7 +156,10 @@ def cached_predictions(
   out_dir = os.path.join(cache_root, key)
   reused = all(_complete(out_dir, v.name) for v in volumes)
   if not reused:
-    os.makedirs(out_dir, exist_ok=True)
+    # The key is a hash of the ingredients: the same key is always the same cache.
+    StageOutput(
+      out_dir, name="cache", stage="affinity cache", fingerprint=ingredients, paths=(CACHE_FILE,)
+    ).open()
     write_json(os.path.join(out_dir, CACHE_FILE), ingredients)
     # Imported here: JAX is loaded only when something must be predicted.
     predict_lib = importlib.import_module("jaxseg.inference.predict_lib")
@@ -184,7 +182,7 @@ def cached_predictions(
   for v in volumes:
     cached = CachedAffinities(
       name=v.name,
-      affinities=os.path.join(out_dir, f"{v.name}.zarr", "affinities"),
+      affinities=os.path.join(out_dir, layout.group_name(v.name), layout.AFFINITIES),
       volume=v,
       reused=reused,
     )

@@ -22,8 +22,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from jaxseg.common import config_util
+from jaxseg.common.errors import ConfigError, InputError
 from jaxseg.common.files import json_ready, local_abspath, write_json
+from jaxseg.common.outputs import Decision, StageOutput, input_identity
 
 if TYPE_CHECKING:
   from jaxseg.io.datasets import LabeledVolume
@@ -41,14 +42,14 @@ TUNED_KEYS = {
 
 def check_decoder(decoder: str) -> str:
   if decoder not in DECODERS:
-    raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
+    raise ConfigError(f"decoder must be one of {DECODERS}, not {decoder!r}")
   return decoder
 
 
 def direction(objective: str) -> str:
   """``"maximize"`` or ``"minimize"`` for an objective name."""
   if objective not in OBJECTIVES:
-    raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, not {objective!r}")
+    raise ConfigError(f"objective must be one of {sorted(OBJECTIVES)}, not {objective!r}")
   return OBJECTIVES[objective]
 
 
@@ -140,6 +141,8 @@ def evaluate_loaded(
   skeletons,
   resolution: Sequence[float] | None,
   eval_config: Mapping[str, Any],
+  *,
+  erl_cache_dir: str | None = None,
 ) -> dict:
   """:func:`jaxseg.evaluate.evaluate` with the ground truth already opened or loaded.
 
@@ -149,6 +152,7 @@ def evaluate_loaded(
     skeletons: :class:`jaxseg.io.skeleton.Skeletons`, a skeleton path, or None.
     resolution: (z, y, x) nm, to place skeleton nodes.
     eval_config: ``config.eval`` or :func:`eval_settings`'s dict.
+    erl_cache_dir: the cache folder of a skeleton path's parsed arrays (default jaxseg's).
   """
   from jaxseg.evaluate import evaluate
 
@@ -161,23 +165,32 @@ def evaluate_loaded(
     arand=str(settings.get("arand", "snemi")),
     crop_fraction=float(settings.get("crop_fraction", 1.0)),
     merge_threshold=int(settings.get("merge_threshold", 1)),
+    erl_cache_dir=erl_cache_dir,
   )
 
 
-def score(segmentation, volume: LabeledVolume, eval_config) -> dict:
+def score(
+  segmentation, volume: LabeledVolume, eval_config, *, erl_cache_dir: str | None = None
+) -> dict:
   """Metrics of a ``[z, y, x]`` segmentation against a (windowed) volume's ground truth.
 
   Dense metrics (adapted Rand, VOI) when the volume has labels, NERL / ERL when it has a
-  skeleton: the dict of :func:`jaxseg.evaluate.evaluate`.
+  skeleton: the dict of :func:`jaxseg.evaluate.evaluate`. ``erl_cache_dir``: where the skeleton's
+  parsed arrays are cached (the run's or tuner's ``<workdir>/cache/erl``; default jaxseg's).
 
   Raises:
     ValueError: the volume has neither labels nor a skeleton.
     VolumeError: shapes differ.
   """
   if volume.labels is None and volume.skeleton is None:
-    raise ValueError(f"volume {volume.name} has no labels and no skeleton to score against")
+    raise InputError(f"volume {volume.name} has no labels and no skeleton to score against")
   return evaluate_loaded(
-    segmentation, volume.labels, volume.skeleton, tuple(volume.image.resolution), eval_config
+    segmentation,
+    volume.labels,
+    volume.skeleton,
+    tuple(volume.image.resolution),
+    eval_config,
+    erl_cache_dir=erl_cache_dir,
   )
 
 
@@ -196,6 +209,7 @@ def decode_and_evaluate(
   *,
   overwrite: bool = False,
   show_progress: bool = True,
+  erl_cache_dir: str | None = None,
 ) -> dict:
   """Decodes one cached affinity volume with ``config.decode`` and scores every segmentation.
 
@@ -210,6 +224,7 @@ def decode_and_evaluate(
     output_dir: the decode folder.
     overwrite: replace a decode made with other settings instead of refusing.
     show_progress: progress bars for blockwise decodes.
+    erl_cache_dir: where skeletons' parsed arrays are cached (see :func:`score`).
 
   Returns:
     The ``metrics.json`` contents: ``volume``, ``decoder``, ``affinities``, ``mask``,
@@ -248,12 +263,24 @@ def decode_and_evaluate(
     )
   )
   metrics_path = os.path.join(output_dir, METRICS_FILE)
-  if os.path.exists(metrics_path):
-    saved = _read_json(metrics_path)
-    if saved.get("complete") and not config_util.fingerprint_differences(
-      saved.get("fingerprint"), fingerprint
-    ):
-      return {**saved, "reused": True}
+  inputs = {
+    "affinities": input_identity(cached.affinities),
+    "mask": input_identity(settings.affinity_mask_path) if settings.affinity_mask_path else None,
+    "labels": input_identity(volume.labels.path) if volume.labels is not None else None,
+    "skeleton": input_identity(volume.skeleton) if volume.skeleton else None,
+  }
+  scores = StageOutput(
+    output_dir,
+    name="scores",
+    stage="scores",
+    fingerprint={**fingerprint, "inputs": inputs},
+    paths=(METRICS_FILE,),
+    what="decode folder",
+  )
+  # The scores are made from the decode beside them: replaced whenever it is redone, and never
+  # reused once an input changed.
+  if os.path.isdir(output_dir) and scores.peek(overwrite=True) is Decision.REUSE:
+    return {**_read_json(metrics_path), "reused": True}
   summary = decode(
     settings, cached.affinities, output_dir, overwrite=overwrite, show_progress=show_progress
   )
@@ -263,7 +290,7 @@ def decode_and_evaluate(
   ):
     row = {"threshold": float(threshold), "segmentation": path, "segments": int(count)}
     if has_gt:
-      metrics = score(open_volume(path), volume, config.eval)
+      metrics = score(open_volume(path), volume, config.eval, erl_cache_dir=erl_cache_dir)
       metrics["eval_seconds"] = metrics.pop("seconds")
       row.update(metrics)
     results.append(row)
@@ -290,7 +317,9 @@ def decode_and_evaluate(
     "seconds": round(time.perf_counter() - start, 3),
   }
   out = json_ready(out)
+  scores.open(overwrite=True)
   write_json(metrics_path, out)
+  scores.finish()
   return {**out, "reused": False}
 
 
@@ -299,4 +328,4 @@ def _read_json(path: str) -> dict:
     with open(path) as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: unreadable JSON ({e}); delete it to redo the job") from e
+    raise InputError(f"{path}: unreadable JSON ({e}); delete it to redo the job") from e

@@ -7,7 +7,8 @@ Owns:
     cc: ``threshold``; waterz: ``merge_function``, ``aff_threshold_low``,
     ``aff_threshold_high`` (its merge ``thresholds`` are decoded in every trial, not sampled).
   * :func:`make_sampler`: ``grid`` (:class:`ResumableGridSampler`, every grid point once) or
-    ``tpe`` (Optuna's TPE, seeded by ``config.seed``).
+    ``tpe`` (:class:`ResumableTPESampler`: Optuna's TPE, each trial seeded from ``config.seed``
+    and the trials before it, so a resumed study draws what an uninterrupted one draws).
   * :func:`open_study`: the SQLite study under the tune folder, loaded if it exists; it carries a
     fingerprint of what it tunes (search space, affinities, scoring) and refuses to continue with
     another; trials left RUNNING by a killed job are marked FAIL, so their points are rerun.
@@ -23,11 +24,13 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from jaxseg.common import config_util
+from jaxseg.common import outputs
+from jaxseg.common.errors import OutputError
 from jaxseg.tuning import scoring
 
 FINGERPRINT_ATTR = "jaxseg_fingerprint"
@@ -247,10 +250,40 @@ class ResumableGridSampler(optuna.samplers.GridSampler):
     """No ``study.stop()``: the tuner asks for exactly the missing points."""
 
 
+# The trials TPE learns from (Optuna's TPE ignores FAIL ones).
+_LEARNED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class ResumableTPESampler(optuna.samplers.TPESampler):
+  """Optuna's TPE, made to resume: a trial's draws depend only on the seed and earlier trials.
+
+  Optuna's TPE draws every trial from one random stream per process, so a study resumed by a new
+  process would replay the first session's draws (or, reseeded, leave the uninterrupted study's
+  path). Here both streams (TPE's and its startup random sampler's) are reseeded before each
+  trial from ``(seed, n)``, ``n`` the COMPLETE / PRUNED trials before it, i.e. the trials TPE
+  models. So trial N's point is a function of the seed and trials 0..N-1 alone, and a trial that
+  a kill left RUNNING (made FAIL by :func:`open_study`, which TPE ignores) is asked again with
+  the very point it had.
+  """
+
+  def __init__(self, *, seed: int, **kwargs):
+    super().__init__(seed=seed, **kwargs)
+    self._base_seed = int(seed) % 2**64  # SeedSequence takes no negative entropy
+
+  def before_trial(self, study: optuna.Study, trial) -> None:
+    learned = study.get_trials(deepcopy=False, states=_LEARNED_STATES)
+    n = sum(t.number < trial.number for t in learned)
+    tpe_seed, random_seed = np.random.SeedSequence([self._base_seed, n]).generate_state(2)
+    self._rng.rng.seed(int(tpe_seed))
+    self._random_sampler._rng.rng.seed(int(random_seed))
+    super().before_trial(study, trial)
+
+
 def make_sampler(
   space: SearchSpace, seed: int, timeout_s: float | None = None
 ) -> optuna.samplers.BaseSampler:
-  """The space's sampler (``grid``: every point once, shuffled by ``seed``; ``tpe``).
+  """The space's sampler (``grid``: every point once, shuffled by ``seed``; ``tpe``: TPE whose
+  trial N depends only on ``seed`` and trials 0..N-1).
 
   ``timeout_s``: the current trial timeout; a grid point that timed out under a shorter one is
   run again.
@@ -258,7 +291,7 @@ def make_sampler(
   if space.sampler == "grid":
     choices = {k: list(v) for k, v in space.choices.items()}
     return ResumableGridSampler(choices, seed=seed, timeout_s=timeout_s)
-  return optuna.samplers.TPESampler(n_startup_trials=space.n_startup_trials, seed=seed)
+  return ResumableTPESampler(n_startup_trials=space.n_startup_trials, seed=seed)
 
 
 # -- studies ---------------------------------------------------------------------------------------
@@ -280,7 +313,7 @@ def open_study(
     space: the search space (direction and sampler).
     fingerprint: JSON-ready description of what is tuned; stored as a user attribute of a new
       study and compared with the stored one of an existing study.
-    seed: sampler seed (a resumed TPE study adds its trial count).
+    seed: sampler seed (the same for a resumed study: its samplers draw per trial).
     timeout_s: the trial timeout of this run (see :func:`settled`).
 
   Returns:
@@ -303,16 +336,12 @@ def open_study(
   if saved is None and not study.trials:
     study.set_user_attr(FINGERPRINT_ATTR, dict(fingerprint))
   else:
-    differences = config_util.fingerprint_differences(saved, dict(fingerprint))
+    differences = outputs.differences(saved, dict(fingerprint))
     if differences:
-      raise ValueError(
+      raise OutputError(
         f"{path}: holds a study made with other settings ({'; '.join(differences[:10])}); "
         "use --overwrite (tune(..., overwrite=True)) to start it again, or another workdir"
       )
-  if space.sampler != "grid" and study.trials:
-    # A resumed TPE study must not replay the first session's random startup draws; the grid's
-    # seed stays, since it fixes which point each grid id is.
-    study.sampler = make_sampler(space, seed + len(study.trials), timeout_s)
   interrupted = 0
   for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
     # A RUNNING trial in a study nobody else tunes was left by a killed job.

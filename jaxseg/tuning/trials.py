@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxseg.common.errors import JaxsegError
+
 # Messages from the child: (kind, payload).
 _READY, _RESULT, _ERROR = "ready", "result", "error"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -43,7 +45,7 @@ class TrialTimeout(Exception):
   """A trial ran past the timeout; the child was killed and the next trial starts a new one."""
 
 
-class TrialError(RuntimeError):
+class TrialError(JaxsegError, RuntimeError):
   """A trial (or loading the data) raised in the child, or the child died.
 
   ``str(error)`` is one line saying why; ``details`` holds the child's traceback, if any.
@@ -93,7 +95,11 @@ def load_state(setup: Mapping[str, Any]) -> dict:
     volume = by_name[name].windowed()
     source = open_affinities(entry["affinities"], base)
     resolution = tuple(float(r) for r in volume.image.resolution)
-    skeletons = load_skeletons(volume.skeleton, resolution=resolution) if volume.skeleton else None
+    skeletons = (
+      load_skeletons(volume.skeleton, resolution=resolution, cache_dir=setup.get("erl_cache_dir"))
+      if volume.skeleton
+      else None
+    )
     if wants_blockwise(base, source.spatial_shape):
       # Larger than one decode block (a NISB cube is 12 G voxels): every trial decodes it
       # blockwise into scratch and scores it lazily, as `decode` + `evaluate` would.

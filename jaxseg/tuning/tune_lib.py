@@ -13,6 +13,7 @@ Layout under the workdir::
   tune/<decoder>/config.json        the resolved config
   tune/<decoder>/test/<name>/       tune-test: segmentation(s), decode.json, metrics.json
   predictions/<key>/                the affinity cache (:mod:`jaxseg.tuning.cache`)
+  cache/erl/                        parsed skeletons (:func:`jaxseg.io.skeleton.load_skeletons`)
 
 Trials only decode and score (:mod:`jaxseg.tuning.trials`, in a child process with a timeout);
 affinities are predicted once per checkpoint and input. JAX is imported only when a prediction is
@@ -21,9 +22,7 @@ missing.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import functools
 import json
 import math
@@ -37,17 +36,19 @@ from typing import Any
 from absl import logging
 from optuna import logging as optuna_logging
 
-from jaxseg.common import config_util
+from jaxseg.common import config_util, outputs
+from jaxseg.common.errors import ConfigError, InputError, MissingInputError
 from jaxseg.common.files import atomic_output, json_ready, write_json
+from jaxseg.common.outputs import Decision, StageOutput
 from jaxseg.decoding.settings import decode_settings
 from jaxseg.io.datasets import LabeledVolume, dataset_volumes
+from jaxseg.io.skeleton import workdir_cache_dir
 from jaxseg.tuning import cache, scoring, search
 from jaxseg.tuning import plot as plot_lib
 from jaxseg.tuning import trials as trials_lib
 
 BEST_PARAMS = "best_params.json"
 STUDY_DB = "study.db"
-LOCK_FILE = ".lock"
 TRIAL_SCRATCH = "trial_scratch"  # blockwise decodes of large volumes, one trial at a time
 TRIALS_CSV = "trials.csv"
 PLOT = "objective.png"
@@ -62,7 +63,7 @@ _CSV_EXTRA = (
   "interrupted",
   "error",
 )
-# Files a fresh study replaces (``overwrite``); ``test/`` is redone by tune_test when stale.
+# The study's own files (``overwrite`` of a study of other settings deletes exactly these).
 _OUTPUTS = (STUDY_DB, BEST_PARAMS, TRIALS_CSV, PLOT, SUMMARY)
 
 TEST_SPLIT_REFUSAL = (
@@ -94,12 +95,12 @@ def load_best_params(workdir: str, decoder: str) -> dict | None:
     with open(path) as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: unreadable ({e}); delete it to tune again") from e
+    raise InputError(f"{path}: unreadable ({e}); delete it to tune again") from e
 
 
 def _check_split(split: str, force_test: bool) -> None:
   if split == "test" and not force_test:
-    raise ValueError(TEST_SPLIT_REFUSAL)
+    raise ConfigError(TEST_SPLIT_REFUSAL)
 
 
 def _checkpoint_fingerprint(ingredients: Mapping[str, Any]) -> dict:
@@ -141,11 +142,13 @@ def trial_setup(
   cached: Sequence[cache.CachedAffinities],
   split: str,
   scratch: str | None = None,
+  erl_cache_dir: str | None = None,
 ) -> dict:
   """What the trial worker loads (:func:`jaxseg.tuning.trials.load_state`).
 
   ``scratch``: where trials decode volumes larger than ``decode.block_shape`` (blockwise; a
-  temporary folder when None).
+  temporary folder when None). ``erl_cache_dir``: where skeletons' parsed arrays are cached
+  (default jaxseg's own cache folder).
   """
   decode = config_util.config_to_dict(config.decode)
   decode["method"] = space.decoder
@@ -163,6 +166,7 @@ def trial_setup(
     "eval": scoring.eval_settings(config),
     "objective": space.objective,
     "scratch": scratch,
+    "erl_cache_dir": erl_cache_dir,
   }
 
 
@@ -174,7 +178,7 @@ def _check_ground_truth(volumes: Sequence[LabeledVolume], objective: str) -> Non
     missing = [v.name for v in volumes if v.labels is None]
   if missing:
     what = "skeleton.pkl" if kind == "skeleton" else "dense labels"
-    raise ValueError(
+    raise ConfigError(
       f"objective {objective!r} needs {what}, which volume(s) {missing} lack; pick another "
       "config.tune.<decoder>.objective"
     )
@@ -224,74 +228,75 @@ def tune(
     ``timed_out``, ``seconds``.
 
   Raises:
-    ValueError: bad settings, the test split without ``force_test``, a study of other settings,
-      ground truth the objective needs is missing, or no trial scored a finite value.
+    ConfigError: bad settings, or the test split without ``force_test``.
+    OutputError: a study of other settings (without ``overwrite``), or another tuner holds it.
+    InputError: ground truth the objective needs is missing, or no trial scored a finite value.
     trials.TrialError: a trial raised (the trial is recorded as FAIL with the traceback).
   """
   start = time.perf_counter()
   decoder = scoring.check_decoder(decoder or str(config.decode.method))
   split = str(config.tune.split)
   _check_split(split, bool(config.tune.force_test) if force_test is None else bool(force_test))
-  space = search.search_space(config, decoder)
+  try:
+    space = search.search_space(config, decoder)
+  except ValueError as e:  # search_space only checks config.tune.<decoder>; it names the key
+    raise ConfigError(str(e)) from e
   target = space.n_trials if n_trials is None else int(n_trials)
   if space.sampler == "grid":
     target = min(target, space.grid_size)
   if target < 1:
-    raise ValueError(f"n_trials must be >= 1, not {target}")
+    raise ConfigError(f"n_trials must be >= 1, not {target}")
   workdir = os.path.abspath(workdir)
+  # The work dir gets tune/, predictions/ and cache/: it must be new, empty or jaxseg's.
+  outputs.prepare_folder(workdir, what="work dir")
   timeout = float(config.tune.trial_timeout_s)
   folder = tune_folder(workdir, decoder)
   key, ingredients = cache.cache_key(config, checkpoint, split)
   fingerprint = study_fingerprint(config, space, key, split)
 
-  best = load_best_params(workdir, decoder)
-  if (
-    overwrite
-    and best is not None
-    and config_util.fingerprint_differences(best.get("fingerprint"), fingerprint)
-  ):
-    _remove_outputs(folder)  # a study of other settings; an identical one is kept
-    best = None
-  if (
-    best is not None
-    and not config_util.fingerprint_differences(best.get("fingerprint"), fingerprint)
-    and int(best.get("n_complete", 0)) >= target
-    # Trials that timed out under a shorter timeout than now get another chance.
-    and not (best.get("n_timed_out") and float(best.get("trial_timeout_s", 0.0)) < timeout)
-  ):
-    return _finished_result(folder, best, start)
-
-  # Everything that can refuse is checked before the (possibly hours long) prediction.
-  _check_ground_truth(dataset_volumes(config.data, split), space.objective)
-  os.makedirs(folder, exist_ok=True)
-  with _study_lock(folder):
-    return _tune_locked(
+  stage = study_output(folder, decoder, fingerprint)
+  # One tuner per study (a second one would mark the first one's running trial as failed), and
+  # the lock is taken before anything of the study can be replaced.
+  with outputs.held_exclusively(folder, "another jaxseg.tune"):
+    decision = stage.open(overwrite=overwrite)
+    best = load_best_params(workdir, decoder) if decision is Decision.REUSE else None
+    if (
+      best is not None
+      and int(best.get("n_complete", 0)) >= target
+      # Trials that timed out under a shorter timeout than now get another chance.
+      and not (best.get("n_timed_out") and float(best.get("trial_timeout_s", 0.0)) < timeout)
+    ):
+      return _finished_result(folder, best, start)
+    if decision is Decision.REUSE:
+      stage.invalidate()  # asked for more trials, or for timed-out ones again
+    # Everything that can refuse is checked before the (possibly hours long) prediction.
+    _check_ground_truth(dataset_volumes(config.data, split), space.objective)
+    result = _tune_locked(
       config, workdir, checkpoint, decoder, split, space, target, timeout, folder, fingerprint,
-      key, ingredients, overwrite, show_progress, start,
+      key, ingredients, show_progress, start,
     )  # fmt: skip
+    stage.finish()
+    return result
 
 
-@contextlib.contextmanager
-def _study_lock(folder: str):
-  """One tuner per study: a second one would mark the first one's running trial as failed."""
-  path = os.path.join(folder, LOCK_FILE)
-  with open(path, "w") as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise ValueError(
-        f"{folder}: another jaxseg.tune is tuning this study (it holds {path}); wait for it or "
-        "stop it"
-      ) from None
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+def study_output(folder: str, decoder: str, fingerprint: dict) -> StageOutput:
+  """A study's entry in its folder's manifest: the study, its outputs and its scratch.
+
+  ``test/`` (tune-test decodes) is not listed: each of its folders is a decode of its own.
+  """
+  return StageOutput(
+    folder,
+    name="study",
+    stage=f"{decoder} tuning study",
+    fingerprint=fingerprint,
+    paths=(*_OUTPUTS, config_util.RESOLVED_CONFIG_NAME, TRIAL_SCRATCH),
+    what="tune folder",
+  )
 
 
 def _tune_locked(
   config, workdir, checkpoint, decoder, split, space, target, timeout, folder, fingerprint,
-  key, ingredients, overwrite, show_progress, start,
+  key, ingredients, show_progress, start,
 ) -> dict:  # fmt: skip
   """:func:`tune` once the study is this process's: open it, predict, run the trials."""
   config_util.save_config(config, folder)
@@ -305,13 +310,7 @@ def _tune_locked(
     int(config.seed),
     timeout,
   )
-  try:
-    study, interrupted = open_study()
-  except ValueError:  # the stored study tunes something else
-    if not overwrite:
-      raise
-    _remove_outputs(folder)
-    study, interrupted = open_study()
+  study, interrupted = open_study()
   cached = cache.cached_predictions(
     config, checkpoint, split, predictions_root(workdir), show_progress=show_progress
   )
@@ -329,7 +328,8 @@ def _tune_locked(
   run = {}
   if todo:
     scratch = os.path.join(folder, TRIAL_SCRATCH)
-    run = _run_trials(config, study, space, cached, split, todo, say, scratch)
+    erl_cache = workdir_cache_dir(workdir)
+    run = _run_trials(config, study, space, cached, split, todo, say, scratch, erl_cache)
     shutil.rmtree(scratch, ignore_errors=True)
   outputs = write_outputs(
     study, space, folder, fingerprint, _checkpoint_fingerprint(ingredients), timeout
@@ -400,13 +400,6 @@ def _earlier_result(trial) -> dict:
   }
 
 
-def _remove_outputs(folder: str) -> None:
-  """Deletes a study and what it wrote (``--overwrite`` of a study made with other settings)."""
-  for name in _OUTPUTS:
-    if os.path.exists(os.path.join(folder, name)):
-      os.remove(os.path.join(folder, name))
-
-
 def _mark_failed(study, trial, **attrs) -> None:
   """Records why ``trial`` failed and marks it FAIL (its point reruns on resume).
 
@@ -424,7 +417,9 @@ def _mark_failed(study, trial, **attrs) -> None:
     pass
 
 
-def _run_trials(config, study, space, cached, split, todo: int, say, scratch: str) -> dict:
+def _run_trials(
+  config, study, space, cached, split, todo: int, say, scratch: str, erl_cache_dir: str
+) -> dict:
   """Asks, runs and tells ``todo`` trials with one worker process; one line per trial."""
 
   distributions = space.distributions()
@@ -437,7 +432,7 @@ def _run_trials(config, study, space, cached, split, todo: int, say, scratch: st
   n_before = len(complete)
   timed_out = 0
   started = time.perf_counter()
-  setup = trial_setup(config, space, cached, split, scratch)
+  setup = trial_setup(config, space, cached, split, scratch, erl_cache_dir)
   with trials_lib.TrialWorker(setup, timeout) as worker:
     for i in range(todo):
       with warnings.catch_warnings():
@@ -573,7 +568,7 @@ def write_outputs(
   scored = [r for r in rows if r["state"] == "COMPLETE" and math.isfinite(r["value"])]
   n_complete = sum(r["state"] == "COMPLETE" for r in rows)
   if not scored:
-    raise ValueError(
+    raise ConfigError(
       f"{folder}: no trial of {n_complete} scored a finite {space.objective} (all timed out?); "
       "raise config.tune.trial_timeout_s"
     )
@@ -632,22 +627,23 @@ def tune_test(
     FileNotFoundError: the decoder was not tuned yet.
   """
   workdir = os.path.abspath(workdir)
+  outputs.prepare_folder(workdir, what="work dir")
   decoder = scoring.check_decoder(decoder or str(config.decode.method))
   best = load_best_params(workdir, decoder)
   folder = tune_folder(workdir, decoder)
   if best is None:
-    raise FileNotFoundError(
+    raise MissingInputError(
       f"{os.path.join(folder, BEST_PARAMS)}: not tuned yet; run python -m jaxseg.tune "
       f"--mode=tune --decoder={decoder} (or jaxseg.run --mode=tune) first"
     )
   tuned = scoring.decoder_config(config, decoder, best["params"])
   _, ingredients = cache.cache_key(tuned, checkpoint, "test")
   saved = best.get("checkpoint")
-  if saved and config_util.fingerprint_differences(saved, _checkpoint_fingerprint(ingredients)):
+  if saved and outputs.differences(saved, _checkpoint_fingerprint(ingredients)):
     logging.warning(
       "%s: tuned with another checkpoint (%s); its parameters may not suit this one",
       os.path.join(folder, BEST_PARAMS),
-      "; ".join(config_util.fingerprint_differences(saved, _checkpoint_fingerprint(ingredients))),
+      "; ".join(outputs.differences(saved, _checkpoint_fingerprint(ingredients))),
     )
   cached = cache.cached_predictions(
     tuned, checkpoint, "test", predictions_root(workdir), show_progress=show_progress
@@ -660,6 +656,7 @@ def tune_test(
       os.path.join(folder, "test", c.name),
       overwrite=True,  # the folder belongs to the tuner: older best parameters are replaced
       show_progress=show_progress,
+      erl_cache_dir=workdir_cache_dir(workdir),
     )
     results.append({**result, "params": best["params"]})
   return results

@@ -73,12 +73,15 @@ def baseline_segmentations(image: np.ndarray) -> dict[str, np.ndarray]:
   }
 
 
-def score_baselines(volume, config) -> dict[str, dict[str, Any]]:
+def score_baselines(
+  volume, config, *, erl_cache_dir: str | None = None
+) -> dict[str, dict[str, Any]]:
   """Builds and scores every baseline of one volume with the learned segmentations' scorer.
 
   Args:
     volume: a ``jaxseg.io.datasets.LabeledVolume`` (already windowed to its usable z range).
     config: the run config (its ``eval`` section).
+    erl_cache_dir: where the skeleton's parsed arrays are cached (the run's ``cache/erl``).
 
   Returns:
     ``{baseline: metrics}`` where metrics are ``evaluate``'s dict plus ``segments`` (the number
@@ -88,7 +91,7 @@ def score_baselines(volume, config) -> dict[str, dict[str, Any]]:
   out = {}
   for name, seg in baseline_segmentations(image).items():
     start = time.perf_counter()
-    metrics = dict(scoring.score(seg, volume, config.eval))
+    metrics = dict(scoring.score(seg, volume, config.eval, erl_cache_dir=erl_cache_dir))
     metrics["segments"] = int(seg.max())
     metrics["seconds"] = time.perf_counter() - start
     out[name] = metrics

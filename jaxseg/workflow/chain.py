@@ -8,6 +8,7 @@ Owns the stages, the modes (which stages run) and the work-dir layout they share
   DIR/test/baselines/<name>.json                                     trivial baselines, scored
   DIR/tune/<decoder>/...                                             tune (jaxseg.tuning)
   DIR/tune/<decoder>/test/<name>/...                                 tune-test: tuned on test
+  DIR/cache/erl/                                                     parsed skeletons (ERL)
   DIR/results/config.json, metrics.json, report.md, stages.json, previews/*.png,
               neuroglancer.json, viewer/<name>_affinities.zarr        report
 
@@ -31,7 +32,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxseg.common import config_util, files
+from jaxseg.common import config_util, files, outputs
+from jaxseg.common.errors import JaxsegError
 from jaxseg.training import paths
 from jaxseg.tuning.scoring import DECODERS
 
@@ -46,16 +48,10 @@ MODES = {
 }
 # The config sections that decide what a checkpoint is (the later stages' sections may change),
 # less the keys inside them that do not: where data lives, the test split, logging and I/O.
-TRAINING_SECTIONS = ("data", "target", "model", "optim", "train")
-NOT_TRAINING_KEYS = (
-  "data.root", "data.test_", "data.synth.test_seeds", "data.synth.preview", "data.prefetch",
-  "data.in_memory", "train.log_every", "train.checkpoint_every", "train.keep_every",
-  "train.keep_top_k", "train.distributed",
-)  # fmt: skip
 STAGES_NAME = "stages.json"
 
 
-class ChainError(ValueError):
+class ChainError(JaxsegError, ValueError):
   """A setting or a state of the work dir that stops the chain (one clear line)."""
 
 
@@ -138,6 +134,19 @@ class Chain:
   def results_dir(self) -> str:
     return os.path.join(self.workdir, "results")
 
+  @property
+  def erl_cache_dir(self) -> str:
+    """Parsed skeletons, shared with the tuner (never written beside the user's data)."""
+    from jaxseg.io.skeleton import workdir_cache_dir
+
+    return workdir_cache_dir(self.workdir)
+
+  def results_output(self, name: str, paths: Sequence[str]) -> outputs.StageOutput:
+    """An entry of ``results/``: made from the work dir's other outputs, so always replaced."""
+    return outputs.StageOutput(
+      self.results_dir, name=name, stage="report", fingerprint={}, paths=paths, what="results"
+    )
+
   def test_dir(self, decoder: str, name: str) -> str:
     return os.path.join(self.workdir, "test", decoder, name)
 
@@ -153,7 +162,7 @@ class Chain:
     """Runs the stages of ``mode`` (:data:`MODES`); returns what each did."""
     if mode not in MODES:
       raise ChainError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
-    os.makedirs(self.workdir, exist_ok=True)
+
     out = []
     for stage in MODES[mode]:
       out.append(self.run_stage(stage))
@@ -169,6 +178,8 @@ class Chain:
       "tune-test": self.stage_tune_test,
       "report": self.stage_report,
     }[stage]
+    # Before the stage writes: the work dir is new, empty or one jaxseg made.
+    outputs.prepare_folder(self.workdir, what="work dir")
     start = time.perf_counter()
     status, detail = method()
     result = StageResult(stage, status, time.perf_counter() - start, detail)
@@ -190,7 +201,7 @@ class Chain:
       "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
       "jax_imported": "jax" in sys.modules,
     }
-    os.makedirs(self.results_dir, exist_ok=True)
+    self.results_output("stages", (STAGES_NAME,)).open(overwrite=True)
     files.write_json(path, stages)
 
   def recorded_stages(self) -> list[dict]:
@@ -208,58 +219,27 @@ class Chain:
       if root and not os.path.exists(root):
         raise ChainError(f"data.root={root!r} does not exist (and the config generates no data)")
       return "skipped", f"data at {root} (not generated)"
-    from jaxseg.synthesis import generate_dataset, resolve_config
+    from jaxseg.synthesis import generate_dataset
 
-    try:
-      summary = generate_dataset(data.synth, root, show_progress=self.show_progress)
-    except ValueError as e:
-      raise ChainError(
-        f"data.root={root}: {e}".replace(
-          "pass overwrite=True (--overwrite)",
-          "regenerate it with python -m jaxseg.synth --overwrite, use another data.root",
-        )
-      ) from e
+    summary = generate_dataset(
+      data.synth,
+      root,
+      show_progress=self.show_progress,
+      run_config=self.config,
+      flag="python -m jaxseg.synth --overwrite",
+    )
     generated = sum(s["generated"] for s in summary.values())
     cubes = sum(s["cubes"] for s in summary.values())
-    if generated or not os.path.exists(os.path.join(root, "synth_summary.json")):
-      # What python -m jaxseg.synth writes beside the cubes.
-      config_util.save_config(self.config, root)
-      files.write_json(
-        os.path.join(root, "synth_params.json"), resolve_config(data.synth).to_dict()
-      )
-      files.write_json(os.path.join(root, "synth_summary.json"), summary, sort_keys=False)
     if generated:
       return "ran", f"generated {generated} of {cubes} cubes into {root}"
     return "reused", f"{cubes} cubes in {root}"
 
-  def _check_training_config(self) -> None:
-    """Refuses to reuse or resume checkpoints that another training config made.
-
-    ``jaxseg.train`` writes the resolved config into the work dir at every start; a checkpoint
-    is only this config's model when the sections that shape training agree.
-    """
-    saved = _read_json(os.path.join(self.workdir, "config.json"))
-    if saved is None:
-      return
-    current = json.loads(json.dumps(config_util.config_to_dict(self.config)))
-    diff = []
-    for section in TRAINING_SECTIONS:
-      diff += config_util.fingerprint_differences(
-        {section: saved.get(section)}, {section: current.get(section)}
-      )
-    diff = [d for d in diff if not d.startswith(NOT_TRAINING_KEYS)]
-    if diff:
-      raise ChainError(
-        f"{self.workdir}: its checkpoints were trained with another config ({'; '.join(diff)}); "
-        "use another --workdir (or restore those settings)"
-      )
-
   def stage_train(self) -> tuple[str, str]:
     """Trains to ``train.num_steps`` (resuming), unless a checkpoint of that step exists."""
     target = int(self.config.train.num_steps)
+    # Refuses checkpoints that another training config made (or, with --overwrite, removes them).
+    paths.training_output(self.config, self.workdir).open(overwrite=self.overwrite)
     steps = paths.completed_steps(self.checkpoint_dir)
-    if steps:
-      self._check_training_config()
     if steps and steps[-1] >= target:
       return "reused", f"checkpoint step {steps[-1]} in {self.checkpoint_dir}"
     # Imported here: JAX only when there is training to do.
@@ -293,6 +273,7 @@ class Chain:
           self.test_dir(decoder, c.name),
           overwrite=self.overwrite,
           show_progress=self.show_progress,
+          erl_cache_dir=self.erl_cache_dir,
         )
         decoded += int(not result.get("reused", False))
     if decoded:
@@ -322,16 +303,28 @@ class Chain:
       "eval": scoring.eval_settings(self.config),
       "baselines": list(baselines.BASELINES),
     }
-    fingerprint = json.loads(json.dumps(fingerprint))  # tuples as lists, as read back
-    saved = _read_json(path)
-    if saved is not None and saved.get("fingerprint") == fingerprint:
+    inputs = {
+      "image": outputs.input_identity(volume.image.path),
+      "labels": None if volume.labels is None else outputs.input_identity(volume.labels.path),
+      "skeleton": outputs.input_identity(volume.skeleton) if volume.skeleton else None,
+    }
+    entry = outputs.StageOutput(
+      os.path.dirname(path),
+      name=f"baselines:{volume.name}",
+      stage="baseline scores",
+      fingerprint={**fingerprint, "inputs": inputs},
+      paths=(os.path.basename(path),),
+      what="baselines folder",
+    )
+    # Scores derived from the inputs alone: other settings or inputs replace them.
+    if entry.open(overwrite=True) is outputs.Decision.REUSE:
       return False
-    scores = baselines.score_baselines(volume, self.config)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    scores = baselines.score_baselines(volume, self.config, erl_cache_dir=self.erl_cache_dir)
     files.write_json(
       path,
       files.json_ready({"volume": volume.name, "fingerprint": fingerprint, "baselines": scores}),
     )
+    entry.finish()
     return True
 
   def stage_tune(self) -> tuple[str, str]:
@@ -480,7 +473,8 @@ def collect_results(chain: Chain) -> dict:
   base_dir = os.path.join(chain.workdir, "test", "baselines")
   if os.path.isdir(base_dir):
     for name in sorted(os.listdir(base_dir)):
-      saved = _read_json(os.path.join(base_dir, name)) if name.endswith(".json") else None
+      scores = name.endswith(".json") and not name.startswith(".")  # not the manifest
+      saved = _read_json(os.path.join(base_dir, name)) if scores else None
       if saved and saved["volume"] in current:
         results["baselines"][saved["volume"]] = saved["baselines"]
   return results
@@ -492,11 +486,23 @@ def write_results(chain: Chain) -> dict[str, str]:
   from jaxseg.decoding.settings import decode_settings
   from jaxseg.io import open_volume
   from jaxseg.io.datasets import dataset_volumes
-  from jaxseg.workflow import report
+  from jaxseg.workflow import report, viewer
 
   config = chain.config
   out = chain.results_dir
   previews = os.path.join(out, "previews")
+  entry = chain.results_output(
+    "report",
+    (
+      config_util.RESOLVED_CONFIG_NAME,
+      "previews",
+      "viewer",
+      viewer.LAYOUT_NAME,
+      report.METRICS_NAME,
+      report.REPORT_NAME,
+    ),
+  )
+  entry.open(overwrite=True)
   os.makedirs(previews, exist_ok=True)
   config_util.save_config(config, out)
   results = collect_results(chain)
@@ -557,7 +563,9 @@ def write_results(chain: Chain) -> dict[str, str]:
   if layout:
     results["viewer"] = layout
   results["stages"] = chain.recorded_stages()
-  return report.write_report(out, results)
+  written = report.write_report(out, results)
+  entry.finish()
+  return written
 
 
 def _qc_summary(qc_dir: str) -> dict | None:

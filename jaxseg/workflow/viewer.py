@@ -23,15 +23,16 @@ import contextlib
 import dataclasses
 import functools
 import http.server
-import json
 import os
 import threading
 import urllib.parse
 from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 
 import numpy as np
 
-from jaxseg.common import files
+from jaxseg.common import files, outputs
+from jaxseg.common.errors import ConfigError, JaxsegError
 from jaxseg.io import VolumeError, block_chunks, create_zarr, open_volume
 
 DEFAULT_PORT = 8000
@@ -40,6 +41,14 @@ LAYOUT_NAME = "neuroglancer.json"
 # Besides local viewers (127.0.0.1 / localhost, any port), who may read the served files.
 PUBLIC_VIEWERS = ("https://neuroglancer-demo.appspot.com",)
 INSTALL_HINT = "the neuroglancer package is not installed: pip install neuroglancer"
+# Names a browser uses for this server; any other Host header is a DNS-rebinding attempt (a web
+# page whose own domain now resolves to 127.0.0.1) and is refused.
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+class NeuroglancerMissingError(JaxsegError, ImportError):
+  """``--view`` needs the optional ``neuroglancer`` package (the message says how to install)."""
+
 
 _PROTOCOLS = ((".zarray", "zarr2"), ("zarr.json", "zarr3"), ("attributes.json", "n5"))
 _AFFINITY_SHADER = """#uicontrol invlerp normalized
@@ -172,18 +181,27 @@ def affinity_display(affinity_source, output: str) -> str:
   Args:
     affinity_source: a ``jaxseg.decoding.decode_lib.AffinitySource`` (its ``read(box)`` gives
       the z, y, x edges).
-    output: the zarr array folder to write; an existing complete copy of the same source is
-      reused.
+    output: the zarr array folder to write; a complete copy of the same, unchanged source is
+      reused, any other copy jaxseg made is replaced.
 
   Returns:
     ``output``.
   """
   source_path = os.path.abspath(affinity_source.volume.path)
   shape = affinity_source.spatial_shape
-  if os.path.exists(os.path.join(output, ".zarray")):
-    existing = open_volume(output)
-    if existing.attrs.get("jaxseg_display_of") == source_path and existing.attrs.get("complete"):
-      return output
+  folder, name = os.path.split(os.path.abspath(output))
+  entry = outputs.StageOutput(
+    folder,
+    name=f"display:{name}",
+    stage="viewer copy",
+    fingerprint={"inputs": {"affinities": outputs.input_identity(source_path)}},
+    paths=(name,),
+    what="viewer folder",
+  )
+  # A display copy is made from its source alone: a stale one is replaced, never shown.
+  if entry.open(overwrite=True) is outputs.Decision.REUSE:
+    return output
+  entry.remove_own(name)  # a copy killed midway
   chunks = block_chunks([min(64, s) for s in shape])
   array = create_zarr(
     output,
@@ -192,18 +210,14 @@ def affinity_display(affinity_source, output: str) -> str:
     chunks=(3, *chunks),
     resolution=affinity_source.volume.resolution,
     source=source_path,
-    attributes={"jaxseg_display_of": source_path, "complete": False},
-    overwrite=True,
+    attributes={"jaxseg_display_of": source_path},
   )
   step = chunks[0]
   for z in range(0, shape[0], step):
     box = (slice(z, min(z + step, shape[0])), slice(None), slice(None))
     aff = np.nan_to_num(affinity_source.read(box).astype(np.float32))
     array.write((0, z, 0, 0), np.clip(aff * 255 + 0.5, 0, 255).astype(np.uint8)).result()
-  attrs_path = os.path.join(output, ".zattrs")
-  with open(attrs_path) as f:
-    attrs = json.load(f)
-  files.write_json(attrs_path, {**attrs, "complete": True})
+  entry.finish()
   return output
 
 
@@ -224,23 +238,53 @@ def _viewer_origin(origin: str) -> bool:
   return parsed.hostname in ("127.0.0.1", "localhost") or origin in PUBLIC_VIEWERS
 
 
+class _BadPath(Exception):
+  """A request path that does not decode to a file name (NUL byte, invalid UTF-8): a 400."""
+
+
 class _RootsHandler(http.server.SimpleHTTPRequestHandler):
   """Static files from named roots (``/<root>/<path>``), readable by local Neuroglancer viewers.
 
-  Only files inside a root are served (``..``, absolute paths and links out of it are 404s), and
-  CORS admits only local viewers and the public Neuroglancer app: any other web page open in the
+  Only files inside a root are served (``..``, absolute paths and links out of it are 404s; a
+  path that does not decode, e.g. with ``%00``, is a 400), only to requests addressed to this
+  server by a local name and its port (other ``Host`` headers are 421s: DNS rebinding), and CORS
+  admits only local viewers and the public Neuroglancer app: any other web page open in the
   browser cannot read the user's files through this server.
   """
 
   roots: Mapping[str, str] = {}
 
+  def _host_allowed(self) -> bool:
+    port = self.server.server_address[1]
+    host = (self.headers.get("Host") or "").strip().lower()
+    return host in {f"{name}:{port}" for name in LOCAL_HOSTS}
+
+  def send_head(self):
+    # GET and HEAD both start here, before anything is read from disk or sent.
+    if not self._host_allowed():
+      self.send_error(HTTPStatus.MISDIRECTED_REQUEST, "unknown Host; use 127.0.0.1:<port>")
+      return None
+    try:
+      return super().send_head()
+    except _BadPath:
+      self.send_error(HTTPStatus.BAD_REQUEST, "bad path")
+      return None
+
   def translate_path(self, path: str) -> str:
+    try:
+      return self._translate(path)
+    except (ValueError, UnicodeError) as e:  # ValueError: "embedded null byte" and friends
+      raise _BadPath(str(e)) from e
+
+  def _translate(self, path: str) -> str:
     missing = os.path.join(os.devnull, "missing")  # a 404
     parts = urllib.parse.urlparse(path).path.lstrip("/").split("/", 1)
-    root = self.roots.get(parts[0])
+    name, rel = (urllib.parse.unquote(p, errors="strict") for p in (*parts, "")[:2])
+    if "\x00" in name or "\x00" in rel:
+      raise _BadPath("NUL in the path")
+    root = self.roots.get(name)
     if root is None:
       return missing
-    rel = urllib.parse.unquote(parts[1] if len(parts) > 1 else "")
     if os.path.isabs(rel) or rel.startswith(("/", "\\")):
       return missing
     root = os.path.realpath(root)
@@ -266,7 +310,13 @@ def start_file_server(roots: Mapping[str, str], port: int = DEFAULT_PORT, host: 
   ``port=0`` picks a free port.
   """
   handler = type("Handler", (_RootsHandler,), {"roots": dict(roots)})
-  server = http.server.ThreadingHTTPServer((host, int(port)), handler)
+  try:
+    server = http.server.ThreadingHTTPServer((host, int(port)), handler)
+  except OSError as e:  # the port is taken (or not ours to bind)
+    raise ConfigError(
+      f"--view_port={port}: cannot serve on {host}:{port} ({e.strerror or e}); try another "
+      "--view_port (0 = any free port)"
+    ) from e
   threading.Thread(target=server.serve_forever, daemon=True).start()
   return server, base_url(server.server_address[1], host)
 
@@ -284,12 +334,14 @@ def serve(state_for_base, roots: Mapping[str, str], *, port: int = DEFAULT_PORT,
     The viewer URL.
 
   Raises:
-    ImportError: the ``neuroglancer`` package is missing (the message says how to install it).
+    NeuroglancerMissingError: the ``neuroglancer`` package is missing (an ``ImportError``; the
+      message says how to install it).
+    ConfigError: the port is taken.
   """
   try:
     import neuroglancer
   except ImportError as e:
-    raise ImportError(INSTALL_HINT) from e
+    raise NeuroglancerMissingError(INSTALL_HINT) from e
   server, base = start_file_server(roots, port)
   try:
     neuroglancer.set_server_bind_address(HOST)

@@ -1,0 +1,235 @@
+"""The entry points' rule for errors: a user's mistake ends in one line, a bug keeps its traceback.
+
+Every ``python -m jaxseg.<program>`` starts its absl ``main`` through :func:`run_main`::
+
+  def run() -> None:
+    cli.run_main("jaxseg.decode", main)
+
+What ends in one line ``<program>: <message>`` on stderr and exit status 1 (2 for flags):
+
+* a :class:`~jaxseg.common.errors.JaxsegError` raised anywhere (library code raises
+  ``ConfigError`` / ``InputError`` / ``OutputError`` for the user's mistakes);
+* an ``OSError`` that :func:`~jaxseg.common.errors.from_os_error` explains (disk full, quota,
+  no permission), named by the file being written;
+* ``app.UsageError`` and every flag problem: a bad flag value (absl's ``flags.Error``), a config
+  file that does not exist (``--config=configs/nope.py``; ml_collections only fails when the
+  config is first used), and an override of a key or section the config lacks
+  (``--config.decode.nosuch=1``; ml_collections raises ``AttributeError`` / ``KeyError`` /
+  ``TypeError`` from inside absl's parser for those).
+
+Anything else is a bug in jaxseg and propagates with its traceback. :func:`call` applies the same
+rule to one function call (tests run a ``main`` in-process with it). :func:`check_output_folder`
+is the check every entry point makes on its output folder before doing any work.
+
+Never imports JAX.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import app, flags
+
+from jaxseg.common.errors import ConfigError, JaxsegError, OutputError, from_os_error
+
+FLAGS = flags.FLAGS
+# The exit status of a bad command line (absl's own is 1; argparse and most tools use 2).
+USAGE_STATUS = 2
+
+
+def one_line(text: str) -> str:
+  """``text`` with its lines joined: the message of an error becomes one terminal line."""
+  return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def user_message(error: BaseException) -> str | None:
+  """The one-line explanation of a user's mistake or a machine problem, or None for a bug."""
+  if isinstance(error, JaxsegError):
+    return one_line(str(error))
+  if isinstance(error, app.UsageError):
+    return one_line(str(error))
+  if isinstance(error, OSError):
+    # os.replace(tmp, path) names the target second: the file the user asked for.
+    what = error.filename2 or error.filename
+    named = isinstance(what, (str, bytes, os.PathLike))  # not a file descriptor
+    known = from_os_error(error, os.fsdecode(what) if named else "output")
+    return None if known is None else one_line(str(known))
+  return None
+
+
+def call(program: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+  """Returns ``fn(*args, **kwargs)``; a user's mistake exits with ``<program>: <message>``.
+
+  Raises:
+    SystemExit: for the errors listed in the module docstring (status 1, or the
+      ``UsageError``'s own exit code).
+  """
+  try:
+    return fn(*args, **kwargs)
+  except (JaxsegError, app.UsageError, OSError) as e:
+    message = user_message(e)
+    if message is None:
+      raise
+    print(f"{program}: {message}", file=sys.stderr, flush=True)
+    code = getattr(e, "exitcode", 1) if isinstance(e, app.UsageError) else 1
+    raise SystemExit(code) from None
+
+
+def run_main(
+  program: str, main: Callable[[list[str]], Any], argv: Sequence[str] | None = None
+) -> None:
+  """``app.run(main)`` with the error rule of the module docstring, for flags and ``main``.
+
+  Args:
+    program: the name the messages start with, e.g. ``"jaxseg.decode"``.
+    main: the absl main (``main(argv)``; an int it returns is the exit status).
+    argv: the command line (default ``sys.argv``).
+  """
+
+  def parse(args: list[str]) -> list[str]:
+    return call(program, parse_flags, args)
+
+  def guarded(args: list[str]) -> Any:
+    return call(program, main, args)
+
+  app.run(guarded, argv=None if argv is None else list(argv), flags_parser=parse)
+
+
+def check_output_folder(path: str | os.PathLike | None, *, flag: str = "--output") -> None:
+  """Refuses an output folder that is an existing file, before any work is done.
+
+  Raises:
+    OutputError: ``path`` exists and is not a folder (names the flag and the path).
+  """
+  if path is None:
+    return
+  path = os.fspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise OutputError(f"{flag}={path} is an existing file, not a folder; choose a folder")
+
+
+# -- flags -----------------------------------------------------------------------------------------
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """Parses ``argv`` into absl's ``FLAGS`` (the ``flags_parser`` of :func:`run_main`).
+
+  Raises:
+    app.UsageError: a bad flag (absl's message, which names it), exit status 2.
+    ConfigError: a config file that does not exist or cannot be loaded, or an override of a key
+      the config lacks (names the key and the keys there are).
+  """
+  argv = list(argv)
+  names = _config_flag_names()
+  for name, spec in _config_specs(argv, names):
+    _check_config_file(name, spec)
+  try:
+    args = FLAGS(argv)
+  except flags.Error as e:
+    # A config file's get_config() that raised: ml_collections and absl re-raise a ValueError
+    # with its traceback in the message. A JaxsegError (cli_config.py:nosuch) is the user's.
+    cause = _jaxseg_cause(e)
+    if cause is not None:
+      raise cause from None
+    if "\n" in str(e):
+      raise  # a bug in the config file: its traceback is in the message
+    raise _usage(f"{e}; --helpshort lists the flags") from None
+  except (AttributeError, KeyError, TypeError) as e:
+    # ml_collections resolves an override against the loaded config inside absl's parser; a
+    # key it lacks (or a value taken for a section) fails there with these.
+    unknown = _unknown_override(argv, names)
+    if unknown is None:
+      raise
+    raise unknown from e
+  for name in names:
+    error = getattr(FLAGS[name].value, "_error", None)  # ml_collections' stand-in for a failure
+    if isinstance(error, Exception):
+      raise ConfigError(f"--{name}: the config file cannot be loaded: {one_line(str(error))}")
+  return args
+
+
+def _usage(message: str) -> app.UsageError:
+  return app.UsageError(one_line(message), exitcode=USAGE_STATUS)
+
+
+def _jaxseg_cause(error: BaseException) -> JaxsegError | None:
+  """The JaxsegError among the exceptions ``error`` was raised while handling, if any."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, JaxsegError) and "\n" not in str(error):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _config_flag_names() -> list[str]:
+  from jaxseg.common import config_util
+
+  return sorted(name for name in config_util.CONFIG_FLAGS if name in FLAGS)
+
+
+def _config_specs(argv: Sequence[str], names: Sequence[str]) -> list[tuple[str, str]]:
+  """``(flag name, value)`` of each ``--config=...`` / ``--config ...`` in ``argv``."""
+  out = []
+  args = list(argv[1:])
+  for i, arg in enumerate(args):
+    if arg == "--":
+      break
+    key, eq, value = arg.lstrip("-").partition("=")
+    if not arg.startswith("-") or key not in names:
+      continue
+    if eq:
+      out.append((key, value))
+    elif i + 1 < len(args):
+      out.append((key, args[i + 1]))
+  return out
+
+
+def _check_config_file(name: str, spec: str) -> None:
+  path = spec.split(":", 1)[0]
+  if not path:
+    raise ConfigError(f"--{name} is empty; name a config file, e.g. --{name}=configs/demo.py")
+  if not os.path.isfile(path):
+    what = "is a folder, not" if os.path.isdir(path) else "does not exist; expected"
+    raise ConfigError(f"--{name}={spec}: {path} {what} a config file (configs/*.py)")
+
+
+def _overrides(argv: Sequence[str], name: str) -> list[str]:
+  """The dotted keys of the ``--<name>.a.b[=value]`` overrides in ``argv``."""
+  keys = []
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    if not arg.startswith("-"):
+      continue
+    key = arg.lstrip("-").partition("=")[0]
+    if key.startswith(f"no{name}."):
+      key = key[2:]
+    if key.startswith(f"{name}."):
+      keys.append(key[len(name) + 1 :])
+  return keys
+
+
+def _unknown_override(argv: Sequence[str], names: Sequence[str]) -> ConfigError | None:
+  """The error for the first override naming a key its config lacks, or None if none does."""
+  from jaxseg.common import config_util
+
+  specs = dict(_config_specs(argv, names))
+  for name in names:
+    keys = _overrides(argv, name)
+    if not keys:
+      continue
+    spec = specs.get(name) or FLAGS[name].default
+    if not isinstance(spec, str):
+      continue
+    config = FLAGS[name].parser.parse(spec)  # loads the file again: the parse failed midway
+    for key in keys:
+      try:
+        config_util.check_key(config, key)
+      except ConfigError as e:
+        return e
+  return None

@@ -1,0 +1,289 @@
+"""Every entry point ends a user's mistake in one line naming the key or file, never a traceback.
+
+Each case runs the real command in a fresh process (absl flags are process-global, and each CLI
+defines its own): bad config keys, files and values, an output that is a file, every synth
+validation error, a corrupt zarr chunk, and a full disk. The full disk is simulated inside the
+CLI's process by patching ``os.replace`` (every small output goes through it) or a block
+function, then running the module as ``python -m`` would (:data:`_HARNESS`). All volumes are tiny
+and nothing trains for more than one step.
+"""
+
+import errno
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from jaxseg.io import write_volume
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO_ROOT, "configs", "demo.py")
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def _run(module: str, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
+  command = [sys.executable, "-c", code] if code else [sys.executable, "-m", module, *args]
+  return subprocess.run(
+    command, capture_output=True, text=True, cwd=REPO_ROOT, env=ENV, timeout=300
+  )
+
+
+def _one_line(proc: subprocess.CompletedProcess, program: str, *names: str) -> str:
+  """Asserts a non-zero exit, no traceback and one ``<program>: ...`` line naming ``names``."""
+  assert proc.returncode != 0, proc.stdout[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{program}: ")]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  for name in names:
+    assert name in lines[0], (name, lines[0])
+  return lines[0]
+
+
+@pytest.fixture(scope="module")
+def affinities(tmp_path_factory):
+  """A small ``[3, z, y, x]`` float32 affinity zarr: edges inside blobs high, between them low."""
+  rng = np.random.default_rng(0)
+  aff = rng.uniform(0.6, 1.0, size=(3, 16, 32, 32)).astype(np.float32)
+  aff[:, :, :, 15:17] = 0.1
+  return write_volume(str(tmp_path_factory.mktemp("aff") / "aff.zarr"), aff).path
+
+
+# -- config keys, files and values ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "flag, named",
+  [
+    ("--config.decode.nosuch=1", "decode.nosuch"),
+    ("--config.nosuch.x=1", "nosuch"),
+    ("--config.decode.block_shape.x=1", "decode.block_shape.x"),
+    ("--config=configs/nope.py", "configs/nope.py"),
+    ("--config.decode.block_shape=abc", "decode.block_shape"),
+    ("--config.decode.threshold=abc", "decode.threshold"),
+    ("--config.decode.method=watershed", "decode.method"),
+  ],
+)
+def test_decode_config_mistakes_are_one_line(flag, named, affinities, tmp_path):
+  proc = _run(
+    "jaxseg.decode", f"--config={DEMO}", flag, f"--affinities={affinities}",
+    f"--output={tmp_path / 'out'}",
+  )  # fmt: skip
+  _one_line(proc, "jaxseg.decode", named)
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def test_unknown_config_key_names_the_keys_there_are(affinities, tmp_path):
+  proc = _run(
+    "jaxseg.decode", f"--config={DEMO}", "--config.decode.thershold=0.5",
+    f"--affinities={affinities}", f"--output={tmp_path / 'out'}",
+  )  # fmt: skip
+  line = _one_line(proc, "jaxseg.decode", "decode.thershold")
+  assert "threshold" in line.split("thershold", 2)[-1]  # the key that was meant is listed
+
+
+# -- an output that is a regular file --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "module, args, flag",
+  [
+    ("jaxseg.decode", [f"--config={DEMO}", "--affinities=AFF"], "--output"),
+    ("jaxseg.qc", ["--affinities=AFF", "--noprogress"], "--output"),
+    ("jaxseg.predict", [f"--config={DEMO}", "--checkpoint=nowhere", "--input=AFF"], "--output"),
+    ("jaxseg.tune", [f"--config={DEMO}"], "--workdir"),
+    ("jaxseg.train", [f"--config={DEMO}"], "--workdir"),
+    ("jaxseg.synth", ["--config.data.synth.shape=(16,32,32)"], "--output"),
+    ("jaxseg.run", [f"--config={DEMO}"], "--workdir"),
+  ],
+)
+def test_output_that_is_a_file_is_refused_before_any_work(module, args, flag, affinities, tmp_path):
+  target = tmp_path / "results.txt"
+  target.write_text("the user's notes")
+  args = [a.replace("AFF", affinities) for a in args]
+  proc = _run(module, *args, f"{flag}={target}")
+  _one_line(proc, module, flag, str(target), "not a folder")
+  assert target.read_text() == "the user's notes"
+  assert sorted(os.listdir(tmp_path)) == ["results.txt"]
+
+
+# -- synth validation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "flag, key",
+  [
+    ("--config.data.synth.difficulty=nope", "data.synth.difficulty"),
+    ("--config.data.synth.shape=(4,32,32)", "data.synth.shape"),
+    ("--config.data.synth.shape=(16,32)", "data.synth.shape"),
+    ("--config.data.synth.resolution=(0.0,9.0,9.0)", "data.synth.resolution"),
+    ("--config.data.synth.resolution=(20.0,9.0)", "data.synth.resolution"),
+    ("--config.data.synth.fill_fraction=1.5", "data.synth.fill_fraction"),
+    ("--config.data.synth.radius_thick_nm=(0.0,50.0)", "data.synth.radius_thick_nm"),
+    ("--config.data.synth.radius_thin_nm=(30.0,10.0)", "data.synth.radius_thin_nm"),
+    ("--config.data.synth.radius_thin_nm=(10.0,)", "data.synth.radius_thin_nm"),
+    ("--config.data.synth.blur_sigma_nm=(1.0,1.0)", "data.synth.blur_sigma_nm"),
+    ("--config.data.synth.thin_fraction=1.5", "data.synth.thin_fraction"),
+    ("--config.data.synth.touch_probability=-0.1", "data.synth.touch_probability"),
+    ("--config.data.synth.missing_slice_prob=2.0", "data.synth.missing_slice_prob"),
+    ("--config.data.synth.shifted_slice_prob=2.0", "data.synth.shifted_slice_prob"),
+    ("--config.data.synth.node_spacing_nm=0.0", "data.synth.node_spacing_nm"),
+    ("--config.data.synth.persistence_nm=-1.0", "data.synth.persistence_nm"),
+    ("--config.data.synth.chunks=(0,32,32)", "data.synth.chunks"),
+    ("--config.data.synth.chunks=(16,32)", "data.synth.chunks"),
+    ("--config.data.synth.noise_std=abc", "data.synth.noise_std"),
+    (f"--config={REPO_ROOT}/jaxseg/synthesis/cli_config.py:nope", "data.synth.difficulty"),
+  ],
+)
+def test_synth_validation_errors_are_one_line_and_write_nothing(flag, key, tmp_path):
+  out = tmp_path / "synth"
+  proc = _run("jaxseg.synth", f"--output={out}", "--config.data.synth.shape=(16,32,32)", flag)
+  _one_line(proc, "jaxseg.synth", key)
+  assert not out.exists()  # no config.json of a config that was refused
+
+
+# -- a corrupt input -------------------------------------------------------------------------------
+
+
+def test_train_on_a_corrupt_zarr_chunk_names_the_array_and_the_file(tmp_path):
+  from jaxseg.common.config_util import load_config
+  from jaxseg.synthesis import generate_dataset
+
+  tiny = {
+    "data.synth.shape": (16, 32, 32),
+    "data.synth.chunks": (16, 32, 32),
+    "data.synth.train_seeds": (0,),
+    "data.synth.val_seeds": (),
+    "data.synth.test_seeds": (),
+    "data.synth.preview": False,
+  }
+  root = tmp_path / "data"
+  generate_dataset(load_config(DEMO, tiny).data.synth, str(root), show_progress=False)
+  img = root / "train" / "seed0" / "data.zarr" / "img"
+  (chunk,) = [p for p in img.iterdir() if not p.name.startswith(".")]
+  chunk.write_bytes(b"not a blosc chunk at all")
+  overrides = {
+    **tiny,
+    "data.root": str(root),
+    "data.patch_size": (4, 16, 16),
+    "data.prefetch": 0,
+    "model.widths": (4, 8),
+    "model.norm_groups": 2,
+    "train.batch_size": 1,
+    "train.mesh_devices": 1,
+    "train.num_steps": 1,
+    "train.eval_every": 0,
+    "train.eval_batches": 0,
+  }
+  flags = [f"--config.{k}={v}".replace(" ", "") for k, v in overrides.items()]
+  proc = _run("jaxseg.train", f"--config={DEMO}", f"--workdir={tmp_path / 'run'}", *flags)
+  _one_line(proc, "jaxseg.train", str(img), str(chunk))
+
+
+# -- a full disk -----------------------------------------------------------------------------------
+
+# Runs ``module`` as ``python -m`` does, with ``os.replace`` onto anything under ``under`` failing
+# as on a full disk (every small output is written to a temporary file and moved into place).
+_HARNESS = """
+import errno, os, runpy, sys
+real_replace = os.replace
+def replace(src, dst, *args, **kwargs):
+  if os.path.abspath(os.fspath(dst)).startswith({under!r}):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(src), None, os.fspath(dst))
+  return real_replace(src, dst, *args, **kwargs)
+os.replace = replace
+{setup}
+sys.argv = [{module!r}, *{args!r}]
+runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+"""
+
+
+def _full_disk(module: str, args: list[str], under, setup: str = "") -> subprocess.CompletedProcess:
+  code = _HARNESS.format(
+    under=os.path.abspath(under), module=module, args=args, setup=textwrap.dedent(setup)
+  )
+  return _run(module, code=code)
+
+
+def _labels(path, seed):
+  labels = np.random.default_rng(seed).integers(1, 4, size=(4, 8, 8)).astype(np.uint32)
+  return write_volume(str(path), labels).path
+
+
+def test_evaluate_on_a_full_disk_keeps_the_metrics_and_says_where(tmp_path):
+  seg, gt = _labels(tmp_path / "seg.zarr", 0), _labels(tmp_path / "gt.zarr", 1)
+  out = tmp_path / "results" / "metrics.json"
+  proc = _full_disk(
+    "jaxseg.evaluate", [f"--seg={seg}", f"--gt={gt}", f"--output={out}"], tmp_path / "results"
+  )
+  line = _one_line(proc, "jaxseg.evaluate", str(out), "no space left")
+  assert "adapted Rand" in proc.stdout  # the table was printed before the write failed
+  kept = re.search(r"the metrics are in (\S+\.json)", line)
+  assert kept, line
+  try:
+    with open(kept.group(1)) as f:
+      metrics = json.load(f)
+  finally:
+    os.remove(kept.group(1))
+  assert metrics["inputs"]["seg"] == seg and "adapted_rand" in metrics
+  assert not out.exists()
+
+
+def test_qc_on_a_full_disk_is_one_line(affinities, tmp_path):
+  out = tmp_path / "qc"
+  proc = _full_disk(
+    "jaxseg.qc", [f"--affinities={affinities}", f"--output={out}", "--noprogress", "--nomask"], out
+  )
+  _one_line(proc, "jaxseg.qc", str(out), "no space left")
+
+
+def test_synth_on_a_full_disk_is_one_line(tmp_path):
+  out = tmp_path / "synth"
+  args = [f"--output={out}", "--config.data.synth.shape=(16,32,32)"]
+  proc = _full_disk("jaxseg.synth", args, out)
+  _one_line(proc, "jaxseg.synth", str(out), "no space left")
+
+
+def test_blockwise_decode_on_a_full_disk_is_one_line(affinities, tmp_path):
+  out = tmp_path / "seg"
+  # A block fails to write its labels (in-process daisy workers re-raise the block's error).
+  setup = f"""
+  from jaxseg.decoding import blockwise
+  def full(job, block):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), {str(out / "segmentation")!r})
+  blockwise._cc_fragments = full
+  """
+  args = [
+    f"--config={DEMO}", f"--affinities={affinities}", f"--output={out}", "--noprogress",
+    "--config.decode.method=cc", "--config.decode.blockwise=always",
+    "--config.decode.block_shape=(8,16,16)",
+  ]  # fmt: skip
+  proc = _full_disk("jaxseg.decode", args, tmp_path / "elsewhere", setup)
+  _one_line(proc, "jaxseg.decode", str(out / "segmentation"), "no space left")
+
+
+def test_a_bug_keeps_its_traceback(affinities, tmp_path):
+  """Only the user's mistakes are shortened: any other exception shows where it came from."""
+  setup = """
+  from jaxseg.decoding import decode_lib
+  def broken(*args, **kwargs):
+    raise ZeroDivisionError("a bug")
+  decode_lib.decode = broken
+  """
+  args = [f"--config={DEMO}", f"--affinities={affinities}", f"--output={tmp_path / 'seg'}"]
+  proc = _full_disk("jaxseg.decode", args, tmp_path / "elsewhere", setup)
+  assert proc.returncode != 0
+  assert "Traceback" in proc.stderr and "ZeroDivisionError: a bug" in proc.stderr
+
+
+def test_errno_of_the_simulated_disk():
+  """The harness raises what a full disk raises, so common.errors maps it."""
+  from jaxseg.common.errors import OutputError, from_os_error
+
+  error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "a.tmp", None, "a.json")
+  assert isinstance(from_os_error(error, error.filename2), OutputError)
