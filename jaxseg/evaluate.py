@@ -130,6 +130,25 @@ def evaluate(
     raise InputError("evaluate needs dense GT (gt), skeletons, or both")
   if arand not in ARAND_METHODS:
     raise ConfigError(f"arand (eval.arand) must be one of {ARAND_METHODS}, got {arand!r}")
+  # The metrics check these too, but with a bare ValueError after the inputs were read.
+  try:
+    crop_ok = 0.0 < float(crop_fraction) <= 1.0  # NaN fails both
+  except (TypeError, ValueError):
+    crop_ok = False
+  if not crop_ok:
+    raise ConfigError(
+      "crop_fraction (--crop_fraction / eval.crop_fraction) must be in (0, 1], got "
+      f"{crop_fraction!r}"
+    )
+  try:
+    merge_ok = int(merge_threshold) == merge_threshold >= 1
+  except (TypeError, ValueError, OverflowError):
+    merge_ok = False
+  if not merge_ok:
+    raise ConfigError(
+      "merge_threshold (--merge_threshold / eval.merge_threshold) must be a whole number of "
+      f"skeleton nodes >= 1, got {merge_threshold!r}"
+    )
   start = time.perf_counter()
   seg, seg_name = _open(seg, seg_axis_order, resolution, "segmentation")
   _check_labels(seg, seg_name)

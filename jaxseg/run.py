@@ -19,6 +19,8 @@ Modes: ``all``, ``train`` (data + train), ``test`` (predict, decode, evaluate), 
 
 from __future__ import annotations
 
+import importlib.util
+
 from absl import app, flags
 
 from jaxseg.common import cli, config_util, runtime
@@ -42,7 +44,13 @@ _FORCE_TEST = flags.DEFINE_bool(
 _VIEW = flags.DEFINE_bool(
   "view", False, "Afterwards serve the volumes in Neuroglancer (needs the neuroglancer package)."
 )
-_VIEW_PORT = flags.DEFINE_integer("view_port", 8000, "Port of the --view file server (0 = any).")
+_VIEW_PORT = flags.DEFINE_integer(
+  "view_port",
+  8000,
+  "Port of the --view file server (0 = any).",
+  lower_bound=0,
+  upper_bound=65535,
+)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars inside the stages.")
 
 
@@ -50,6 +58,11 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.check_output_folder(_WORKDIR.value, flag="--workdir")
+  if _VIEW.value and importlib.util.find_spec("neuroglancer") is None:
+    # Said now, not after the chain ran for hours.
+    from jaxseg.workflow.viewer import INSTALL_HINT, NeuroglancerMissingError
+
+    raise NeuroglancerMissingError(f"--view: {INSTALL_HINT}")
   runtime.quiet_libraries()
   # Imported after flag parsing: --help stays fast; JAX loads only in stages that need it.
   from jaxseg.workflow import chain

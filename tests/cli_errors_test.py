@@ -66,6 +66,9 @@ def affinities(tmp_path_factory):
     ("--config.decode.block_shape=abc", "decode.block_shape"),
     ("--config.decode.threshold=abc", "decode.threshold"),
     ("--config.decode.method=watershed", "decode.method"),
+    ("--config.decode.channels[5]=1", "decode.channels"),
+    ("--config=configs/common.py", "configs/common.py"),  # no get_config()
+    ("--config=README.md", "README.md"),  # not Python
   ],
 )
 def test_decode_config_mistakes_are_one_line(flag, named, affinities, tmp_path):
@@ -76,6 +79,81 @@ def test_decode_config_mistakes_are_one_line(flag, named, affinities, tmp_path):
   _one_line(proc, "jaxseg.decode", named)
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+  "args, named",
+  [
+    ([f"--config={DEMO}"], ["--affinities", "--output"]),
+    ([], ["--config", "--affinities", "--output"]),
+  ],
+)
+def test_missing_required_flags_are_one_usage_line(args, named):
+  proc = _run("jaxseg.decode", *args)
+  _one_line(proc, "jaxseg.decode", *named)
+  assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_config_file_that_raises_keeps_its_traceback(tmp_path):
+  """A bug in a real config file is not the user's command line: absl's message holds its
+  traceback, which is shown."""
+  config = tmp_path / "broken.py"
+  config.write_text("def get_config():\n  raise ValueError('a bug in the recipe')\n")
+  proc = _run("jaxseg.decode", f"--config={config}", "--affinities=x", "--output=y")
+  assert proc.returncode != 0
+  assert "Traceback" in proc.stderr and "a bug in the recipe" in proc.stderr
+
+
+def test_bad_tuning_space_is_one_line_naming_the_key(tmp_path):
+  proc = _run(
+    "jaxseg.tune", f"--config={DEMO}", "--config.tune.cc.threshold_grid=(0.5,0.1,0.1)",
+    f"--workdir={tmp_path / 'tune'}",
+  )  # fmt: skip
+  _one_line(proc, "jaxseg.tune", "tune.cc.threshold_grid")
+  assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize(
+  "flag, key",
+  [
+    ("--config.model.name=nosuch", "model.name"),
+    ("--config.model.widths=(4,0)", "model.widths"),
+    ("--config.model.depth_2d=9", "model.depth_2d"),
+  ],
+)
+def test_bad_model_settings_are_one_line_naming_the_key(flag, key, tmp_path):
+  (tmp_path / "data").mkdir()  # train checks that data.root exists before the model
+  proc = _run(
+    "jaxseg.train", f"--config={DEMO}", flag, f"--config.data.root={tmp_path / 'data'}",
+    f"--workdir={tmp_path / 'run'}",
+  )  # fmt: skip
+  _one_line(proc, "jaxseg.train", key)
+
+
+@pytest.mark.parametrize(
+  "flags, named",
+  [
+    (["--crop_fraction=0"], "--crop_fraction"),
+    (["--merge_threshold=0", "--skeleton=SKEL"], "--merge_threshold"),
+  ],
+)
+def test_bad_evaluate_settings_are_one_line(flags, named, tmp_path):
+  seg, gt = _labels(tmp_path / "seg.zarr", 0), _labels(tmp_path / "gt.zarr", 1)
+  flags = [f.replace("SKEL", str(tmp_path / "skeleton.pkl")) for f in flags]
+  proc = _run("jaxseg.evaluate", f"--seg={seg}", f"--gt={gt}", *flags)
+  _one_line(proc, "jaxseg.evaluate", named)
+
+
+def test_view_problems_are_said_before_the_chain_runs(tmp_path):
+  work = tmp_path / "work"
+  proc = _run("jaxseg.run", f"--config={DEMO}", f"--workdir={work}", "--view_port=70000")
+  _one_line(proc, "jaxseg.run", "--view_port")
+  assert proc.returncode == 2
+  # Without the neuroglancer package (hidden here, in case it is installed).
+  setup = "sys.modules['neuroglancer'] = None"
+  proc = _full_disk("jaxseg.run", [f"--config={DEMO}", f"--workdir={work}", "--view"], work, setup)
+  _one_line(proc, "jaxseg.run", "--view", "pip install neuroglancer")
+  assert not work.exists()
 
 
 def test_unknown_config_key_names_the_keys_there_are(affinities, tmp_path):
@@ -90,6 +168,7 @@ def test_unknown_config_key_names_the_keys_there_are(affinities, tmp_path):
 # -- an output that is a regular file --------------------------------------------------------------
 
 
+@pytest.mark.parametrize("under", ["", "sub/out"])  # the file itself, or a folder below it
 @pytest.mark.parametrize(
   "module, args, flag",
   [
@@ -102,11 +181,13 @@ def test_unknown_config_key_names_the_keys_there_are(affinities, tmp_path):
     ("jaxseg.run", [f"--config={DEMO}"], "--workdir"),
   ],
 )
-def test_output_that_is_a_file_is_refused_before_any_work(module, args, flag, affinities, tmp_path):
+def test_output_that_is_a_file_is_refused_before_any_work(
+  module, args, flag, under, affinities, tmp_path
+):
   target = tmp_path / "results.txt"
   target.write_text("the user's notes")
   args = [a.replace("AFF", affinities) for a in args]
-  proc = _run(module, *args, f"{flag}={target}")
+  proc = _run(module, *args, f"{flag}={os.path.join(target, under)}".rstrip("/"))
   _one_line(proc, module, flag, str(target), "not a folder")
   assert target.read_text() == "the user's notes"
   assert sorted(os.listdir(tmp_path)) == ["results.txt"]
@@ -148,6 +229,77 @@ def test_synth_validation_errors_are_one_line_and_write_nothing(flag, key, tmp_p
 
 
 # -- a corrupt input -------------------------------------------------------------------------------
+
+
+def _corrupt_h5(tmp_path):
+  (tmp_path / "seg.h5").write_text("not HDF5")
+  return tmp_path / "seg.h5", tmp_path / "seg.h5"
+
+
+def _corrupt_tif(tmp_path):
+  (tmp_path / "seg.tif").write_text("not a TIFF")
+  return tmp_path / "seg.tif", tmp_path / "seg.tif"
+
+
+def _corrupt_metadata(name, **kwargs):
+  def make(tmp_path):
+    from jaxseg.io import create_zarr
+
+    path = tmp_path / "seg"
+    if name == "info":
+      write_volume(str(path), np.ones((4, 8, 8), np.uint32), format="precomputed")
+      info = json.loads((path / "info").read_text())
+      del info["scales"][0]["resolution"]
+      (path / "info").write_text(json.dumps(info))
+    elif name == "attributes.json":
+      write_volume(str(path), np.ones((4, 8, 8), np.uint32), format="n5")
+    else:
+      create_zarr(str(path), (4, 8, 8), np.uint32, **kwargs)
+    if name != "info":
+      (path / name).write_text('{"half written')
+    return path, path
+
+  return make
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    _corrupt_h5,
+    _corrupt_tif,
+    _corrupt_metadata(".zattrs"),
+    _corrupt_metadata("zarr.json", zarr_format=3),
+    _corrupt_metadata("attributes.json"),
+    _corrupt_metadata("info"),
+  ],
+  ids=["h5", "tif", "zattrs", "zarr.json", "attributes.json", "info"],
+)
+def test_a_corrupt_or_mistyped_volume_names_the_file(make, tmp_path):
+  seg, named = make(tmp_path)
+  gt = _labels(tmp_path / "gt.zarr", 1)
+  proc = _run("jaxseg.evaluate", f"--seg={seg}", f"--gt={gt}")
+  _one_line(proc, "jaxseg.evaluate", str(named))
+
+
+@pytest.mark.parametrize(
+  "attrs, named",
+  [
+    ({"offsets": [[3, 0, 0], [0, 3, 0], [0, 0, 3]]}, "nearest-neighbour"),  # long-range, cc
+    ({"offsets": [[1, 0, 0]]}, "'offsets' attribute"),  # too few
+    ({"offsets": 5}, "'offsets' attribute"),
+    ({"channels": ["a", "b", "c"]}, "'channels' attribute"),
+  ],
+)
+def test_decode_refuses_bad_affinity_attributes_before_preparing_the_output(attrs, named, tmp_path):
+  aff = np.full((3, 4, 8, 8), 0.9, np.float32)
+  path = write_volume(str(tmp_path / "aff.zarr"), aff, attributes=attrs).path
+  out = tmp_path / "seg"
+  proc = _run(
+    "jaxseg.decode", f"--config={DEMO}", f"--affinities={path}", f"--output={out}",
+    "--config.decode.method=cc",
+  )  # fmt: skip
+  _one_line(proc, "jaxseg.decode", path, named)
+  assert not out.exists()
 
 
 def test_train_on_a_corrupt_zarr_chunk_names_the_array_and_the_file(tmp_path):
@@ -279,6 +431,25 @@ def test_a_bug_keeps_its_traceback(affinities, tmp_path):
   proc = _full_disk("jaxseg.decode", args, tmp_path / "elsewhere", setup)
   assert proc.returncode != 0
   assert "Traceback" in proc.stderr and "ZeroDivisionError: a bug" in proc.stderr
+
+
+@pytest.mark.parametrize(
+  "code, words",
+  [
+    (errno.EACCES, "permission denied (EACCES)"),
+    (errno.EPERM, "permission denied (EPERM)"),
+    (errno.ENOTDIR, "not a folder"),
+    (errno.ENAMETOOLONG, "too long"),
+  ],
+)
+def test_os_errors_of_reads_and_writes_are_one_line_in_neutral_words(code, words):
+  """A permission problem happens reading an input as much as writing an output."""
+  from jaxseg.common.cli import user_message
+
+  error = OSError(code, os.strerror(code), "/data/in.zarr/.zarray")
+  line = user_message(error)
+  assert line.startswith("/data/in.zarr/.zarray: ") and words in line, line
+  assert "writable" not in line and "output" not in line, line
 
 
 def test_errno_of_the_simulated_disk():

@@ -175,3 +175,75 @@ def test_a_second_holder_of_the_lock_is_refused(tmp_path):
     pass
   with outputs.held_exclusively(str(tmp_path / "study"), "another tuner"):
     pass  # released
+
+
+def test_a_named_file_does_not_make_the_users_folder_jaxsegs(tmp_path):
+  theirs = tmp_path / "theirs"
+  theirs.mkdir()
+  (theirs / "notes.txt").write_text("mine")
+  _run(_stage(theirs, paths=("result.txt",), shared=True))
+  assert (theirs / outputs.MANIFEST).exists()
+  with pytest.raises(OutputError, match=r"notes\.txt"):
+    outputs.StageOutput(str(theirs), name="decode", stage="decode", fingerprint={}).open()
+  assert not outputs.is_jaxseg_folder(str(theirs))
+
+
+def test_a_listed_path_someone_replaced_is_never_deleted(tmp_path):
+  out = tmp_path / "out"
+  _run(_stage(out))
+  os.remove(out / "result.txt")
+  (out / "result.txt").write_text("the user's own, at jaxseg's name")
+  for overwrite in (True,):
+    with pytest.raises(OutputError, match="changed since jaxseg wrote it"):
+      _stage(out, {"threshold": 0.9}).open(overwrite=overwrite)
+  assert (out / "result.txt").read_text() == "the user's own, at jaxseg's name"
+
+
+def test_a_replace_killed_midway_is_finished_by_the_next_run(tmp_path, monkeypatch):
+  out = tmp_path / "out"
+  first = _stage(out, paths=("result.txt", "other.txt"))
+  first.open()
+  (out / "result.txt").write_text("a")
+  (out / "other.txt").write_text("b")
+  first.finish()
+  calls = []
+
+  def dies_after_one(path):
+    if calls:
+      raise KeyboardInterrupt
+    calls.append(path)
+    os.remove(path)
+
+  monkeypatch.setattr(outputs, "_remove", dies_after_one)
+  with pytest.raises(KeyboardInterrupt):
+    _stage(out, {"threshold": 0.9}, paths=("result.txt",)).open(overwrite=True)
+  monkeypatch.undo()
+  saved = json.loads((out / outputs.MANIFEST).read_text())["entries"]["job"]
+  assert saved["replacing"] and not saved["complete"]
+  # Even with the old settings and no flag, the half-deleted output is not resumed as it was.
+  assert _stage(out).open() is outputs.Decision.REPLACE
+
+
+def test_an_unfinished_output_of_the_same_settings_resumes_even_with_overwrite(tmp_path):
+  out = tmp_path / "out"
+  _stage(out).open()
+  (out / "result.txt").write_text("half")
+  assert _stage(out).open() is outputs.Decision.RESUME
+  assert _stage(out).open(overwrite=True) is outputs.Decision.RESUME
+  assert (out / "result.txt").read_text() == "half"
+
+
+def test_hidden_files_and_z_windows(tmp_path):
+  write_volume(str(tmp_path / "v.zarr"), np.zeros((4, 4, 4), np.uint8))
+  before = outputs.input_identity(tmp_path / "v.zarr")
+  (tmp_path / "v.zarr" / ".DS_Store").write_bytes(b"finder")
+  assert outputs.input_identity(tmp_path / "v.zarr") == before
+  assert outputs.local_file_part(f"{tmp_path}/a.tif[z 80:100]") == f"{tmp_path}/a.tif"
+  assert outputs.local_file_part(f"{tmp_path}/A.H5:raw") == f"{tmp_path}/A.H5"
+  # An input that vanished is not "changed in place": refused, not redone on its own.
+  stage = _stage(tmp_path / "out", {"inputs": {"x": outputs.input_identity(tmp_path / "v.zarr")}})
+  _run(stage)
+  gone = {"inputs": {"x": outputs.input_identity(tmp_path / "nothing.zarr")}}
+  gone["inputs"]["x"]["path"] = before["path"]
+  with pytest.raises(OutputError, match="made differently"):
+    _stage(tmp_path / "out", gone).open()

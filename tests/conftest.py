@@ -14,6 +14,11 @@ os.environ["XLA_FLAGS"] = " ".join(
   filter(None, [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=2"])
 )
 
+# No test times anything: XLA's slower-to-compile optimisations only cost the suite time (flax's
+# own tests do the same). An environment variable, so the CLIs started as subprocesses compile
+# alike and byte comparisons between a test and its subprocess hold.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from jaxseg.common import config_util
+from jaxseg.common.errors import ConfigError
 from jaxseg.models import build_model, count_params, input_multiple, layers, mednext
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -430,9 +431,10 @@ def test_mednext_remat_wraps_every_block_and_keeps_values():
 
 
 def test_build_model_rejects_bad_configs():
-  with pytest.raises(ValueError, match="valid names: rsunet, mednext"):
+  # ConfigError: the CLIs report it in one line naming the model.* key.
+  with pytest.raises(ConfigError, match=r"model\.name: .*valid names: rsunet, mednext"):
     build_model({"name": "unet", "in_channels": 1, "out_channels": 1}, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="valid names"):
+  with pytest.raises(ConfigError, match="valid names"):
     input_multiple({"name": "unet"})
   bad = [
     (_rsunet_config(widths=()), "widths"),
@@ -442,10 +444,10 @@ def test_build_model_rejects_bad_configs():
     (_rsunet_config(activation="tanh"), "activation"),
     (_mednext_config(size="XL"), "size"),
     (_mednext_config(kernel_size=4), "kernel_size"),
-    (_mednext_config(compute_dtype="int8"), "floating point"),
+    (_mednext_config(compute_dtype="int8"), r"model\.compute_dtype: .*floating point"),
   ]
   for config, message in bad:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
       build_model(config, rngs=nnx.Rngs(0))
 
 

@@ -237,6 +237,7 @@ def test_file_server_sends_cors_and_stays_inside_its_roots(tmp_path):
     # A local viewer may read the files; another web page gets no CORS grant.
     assert get("/workdir/f.txt") == (b"hi", "http://127.0.0.1:9999")
     assert get("/workdir/f.txt", "https://evil.example") == (b"hi", None)
+    assert get("/workdir/f.txt", "http://[::1") == (b"hi", None)  # unparsable: no grant either
     secret = str(tmp_path / "secret.txt")
     for bad in (
       "/workdir/../secret.txt",
@@ -286,6 +287,42 @@ def test_file_server_answers_only_its_own_host_and_rejects_undecodable_paths(tmp
   finally:
     server.shutdown()
   assert handler_errors == []
+
+
+def test_file_server_is_quiet_when_a_viewer_hangs_up_mid_file(tmp_path, capfd):
+  """Neuroglancer drops chunk requests it no longer needs: no traceback for those."""
+  import socket
+  import struct
+
+  with open(tmp_path / "big.bin", "wb") as f:
+    f.truncate(64 << 20)  # sparse: larger than any socket buffer, costs no disk
+  server, _ = viewer.start_file_server({"workdir": str(tmp_path)}, port=0)
+  port = server.server_address[1]
+  seen = []
+
+  def handle_error(request, address):  # records, then does what the server does
+    seen.append(sys.exc_info()[1])
+    type(server).handle_error(server, request, address)
+
+  server.handle_error = handle_error
+  try:
+    for _ in range(2):
+      client = socket.create_connection(("127.0.0.1", port), timeout=10)
+      client.sendall(f"GET /workdir/big.bin HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+      client.recv(65536)
+      # Linger 0: close with a reset, as a browser cancelling a fetch may.
+      client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+      client.close()
+    deadline = time.monotonic() + 20
+    while len(seen) < 2 and time.monotonic() < deadline:
+      time.sleep(0.05)
+  finally:
+    server.shutdown()
+  assert len(seen) == 2 and all(
+    isinstance(e, (BrokenPipeError, ConnectionResetError)) for e in seen
+  ), seen
+  err = capfd.readouterr().err
+  assert "Traceback" not in err and "Error" not in err, err
 
 
 def test_file_server_on_a_taken_port_says_which_flag_to_change(tmp_path):

@@ -20,7 +20,7 @@ import pytest
 
 from jaxseg.common import outputs
 from jaxseg.common.config_util import load_config
-from jaxseg.common.errors import OutputError
+from jaxseg.common.errors import ConfigError, JaxsegError, OutputError
 from jaxseg.common.files import write_json
 from jaxseg.inference import layout
 from jaxseg.io import create_zarr, open_volume
@@ -156,7 +156,7 @@ def test_grid_values_are_inclusive_and_exact():
   assert len(grid) == 21 and grid[0] == 0.5 and grid[-1] == 0.9
   assert 0.66 in grid and 0.7 in grid  # no 0.6600000000000001
   assert search.grid_values((0.3, 0.8, 0.05), "g")[3] == 0.45
-  with pytest.raises(ValueError, match="step > 0"):
+  with pytest.raises(ConfigError, match="step > 0"):  # the CLIs report it in one line
     search.grid_values((0.5, 0.9, 0.0), "tune.cc.threshold_grid")
 
 
@@ -468,6 +468,8 @@ def _load_nothing(setup):
 def _sleepy_trial(state, params):
   if params.get("fail"):
     raise ValueError("bad params")
+  if params.get("mistake"):
+    raise ConfigError("decode.threshold: expected a number in [0, 1]")
   time.sleep(params.get("sleep", 0.0))
   return {"pid": state["pid"]}
 
@@ -476,15 +478,41 @@ def test_trial_worker_kills_a_slow_trial_and_restarts():
   with trials.TrialWorker({}, timeout_s=1.5, load=_load_nothing, trial=_sleepy_trial) as worker:
     first = worker.run({})["pid"]
     assert first != os.getpid()
-    with pytest.raises(trials.TrialError, match="ValueError: bad params") as error:
+    # A bug in the trial keeps its traceback (not a one-line JaxsegError); a user's mistake is
+    # one line.
+    with pytest.raises(trials.TrialCrash, match="ValueError: bad params") as error:
       worker.run({"fail": True})
-    assert "_sleepy_trial" in error.value.details
+    assert not isinstance(error.value, JaxsegError)
+    assert "_sleepy_trial" in error.value.details and "_sleepy_trial" in str(error.value)
+    with pytest.raises(trials.TrialError, match=r"decode\.threshold: expected") as error:
+      worker.run({"mistake": True})
+    assert "_sleepy_trial" in error.value.details and "\n" not in str(error.value)
     assert worker.run({})["pid"] == first  # an error does not cost the worker
     start = time.monotonic()
     with pytest.raises(trials.TrialTimeout):
       worker.run({"sleep": 60})
     assert time.monotonic() - start < 10 and not worker.alive
     assert worker.run({})["pid"] != first and worker.starts == 2
+
+
+def _load_broken(setup):
+  if setup["mistake"]:
+    raise ConfigError("data.root: no such folder")
+  raise KeyError("a bug while loading")
+
+
+@pytest.mark.parametrize("mistake", [True, False])
+def test_loading_the_tuning_data_tells_a_mistake_from_a_bug(mistake):
+  worker = trials.TrialWorker({"mistake": mistake}, timeout_s=30, load=_load_broken)
+  with worker, pytest.raises((trials.TrialError, trials.TrialCrash)) as error:
+    worker.start()
+  assert isinstance(error.value, JaxsegError) == mistake
+  assert "loading the tuning data failed" in str(error.value)
+  assert "_load_broken" in error.value.details
+  if mistake:
+    assert "data.root: no such folder" in str(error.value) and "\n" not in str(error.value)
+  else:
+    assert "KeyError" in str(error.value) and "_load_broken" in str(error.value)
 
 
 def _gone(pid):
@@ -629,3 +657,31 @@ def test_refusals_come_before_the_prediction(data_root, tmp_path, monkeypatch):
     fcntl.flock(held, fcntl.LOCK_EX)
     with pytest.raises(OutputError, match=r"another jaxseg\.tune is running on this folder"):
       tune_lib.tune(config, str(tmp_path / "run"), checkpoint=ckpt, decoder="cc")
+
+
+def test_ground_truth_or_checkpoint_changed_in_place_makes_the_tuning_stale(data_root, tmp_path):
+  """A corrected skeleton at the same path redoes the study; parameters tuned for an older
+  checkpoint are not applied to the test volumes, and the report shows no stale scores."""
+  import shutil
+
+  root = tmp_path / "data"
+  shutil.copytree(data_root, root)
+  config = make_config(root)
+  work = str(tmp_path / "run")
+  ckpt = make_checkpoint(work)
+  write_predictions(config, ckpt, "val", os.path.join(work, "predictions"))
+  write_predictions(config, ckpt, "test", os.path.join(work, "predictions"))
+  first = tune_lib.tune(config, work, checkpoint=ckpt, decoder="cc", show_progress=False)
+  assert not first["skipped"]
+  assert tune_lib.tune(config, work, checkpoint=ckpt, decoder="cc", show_progress=False)["skipped"]
+  tune_lib.tune_test(config, work, checkpoint=ckpt, decoder="cc", show_progress=False)
+  assert outputs.is_complete(os.path.join(work, "tune", "cc", "test", "seed101"), "scores")
+  skeleton = root / "val" / "seed100" / "skeleton.pkl"
+  skeleton.write_bytes(skeleton.read_bytes())  # the same graph, rewritten: a new file
+  again = tune_lib.tune(config, work, checkpoint=ckpt, decoder="cc", show_progress=False)
+  assert not again["skipped"] and again["trials_run"] == len(GRID)
+  # Retrained into the same work dir: the tuned parameters are refused until tuned again.
+  make_checkpoint(work, steps=(300,))
+  write_predictions(config, ckpt, "test", os.path.join(work, "predictions"))
+  with pytest.raises(OutputError, match="tune again"):
+    tune_lib.tune_test(config, work, checkpoint=ckpt, decoder="cc", show_progress=False)

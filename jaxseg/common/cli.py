@@ -26,7 +26,10 @@ Never imports JAX.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -99,16 +102,26 @@ def run_main(
 
 
 def check_output_folder(path: str | os.PathLike | None, *, flag: str = "--output") -> None:
-  """Refuses an output folder that is an existing file, before any work is done.
+  """Refuses an output folder that is an existing file, or lies under one, before any work.
 
   Raises:
-    OutputError: ``path`` exists and is not a folder (names the flag and the path).
+    OutputError: ``path``, or the nearest part of it that exists, is not a folder (names the
+      flag and the path).
   """
   if path is None:
     return
   path = os.fspath(path)
   if os.path.exists(path) and not os.path.isdir(path):
     raise OutputError(f"{flag}={path} is an existing file, not a folder; choose a folder")
+  # A folder under a file (--output=notes.txt/seg) fails much later with NotADirectoryError from
+  # whatever creates it first; the nearest part of the path that exists tells now.
+  ancestor = os.path.dirname(os.path.abspath(path))
+  while not os.path.lexists(ancestor) and os.path.dirname(ancestor) != ancestor:
+    ancestor = os.path.dirname(ancestor)
+  if os.path.lexists(ancestor) and not os.path.isdir(ancestor):
+    raise OutputError(
+      f"{flag}={path}: {ancestor} is an existing file, not a folder; choose a folder"
+    )
 
 
 # -- flags -----------------------------------------------------------------------------------------
@@ -118,9 +131,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   """Parses ``argv`` into absl's ``FLAGS`` (the ``flags_parser`` of :func:`run_main`).
 
   Raises:
-    app.UsageError: a bad flag (absl's message, which names it), exit status 2.
-    ConfigError: a config file that does not exist or cannot be loaded, or an override of a key
-      the config lacks (names the key and the keys there are).
+    app.UsageError: a bad flag (absl's message, which names it) or missing required flags (all
+      of them named), exit status 2.
+    ConfigError: a config file that does not exist, defines no ``get_config`` or is not Python,
+      or an override of a key the config lacks (names the key and the keys there are).
   """
   argv = list(argv)
   names = _config_flag_names()
@@ -134,12 +148,19 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     cause = _jaxseg_cause(e)
     if cause is not None:
       raise cause from None
-    if "\n" in str(e):
+    if "Traceback (most recent call last)" in str(e):
       raise  # a bug in the config file: its traceback is in the message
+    # absl joins the messages of several failed validators with newlines (two required flags
+    # missing); those are still the user's.
+    missing = re.findall(r"Flag --(\S+) must have a value other than None", str(e))
+    if missing:
+      named = ", ".join(f"--{name}" for name in missing)
+      raise _usage(f"missing required flag(s): {named}; --helpshort lists the flags") from None
     raise _usage(f"{e}; --helpshort lists the flags") from None
-  except (AttributeError, KeyError, TypeError) as e:
+  except (AttributeError, KeyError, TypeError, IndexError) as e:
     # ml_collections resolves an override against the loaded config inside absl's parser; a
-    # key it lacks (or a value taken for a section) fails there with these.
+    # key it lacks (or a value taken for a section, or an index past a tuple's end) fails there
+    # with these.
     unknown = _unknown_override(argv, names)
     if unknown is None:
       raise
@@ -196,6 +217,26 @@ def _check_config_file(name: str, spec: str) -> None:
   if not os.path.isfile(path):
     what = "is a folder, not" if os.path.isdir(path) else "does not exist; expected"
     raise ConfigError(f"--{name}={spec}: {path} {what} a config file (configs/*.py)")
+  # ml_collections calls get_config() on whatever the file defines: a file without one (a shared
+  # module such as configs/common.py) or a file that is not Python fails there with an
+  # AttributeError / NameError traceback. Loading it here once more is cheap (configs only build
+  # ConfigDicts) and names the file.
+  module_name = f"_jaxseg_check_{name}_config"
+  loader = importlib.machinery.SourceFileLoader(module_name, path)
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(module_name, loader))
+  try:
+    loader.exec_module(module)
+  except Exception as e:
+    if path.endswith(".py"):
+      raise  # a bug in a real config file (a syntax error, a failing import) keeps its traceback
+    raise ConfigError(
+      f"--{name}={spec}: {path} is not a Python config file (configs/*.py): "
+      f"{type(e).__name__}: {one_line(str(e))}"
+    ) from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(
+      f"--{name}={spec}: {path} defines no get_config(); name a config file, e.g. configs/demo.py"
+    )
 
 
 def _overrides(argv: Sequence[str], name: str) -> list[str]:

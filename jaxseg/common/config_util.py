@@ -93,6 +93,22 @@ def check_key(config: ml_collections.ConfigDict, dotted: str) -> None:
         f"{', '.join(sorted(node.keys()))}"
       )
     if name != part:
+      # ``a.b[5]``: an index past the end, or into a tuple or a string (which ml_collections
+      # cannot set an item of), fails inside absl's parser with a bare IndexError.
+      node, where = node[name], ".".join([*done, name])
+      for index in part[len(name) :].strip("[]").split("]["):
+        if not isinstance(node, list):
+          raise UnknownConfigKeyError(
+            f"config key {dotted!r}: {where} is a {type(node).__name__}, not a list; set it "
+            f"whole (--config.{where}=...)"
+          )
+        try:
+          node = node[int(index)]
+        except (IndexError, ValueError):
+          raise UnknownConfigKeyError(
+            f"config key {dotted!r}: {where} has {len(node)} items; no index [{index}]"
+          ) from None
+        where = f"{where}[{index}]"
       return
     node = node[name]
     done.append(name)

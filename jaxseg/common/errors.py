@@ -47,13 +47,20 @@ def from_os_error(error: OSError, what: str) -> JaxsegError | None:
   """The one-line :class:`JaxsegError` for a machine problem (disk full, no permission), or None.
 
   Args:
-    error: the ``OSError`` raised while writing.
-    what: the path (or stage) being written, for the message.
+    error: the ``OSError`` raised while reading or writing.
+    what: the path (or stage) being read or written, for the message.
   """
   if error.errno == errno.ENOSPC:
     return OutputError(f"{what}: no space left on the device; free some or choose another output")
   if error.errno == errno.EDQUOT:
     return OutputError(f"{what}: disk quota exceeded; free some or choose another output")
-  if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-    return OutputError(f"{what}: not writable ({error.strerror}); choose another output")
+  if error.errno == errno.EROFS:
+    return OutputError(f"{what}: read-only file system; choose another output")
+  # The rest happen as much when reading an input as when writing an output: neutral words.
+  if error.errno in (errno.EACCES, errno.EPERM):
+    return JaxsegError(f"{what}: permission denied ({errno.errorcode[error.errno]})")
+  if error.errno == errno.ENOTDIR:
+    return JaxsegError(f"{what}: a part of the path is a file, not a folder")
+  if error.errno == errno.ENAMETOOLONG:
+    return JaxsegError(f"{what}: the path or a name in it is too long")
   return None

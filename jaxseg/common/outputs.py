@@ -41,25 +41,40 @@ import contextlib
 import dataclasses
 import enum
 import fcntl
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+from absl import logging
 
 from jaxseg.common.errors import OutputError
-from jaxseg.common.files import atomic_output, json_ready
+from jaxseg.common.files import json_ready
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 MANIFEST = ".jaxseg.json"
 LOCK = ".jaxseg.lock"  # held by a long stage (a study) so that a second one stops at once
+_MANIFEST_LOCK = ".jaxseg.manifest.lock"
+_ENTRY_LOCKS = ".jaxseg.entry."  # + a hash of the entry's name + ".lock"
+# Names jaxseg keeps in every folder it writes: the manifest, its locks and temporary files.
+_OWN_PREFIX = ".jaxseg"
 _FORMAT = 1
 # Folder names that mark a container: an input inside one protects the whole container.
 _CONTAINER_SUFFIXES = (".zarr", ".zarr3", ".n5", ".h5", ".hdf5", ".hdf", ".tif", ".tiff")
 _METADATA_FILES = (".zarray", ".zattrs", ".zgroup", "zarr.json", "attributes.json", "info")
 # Files of a folder that say nothing about the user's data (a folder holding only these is empty).
-_IGNORED_NAMES = (MANIFEST, LOCK, ".DS_Store")
+_IGNORED_NAMES = (".DS_Store",)
 _INPUTS_KEY = "inputs"
+# ``file.h5:dataset`` (any case of the extension), and the z window a split can add to a path.
+_HDF5 = re.compile(r"^(?P<file>.+?\.(?:h5|hdf5|hdf))(?::.*)?$", re.IGNORECASE)
+_Z_WINDOW = re.compile(r"\[z \d+:\d+\]$")
 _SHOWN_DIFFERENCES = 6
 
 
@@ -78,12 +93,12 @@ class Decision(enum.Enum):
 def local_file_part(spec: Any) -> str | None:
   """The local filesystem path behind a volume spec, or None for remote / in-memory ones.
 
-  ``file.h5:dataset`` -> ``file.h5``; ``precomputed://file:///abs/x`` -> ``/abs/x``;
-  ``gs://...`` -> None; a path -> its absolute form.
+  ``file.h5:dataset`` -> ``file.h5``; ``precomputed://file:///abs/x`` -> ``/abs/x``; a z window
+  ``x.tif[z 80:100]`` -> ``x.tif``; ``gs://...`` -> None; a path -> its absolute form.
   """
   if spec is None or isinstance(spec, Mapping):
     return None
-  spec = os.fspath(spec)
+  spec = _Z_WINDOW.sub("", os.fspath(spec))
   if "://" in spec:
     _, _, rest = spec.partition("://")
     if rest.startswith("file://"):
@@ -91,9 +106,9 @@ def local_file_part(spec: Any) -> str | None:
     if spec.startswith("file://"):
       return os.path.abspath(spec[len("file://") :])
     return None
-  for ext in (".h5:", ".hdf5:", ".hdf:"):
-    if ext in spec:
-      return os.path.abspath(spec[: spec.index(ext) + len(ext) - 1])
+  match = _HDF5.match(spec)
+  if match:
+    return os.path.abspath(match.group("file"))
   return os.path.abspath(spec)
 
 
@@ -142,21 +157,27 @@ def check_outside_inputs(
 
 
 def _tree_identity(folder: str) -> str:
-  """A hash of a folder's metadata files' bytes and every file's name, size and mtime."""
+  """A hash of a folder's metadata files' bytes and every file's name, size and mtime.
+
+  Hidden names other than zarr's metadata (``.DS_Store``, ``._x``, ``.nfs123``, a writer's
+  temporary file) are skipped: a file browser or an NFS client must not make an input look changed.
+  """
   digest = hashlib.sha256()
   for root, dirs, names in os.walk(folder):
-    dirs.sort()
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
     for name in sorted(names):
+      if name.startswith(".") and name not in _METADATA_FILES:
+        continue
       path = os.path.join(root, name)
       try:
         st = os.stat(path)
-      except FileNotFoundError:  # removed while we walked (a writer's temporary file)
+        rel = os.path.relpath(path, folder)
+        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        if name in _METADATA_FILES and st.st_size < (1 << 20):
+          with open(path, "rb") as f:
+            digest.update(f.read())
+      except OSError:  # removed or unreadable while we walked: it counts as absent
         continue
-      rel = os.path.relpath(path, folder)
-      digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-      if name in _METADATA_FILES and st.st_size < (1 << 20):
-        with open(path, "rb") as f:
-          digest.update(f.read())
   return digest.hexdigest()[:20]
 
 
@@ -215,11 +236,20 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def _only_contents_changed(diff: Sequence[str]) -> bool:
-  """True when the differences are only inputs changed in place (same paths, new contents)."""
-  keys = [d.split(": ", 1)[0] for d in diff]
-  return bool(keys) and all(
-    k.startswith(f"{_INPUTS_KEY}.") and k.endswith(".content") for k in keys
-  )
+  """True when the differences are only inputs changed in place (same paths, new contents).
+
+  An input that vanished or appeared (``null`` on one side) is not a change in place: that is
+  refused like any other difference rather than redone on its own.
+  """
+  if not diff:
+    return False
+  for line in diff:
+    key, _, change = line.partition(": ")
+    if not (key.startswith(f"{_INPUTS_KEY}.") and key.endswith(".content")):
+      return False
+    if "null" in change.split(" -> ") or "(absent)" in change:
+      return False
+  return True
 
 
 # -- the manifest --------------------------------------------------------------------------------
@@ -234,29 +264,45 @@ def read_manifest(folder: str) -> dict | None:
   path = manifest_path(folder)
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    manifest = json.load(f)
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except ValueError:
+    manifest = None
   if not isinstance(manifest, dict) or "entries" not in manifest:
-    raise OutputError(f"{path}: not a jaxseg manifest; choose another output folder")
+    raise OutputError(
+      f"{path}: not a readable jaxseg manifest; jaxseg will not guess what it owns there: "
+      "choose another output folder"
+    )
   return manifest
 
 
 def _write_manifest(folder: str, manifest: dict) -> None:
-  with atomic_output(manifest_path(folder)) as tmp, open(tmp, "w") as f:
-    json.dump(json_ready(manifest), f, indent=1, sort_keys=True)
-    f.write("\n")
+  # A unique temporary name: processes on several hosts can share a pid.
+  fd, tmp = tempfile.mkstemp(prefix=".jaxseg.tmp.", suffix=".json", dir=folder)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(json_ready(manifest), f, indent=1, sort_keys=True)
+      f.write("\n")
+    os.replace(tmp, manifest_path(folder))
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 @contextlib.contextmanager
 def _locked(folder: str) -> Iterator[None]:
-  """An exclusive lock on the folder (flock on its directory descriptor)."""
-  fd = os.open(folder, os.O_RDONLY)
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    yield
-  finally:
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
+  """An exclusive lock for a read-modify-write of the folder's manifest.
+
+  ``flock`` on a regular file: Linux's NFS client maps it to a lock the server sees, which a lock
+  on the directory itself would not get.
+  """
+  with open(os.path.join(folder, _MANIFEST_LOCK), "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -281,6 +327,10 @@ def held_exclusively(folder: str, what: str) -> Iterator[None]:
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _ignored(name: str) -> bool:
+  return name.startswith(_OWN_PREFIX) or name in _IGNORED_NAMES
+
+
 def foreign_names(folder: str, manifest: dict | None) -> list[str]:
   """Names in ``folder`` that no entry of its manifest lists (the user's files)."""
   if not os.path.isdir(folder):
@@ -288,7 +338,7 @@ def foreign_names(folder: str, manifest: dict | None) -> list[str]:
   owned = set()
   for entry in (manifest or {}).get("entries", {}).values():
     owned.update(p.split("/")[0] for p in entry.get("paths", ()))
-  return sorted(n for n in os.listdir(folder) if n not in owned and n not in _IGNORED_NAMES)
+  return sorted(n for n in os.listdir(folder) if n not in owned and not _ignored(n))
 
 
 def _remove(path: str) -> None:
@@ -299,15 +349,20 @@ def _remove(path: str) -> None:
 
 
 def is_jaxseg_folder(folder: str) -> bool:
-  """True when ``folder`` does not exist, is empty, or holds a jaxseg manifest."""
+  """True when ``folder`` does not exist, is empty, or is a folder jaxseg made.
+
+  A folder where jaxseg only put named files among the user's (``shared``) stays the user's: it
+  counts as jaxseg's only while everything in it is listed in its manifest.
+  """
   folder = os.fspath(folder)
   if not os.path.exists(folder):
     return True
   if not os.path.isdir(folder):
     return False
-  if os.path.isfile(manifest_path(folder)):
+  manifest = read_manifest(folder)
+  if manifest is not None and not manifest.get("shared"):
     return True
-  return not [n for n in os.listdir(folder) if n not in _IGNORED_NAMES]
+  return not foreign_names(folder, manifest)
 
 
 def prepare_folder(folder: str, *, what: str = "output folder", shared: bool = False) -> None:
@@ -327,7 +382,7 @@ def prepare_folder(folder: str, *, what: str = "output folder", shared: bool = F
   if os.path.exists(folder) and not os.path.isdir(folder):
     raise OutputError(f"{folder}: this {what} is an existing file; choose a folder")
   if not shared and not is_jaxseg_folder(folder):
-    shown = sorted(n for n in os.listdir(folder) if n not in _IGNORED_NAMES)
+    shown = foreign_names(folder, read_manifest(folder))
     more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
     raise OutputError(
       f"{folder}: this folder holds files jaxseg did not make ({', '.join(shown[:3])}{more}); "
@@ -335,8 +390,12 @@ def prepare_folder(folder: str, *, what: str = "output folder", shared: bool = F
     )
   os.makedirs(folder, exist_ok=True)
   with _locked(folder):
-    if read_manifest(folder) is None:
-      _write_manifest(folder, {"jaxseg_manifest": _FORMAT, "entries": {}})
+    manifest = read_manifest(folder)
+    if manifest is None:
+      _write_manifest(folder, {"jaxseg_manifest": _FORMAT, "shared": shared, "entries": {}})
+    elif manifest.get("shared") and not shared and not foreign_names(folder, manifest):
+      manifest["shared"] = False  # nothing of the user's is left: a folder of jaxseg's now
+      _write_manifest(folder, manifest)
 
 
 def is_complete(folder: str, name: str) -> bool:
@@ -431,13 +490,25 @@ class StageOutput:
     """Decides what to do with the folder and prepares it (see the module docstring).
 
     After CREATE, RESUME and REPLACE the entry is recorded as incomplete with this fingerprint
-    and :attr:`paths` claimed; after REUSE nothing changed.
+    and :attr:`paths` claimed, and this process holds the entry until :meth:`finish` (another
+    process opening it waits); after REUSE nothing changed.
 
     Raises:
       OutputError: a refusal, one line naming the path, why and the way out.
     """
     self._check_place()
     prepare_folder(self.folder, what=self.what, shared=self.shared)
+    held_before = (os.path.realpath(self.folder), self.name) in _HELD
+    if not self.shared:
+      self._hold()
+    try:
+      return self._open_locked(overwrite)
+    except BaseException:
+      if not held_before:  # a refusal (or a kill) leaves the entry free for the next process
+        self._release()
+      raise
+
+  def _open_locked(self, overwrite: bool) -> Decision:
     with _locked(self.folder):
       manifest = read_manifest(self.folder)
       entry = manifest["entries"].get(self.name)
@@ -445,17 +516,25 @@ class StageOutput:
       self._check_claims(manifest, self.paths)  # before anything is deleted or written
       if decision is Decision.REUSE:
         self.decision = decision
+        self._release()
         return decision
+      owned, stamps = [], {}
       if decision is Decision.REPLACE:
         for rel in entry.get("paths", ()):
+          self._check_unchanged(entry, rel)
+        # Marked before deleting: a run killed midway finds an entry that is not complete.
+        entry.update(complete=False, replacing=True)
+        _write_manifest(self.folder, manifest)
+        for rel in entry.get("paths", ()):
           _remove(self.path(rel))
-        entry = None
-      owned = list(entry.get("paths", ())) if entry else []
+      elif entry is not None:
+        owned, stamps = list(entry.get("paths", ())), dict(entry.get("stamps", {}))
       manifest["entries"][self.name] = {
         "stage": self.stage,
         "version": self.version,
         "fingerprint": self.fingerprint,
         "paths": owned + [p for p in self.paths if p not in owned],
+        "stamps": stamps,
         "complete": False,
       }
       _write_manifest(self.folder, manifest)
@@ -469,12 +548,14 @@ class StageOutput:
       {"stage": entry.get("stage"), "version": entry.get("version"), **entry["fingerprint"]},
       {"stage": self.stage, "version": self.version, **self.fingerprint},
     )
-    if not diff:
+    if not diff and not entry.get("replacing"):
       listed = entry.get("paths", ())
       if entry.get("complete") and all(os.path.lexists(self.path(p)) for p in listed):
         return Decision.REUSE
+      # Unfinished with the same settings: resumed, even under --overwrite (which the chain
+      # passes on; a killed day-long blockwise decode must not start again from zero).
       return Decision.RESUME
-    if overwrite or _only_contents_changed(diff):
+    if overwrite or _only_contents_changed(diff) or entry.get("replacing"):
       self.replaced_because = tuple(diff)
       return Decision.REPLACE
     shown = "; ".join(diff[:_SHOWN_DIFFERENCES])
@@ -484,6 +565,39 @@ class StageOutput:
       f"{self.flag} to replace it (only the files jaxseg made for it are deleted) or choose "
       f"another {self.what}"
     )
+
+  def _check_unchanged(self, entry: dict, rel: str) -> None:
+    """Refuses to delete a listed path that is not the one jaxseg finished writing there."""
+    stamp = entry.get("stamps", {}).get(rel)
+    path = self.path(rel)
+    if stamp is None or not os.path.lexists(path) or _stamp(path) == stamp:
+      return
+    raise OutputError(
+      f"{path}: changed since jaxseg wrote it (someone may have edited or replaced it), so "
+      f"jaxseg will not delete it: move it away or choose another {self.what}"
+    )
+
+  # -- one writer per entry --------------------------------------------------------------------
+
+  def _hold(self) -> None:
+    """Takes the entry's lock for this process (waiting while another process holds it)."""
+    key = (os.path.realpath(self.folder), self.name)
+    if key in _HELD:
+      return
+    digest = hashlib.sha1(self.name.encode()).hexdigest()[:12]
+    handle = open(os.path.join(self.folder, f"{_ENTRY_LOCKS}{digest}.lock"), "a")  # noqa: SIM115
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info("%s: waiting for another jaxseg process writing %s", self.folder, self.name)
+      fcntl.flock(handle, fcntl.LOCK_EX)
+    _HELD[key] = handle
+
+  def _release(self) -> None:
+    handle = _HELD.pop((os.path.realpath(self.folder), self.name), None)
+    if handle is not None:
+      fcntl.flock(handle, fcntl.LOCK_UN)
+      handle.close()
 
   def _check_claims(self, manifest: dict, paths: Iterable[str]) -> None:
     """Refuses names that exist and are not this entry's (the user's, or another stage's)."""
@@ -519,8 +633,10 @@ class StageOutput:
     """Deletes one of this entry's paths (a partial file to redo); refuses any other path."""
     if not os.path.lexists(self.path(rel)):
       return
-    if not self.owns(rel):
+    entry = self.saved()
+    if entry is None or rel not in entry.get("paths", ()):
       raise OutputError(f"{self.path(rel)}: not listed as this {self.stage}'s; not deleting it")
+    self._check_unchanged(entry, rel)
     _remove(self.path(rel))
 
   def discard(self, rel: str) -> None:
@@ -533,7 +649,11 @@ class StageOutput:
       _write_manifest(self.folder, manifest)
 
   def finish(self, **extra: Any) -> None:
-    """Marks the entry complete (written last: a killed stage is resumed, never reused)."""
+    """Marks the entry complete (written last: a killed stage is resumed, never reused).
+
+    Records each listed path's stamp (inode, size, mtime): a later replace deletes a path only
+    while it is still the one jaxseg wrote.
+    """
     with _locked(self.folder):
       manifest = read_manifest(self.folder)
       entry = manifest["entries"][self.name]
@@ -541,12 +661,48 @@ class StageOutput:
       # Names claimed but not there now (scratch removed, an optional file never written) are
       # dropped: a complete entry lists what it holds, and is reused only while all of it exists.
       entry["paths"] = [p for p in entry["paths"] if os.path.lexists(self.path(p))]
+      entry["stamps"] = {p: _stamp(self.path(p)) for p in entry["paths"]}
       entry.update(_plain(extra))
       _write_manifest(self.folder, manifest)
+    self._release()
 
   def invalidate(self) -> None:
     """Marks a finished entry incomplete again (a stage that adds to its own output)."""
+    if not self.shared:
+      self._hold()
     with _locked(self.folder):
       manifest = read_manifest(self.folder)
       manifest["entries"][self.name]["complete"] = False
       _write_manifest(self.folder, manifest)
+
+
+def _stamp(path: str) -> list[int]:
+  """What identifies the file or folder jaxseg wrote at ``path``: inode, size, mtime."""
+  st = os.lstat(path)
+  return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+# The entries this process holds, (real folder, name) -> the open lock file.
+_HELD: dict[tuple[str, str], Any] = {}
+
+
+def writes_outputs(fn: Callable[P, R]) -> Callable[P, R]:
+  """Decorates a stage function: the entries it opened are let go when it returns or raises.
+
+  An entry is held by its writer from :meth:`StageOutput.open` until :meth:`StageOutput.finish`;
+  a stage that stops early (an error, a resumable stop, a refusal further on) must not keep it
+  from the next process, which would then wait for a writer that is long done.
+  """
+
+  @functools.wraps(fn)
+  def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    before = set(_HELD)
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      for key in set(_HELD) - before:
+        handle = _HELD.pop(key)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+  return wrapper

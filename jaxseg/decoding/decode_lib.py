@@ -28,6 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 
+from jaxseg.common import outputs
+from jaxseg.common.errors import ConfigError
 from jaxseg.common.files import write_json
 from jaxseg.common.outputs import Decision, StageOutput, input_identity
 from jaxseg.data.affinity import convert_convention
@@ -117,7 +119,12 @@ def open_affinities(
     raise VolumeError(f"{spec}: affinities must be floating point, got {volume.dtype}")
   stored = volume.attrs.get("channels")
   if stored is not None:
-    stored = [int(c) for c in stored]
+    try:
+      stored = [int(c) for c in stored]
+    except (TypeError, ValueError):
+      raise VolumeError(
+        f"{spec}: its 'channels' attribute must be a list of channel numbers, got {stored!r}"
+      ) from None
     missing = [c for c in settings.channels if c not in stored]
     if missing:
       raise VolumeError(
@@ -132,7 +139,17 @@ def open_affinities(
         f"{spec}: decode.channels {positions} out of range for {volume.shape[0]} channels"
       )
   if "offsets" in volume.attrs:
-    offsets = [tuple(int(v) for v in volume.attrs["offsets"][p]) for p in positions]
+    try:
+      offsets = [tuple(int(v) for v in volume.attrs["offsets"][p]) for p in positions]
+    except (TypeError, ValueError, IndexError, KeyError):
+      raise VolumeError(
+        f"{spec}: its 'offsets' attribute must hold a (z, y, x) offset for each of the "
+        f"{volume.shape[0]} channels, got {volume.attrs['offsets']!r}"
+      ) from None
+    if any(len(o) != 3 for o in offsets):
+      raise VolumeError(
+        f"{spec}: its 'offsets' attribute must hold (z, y, x) offsets, got {offsets}"
+      )
     where = f"{spec} (its 'offsets' attribute)"
   else:
     offsets = [tuple(1 if a == axis else 0 for a in _AXES) for axis in settings.channel_order]
@@ -158,6 +175,21 @@ def open_affinities(
     distances=tuple(offsets[i][axes[i]] for i in by_axis),
     convention=convention,
   )
+
+
+def check_decoder_fits(source: AffinitySource, settings: DecodeSettings) -> None:
+  """Refuses a decoder that cannot decode these edges, before any output is prepared.
+
+  Raises:
+    ConfigError: ``decode.method='cc'`` on long-range edges (the file's ``offsets`` attribute).
+  """
+  if settings.method == "cc" and tuple(source.distances) != (1, 1, 1):
+    raise ConfigError(
+      f"{source.volume.path}: its 'offsets' attribute gives the decoded channels "
+      f"{list(source.positions)} long-range edges {tuple(source.distances)} (z, y, x), but "
+      "decode.method='cc' decodes nearest-neighbour edges only; use decode.method='waterz', "
+      "or set decode.channels to the nearest-neighbour channels"
+    )
 
 
 def open_mask(path: str, shape: Sequence[int]) -> Volume:
@@ -350,6 +382,7 @@ def write_preview(path: str, source: AffinitySource, segmentation: Volume) -> st
   return save_preview(path, img, seg)
 
 
+@outputs.writes_outputs
 def decode(
   settings: DecodeSettings,
   affinities: str,
@@ -373,6 +406,7 @@ def decode(
   """
   start = time.perf_counter()
   source = open_affinities(affinities, settings, axis_order=axis_order)
+  check_decoder_fits(source, settings)
   shape = source.spatial_shape
   mask = open_mask(settings.affinity_mask_path, shape) if settings.affinity_mask_path else None
   blockwise = wants_blockwise(settings, shape)

@@ -42,6 +42,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from jaxseg.common import outputs
 from jaxseg.common.files import atomic_output, write_json
 from jaxseg.common.outputs import (
   Decision,
@@ -60,6 +61,7 @@ from jaxseg.inference.settings import InferenceSettings, inference_settings
 from jaxseg.io import Volume, VolumeError, block_chunks, create_zarr, open_volume, reopen_zarr
 from jaxseg.io.datasets import dataset_volumes, nisb_cube
 from jaxseg.training import sharding as sharding_lib
+from jaxseg.training.paths import checkpoint_dir
 
 AFFINITIES = layout.AFFINITIES
 BLOCKS_DONE = layout.BLOCKS_DONE
@@ -353,6 +355,7 @@ def _preview(job: _Job, settings: InferenceSettings, data_config, path: str) -> 
     Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(tmp)
 
 
+@outputs.writes_outputs
 def predict_volumes(
   config,
   apply: engine_lib.ApplyFn,
@@ -575,6 +578,7 @@ def predict(
   inference_settings(config)
   sources = resolve_inputs(config, inputs, axis_order=axis_order)
   # The output folder is checked before the checkpoint is read: refused at once, not after it.
+  check_outside_inputs(output_dir, [checkpoint_dir(checkpoint)], what="--output folder")
   for source in sources:
     predict_output(output_dir, source, {}).check_free()
   model, info = restore_inference_model(config, checkpoint, step, use_ema=use_ema)

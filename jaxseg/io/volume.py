@@ -182,7 +182,10 @@ class _TiffBackend:
   def __init__(self, file: str):
 
     self.where = file
-    self._tif = tifffile.TiffFile(file)
+    try:
+      self._tif = tifffile.TiffFile(file)
+    except tifffile.TiffFileError as e:
+      raise VolumeError(f"{file}: not a readable TIFF file ({e})") from None
     series = self._tif.series[0]
     self.shape = tuple(int(n) for n in series.shape)
     self.dtype = np.dtype(series.dtype)
@@ -457,8 +460,17 @@ def _check_triplet(value, name: str, where: str) -> tuple[float, float, float]:
 
 
 def _read_json(path: str) -> dict:
+  """A metadata file's object; a corrupt one (a half-written ``.zattrs``) names the file."""
   with open(path) as f:
-    return json.load(f)
+    try:
+      meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise VolumeError(f"{path}: corrupt metadata, not valid JSON ({e})") from None
+  if not isinstance(meta, dict):
+    raise VolumeError(
+      f"{path}: corrupt metadata, expected a JSON object, got {type(meta).__name__}"
+    )
+  return meta
 
 
 def _open_tensorstore(spec: dict, where: str, write: bool = False) -> _TensorStoreBackend:
@@ -477,7 +489,12 @@ def _precomputed_resolution_zyx(path: str) -> tuple[float, float, float] | None:
   scales = _read_json(info_path).get("scales") or []
   if not scales:
     return None
-  x, y, z = scales[0]["resolution"]
+  try:
+    x, y, z = scales[0]["resolution"]
+  except (KeyError, TypeError, ValueError, IndexError):
+    raise VolumeError(
+      f"{info_path}: expected scales[0].resolution to be [x, y, z] nm, got {scales[0]!r}"
+    ) from None
   return (z, y, x)
 
 
@@ -569,7 +586,14 @@ def _open_h5(file: str, dataset: str | None, layout: dict) -> Volume:
 
   if not os.path.isfile(file):
     raise VolumeError(f"{file}: no such HDF5 file")
-  with h5py.File(file, "r") as f:
+  try:
+    f = h5py.File(file, "r")
+  except OSError as e:
+    if e.errno is not None:
+      raise  # a real system error (no permission): the CLI explains those by errno
+    # h5py's own failures carry no errno: "file signature not found" (not HDF5), truncated.
+    raise VolumeError(f"{file}: not a readable HDF5 file ({e})") from None
+  with f:
     names = []
     f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
     if not dataset:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxseg.common.errors import ConfigError
 from jaxseg.models import layers, mednext, rsunet
 
 MODEL_NAMES = ("rsunet", "mednext")
@@ -41,7 +42,7 @@ def _get(model_config: Mapping[str, Any], key: str, default: Any) -> Any:
 
 def _check_int(value: Any, name: str, minimum: int = 1) -> int:
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"model.{name} must be an int >= {minimum}, got {value!r}")
+    raise ConfigError(f"model.{name} must be an int >= {minimum}, got {value!r}")
   return value
 
 
@@ -49,15 +50,31 @@ def _int_tuple(value: Any, name: str, length: int | None = None) -> tuple[int, .
   try:
     result = tuple(value)
   except TypeError as e:
-    raise ValueError(f"model.{name} must be a sequence of ints, got {value!r}") from e
+    raise ConfigError(f"model.{name} must be a sequence of ints, got {value!r}") from e
   if (
     not result
     or (length is not None and len(result) != length)
     or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in result)
   ):
     size = f"{length} " if length is not None else ""
-    raise ValueError(f"model.{name} must be a non-empty sequence of {size}ints >= 1, got {value!r}")
+    raise ConfigError(
+      f"model.{name} must be a non-empty sequence of {size}ints >= 1, got {value!r}"
+    )
   return result
+
+
+def _check_name(model_config: Mapping[str, Any]) -> str:
+  name = model_config.get("name")
+  if name not in MODEL_NAMES:
+    raise ConfigError(f"model.name: unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+  return name
+
+
+def _dtype(value: Any, key: str) -> jnp.dtype:
+  try:
+    return layers.resolve_dtype(value)
+  except ValueError as e:
+    raise ConfigError(f"{key}: {e}") from None
 
 
 def build_model(
@@ -80,29 +97,39 @@ def build_model(
     (``layers.initialize``), so building is fast and reproducible for a given key.
 
   Raises:
-    ValueError: for an unknown name or an invalid field.
+    ConfigError: for an unknown name or an invalid field (names the ``model.*`` key; also a
+      ``ValueError``).
   """
-  name = model_config.get("name")
-  if name not in MODEL_NAMES:
-    raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(MODEL_NAMES)}")
-  dtype = layers.resolve_dtype(
-    compute_dtype if compute_dtype is not None else _get(model_config, "compute_dtype", None)
-  )
-  param_dtype = layers.resolve_dtype(_get(model_config, "param_dtype", None))
+  name = _check_name(model_config)
+  if compute_dtype is not None:
+    dtype = _dtype(compute_dtype, "compute dtype")
+  else:
+    dtype = _dtype(_get(model_config, "compute_dtype", None), "model.compute_dtype")
+  param_dtype = _dtype(_get(model_config, "param_dtype", None), "model.param_dtype")
   in_channels = _check_int(model_config.get("in_channels"), "in_channels")
   out_channels = _check_int(model_config.get("out_channels"), "out_channels")
   remat = bool(_get(model_config, "remat", False))
   if name == "rsunet":
     widths = _int_tuple(model_config.get("widths"), "widths")
+    depth_2d = _check_int(_get(model_config, "depth_2d", 1), "depth_2d", minimum=0)
+    if depth_2d > len(widths):
+      raise ConfigError(
+        f"model.depth_2d must be in [0, {len(widths)}] (the levels of model.widths), got {depth_2d}"
+      )
+    activation = _get(model_config, "activation", "elu")
+    try:
+      layers.activation_fn(activation)
+    except ValueError as e:
+      raise ConfigError(f"model.activation: {e}") from None
     construct = functools.partial(
       rsunet.RSUNet,
       in_channels,
       out_channels,
       widths=widths,
       pool=_int_tuple(_get(model_config, "pool", (1, 2, 2)), "pool", 3),
-      depth_2d=_check_int(_get(model_config, "depth_2d", 1), "depth_2d", minimum=0),
+      depth_2d=depth_2d,
       norm_groups=_check_int(_get(model_config, "norm_groups", 4), "norm_groups"),
-      activation=_get(model_config, "activation", "elu"),
+      activation=activation,
       remat=remat,
       dtype=dtype,
       param_dtype=param_dtype,
@@ -110,10 +137,10 @@ def build_model(
     return layers.initialize(lambda r: construct(rngs=r), rngs)
   size = model_config.get("size")
   if size not in mednext.SIZES:
-    raise ValueError(f"model.size must be one of {sorted(mednext.SIZES)}, got {size!r}")
+    raise ConfigError(f"model.size must be one of {sorted(mednext.SIZES)}, got {size!r}")
   kernel_size = _check_int(_get(model_config, "kernel_size", 3), "kernel_size")
   if kernel_size % 2 == 0:
-    raise ValueError(f"model.kernel_size must be odd, got {kernel_size}")
+    raise ConfigError(f"model.kernel_size must be odd, got {kernel_size}")
   construct = functools.partial(
     mednext.MedNeXt,
     in_channels,
@@ -142,15 +169,16 @@ def input_multiple(model_config: Mapping[str, Any]) -> tuple[int, int, int]:
   """``(mz, my, mx)``: every spatial input size must be a multiple of these.
 
   RSUNet: ``pool ** (len(widths) - 1)`` per axis ((1, 16, 16) for SNEMI); MedNeXt: (16, 16, 16).
+
+  Raises:
+    ConfigError: an unknown ``model.name``, bad ``model.widths`` / ``model.pool``.
   """
-  name = model_config.get("name")
+  name = _check_name(model_config)
   if name == "rsunet":
     widths = _int_tuple(model_config.get("widths"), "widths")
     pool = _int_tuple(_get(model_config, "pool", (1, 2, 2)), "pool", 3)
     return rsunet.input_multiple(pool, len(widths))
-  if name == "mednext":
-    return mednext.INPUT_MULTIPLE
-  raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+  return mednext.INPUT_MULTIPLE
 
 
 __all__ = ["MODEL_NAMES", "build_model", "count_params", "input_multiple"]

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxseg.common.errors import ConfigError
 from jaxseg.models import layers
 
 # size -> (expansion ratio per stage, blocks per stage), stages enc0-3, bottleneck, dec3-0
@@ -179,14 +180,14 @@ class MedNeXt(nnx.Module):
     rngs: nnx.Rngs,
   ):
     if size not in SIZES:
-      raise ValueError(f"mednext: unknown size {size!r}; valid: {sorted(SIZES)}")
+      raise ConfigError(f"model.size: unknown MedNeXt size {size!r}; valid: {sorted(SIZES)}")
     if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
       # An even kernel breaks the "same" padding and the 2n - 1 up-block geometry.
-      raise ValueError(f"mednext: kernel_size must be an odd int >= 1, got {kernel_size!r}")
+      raise ConfigError(f"model.kernel_size must be an odd int >= 1, got {kernel_size!r}")
     if base_channels < 1 or in_channels < 1 or out_channels < 1:
-      raise ValueError(
-        f"mednext: channels must be >= 1, got in={in_channels} out={out_channels} "
-        f"base={base_channels}"
+      raise ConfigError(
+        "model.in_channels / model.out_channels / model.base_channels must be >= 1, got "
+        f"{in_channels} / {out_channels} / {base_channels}"
       )
     expansions, counts = SIZES[size]
     widths = [base_channels * 2**i for i in range(NUM_STAGES + 1)]

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxseg.common.errors import ConfigError
 from jaxseg.models import layers
 
 
@@ -113,15 +114,17 @@ class RSUNet(nnx.Module):
     widths = tuple(int(w) for w in widths)
     pool = tuple(int(p) for p in pool)
     if not widths or any(w < 1 for w in widths):
-      raise ValueError(f"rsunet: widths must be a non-empty sequence of ints >= 1, got {widths}")
+      raise ConfigError(f"model.widths must be a non-empty sequence of ints >= 1, got {widths}")
     if len(pool) != 3 or any(p < 1 for p in pool):
-      raise ValueError(f"rsunet: pool must be 3 ints >= 1 (z, y, x), got {pool}")
+      raise ConfigError(f"model.pool must be 3 ints >= 1 (z, y, x), got {pool}")
     if not 0 <= depth_2d <= len(widths):
-      raise ValueError(f"rsunet: depth_2d must be in [0, {len(widths)}], got {depth_2d}")
+      raise ConfigError(f"model.depth_2d must be in [0, {len(widths)}], got {depth_2d}")
     if norm_groups < 1:
-      raise ValueError(f"rsunet: norm_groups must be >= 1, got {norm_groups}")
+      raise ConfigError(f"model.norm_groups must be >= 1, got {norm_groups}")
     if in_channels < 1 or out_channels < 1:
-      raise ValueError(f"rsunet: channels must be >= 1, got in={in_channels} out={out_channels}")
+      raise ConfigError(
+        f"model.in_channels / model.out_channels must be >= 1, got {in_channels} / {out_channels}"
+      )
     layers.activation_fn(activation)
     self.widths = widths
     self.pool = pool

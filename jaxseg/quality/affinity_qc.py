@@ -41,6 +41,7 @@ import numpy as np
 import yaml
 from absl import logging
 
+from jaxseg.common import outputs
 from jaxseg.common.errors import ConfigError, InputError, MissingInputError
 from jaxseg.common.files import atomic_output, local_abspath, write_json
 from jaxseg.common.outputs import Decision, StageOutput, input_identity
@@ -868,6 +869,7 @@ def _result(summary: dict, output_dir: str, reused: bool) -> QcResult:
   )
 
 
+@outputs.writes_outputs
 def run_qc(
   config: Any,
   affinities: str | os.PathLike | Volume,

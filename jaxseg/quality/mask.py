@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from jaxseg.common import outputs
 from jaxseg.common.outputs import Decision, StageOutput, input_identity
 from jaxseg.common.progress import progress
 from jaxseg.io import Volume, VolumeError, block_chunks, create_zarr, open_volume
@@ -121,6 +122,7 @@ def ring_strips(shape: Sequence[int], width: int) -> list[tuple[slice, slice]]:
   return [(r, c) for r, c in boxes if r.stop > r.start and c.stop > c.start]
 
 
+@outputs.writes_outputs
 def build_affinity_mask(
   report_or_frontmatter,
   output: str | os.PathLike,

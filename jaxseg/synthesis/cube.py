@@ -28,7 +28,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from jaxseg.common import config_util
+from jaxseg.common import config_util, outputs
 from jaxseg.common.errors import OutputError
 from jaxseg.common.files import write_json
 from jaxseg.common.outputs import Decision, StageOutput, is_jaxseg_folder
@@ -93,6 +93,7 @@ def read_marker(directory: str) -> dict[str, Any]:
     return json.load(f)
 
 
+@outputs.writes_outputs
 def write_cube(
   directory: str,
   img: np.ndarray,
@@ -198,6 +199,7 @@ def split_seeds(config) -> dict[str, tuple[int, ...]]:
   return {split: tuple(int(s) for s in (config.get(f"{split}_seeds") or ())) for split in SPLITS}
 
 
+@outputs.writes_outputs
 def generate_dataset(
   config,
   root: str,

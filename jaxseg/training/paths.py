@@ -93,6 +93,8 @@ def training_output(config, workdir: str, *, flag: str = "--overwrite") -> Stage
       PREVIEW_DIR,
       CURVES_FILE,
     ),
+    # A work dir inside the data (or holding it) would write into the user's dataset.
+    inputs=[config.data.root] if config.data.get("root") else [],
     what="work dir",
     flag=flag,
   )

@@ -45,7 +45,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from jaxseg.common import config_util
+from jaxseg.common import config_util, outputs
 from jaxseg.common.errors import ConfigError, MissingInputError
 from jaxseg.data import pipeline
 from jaxseg.training import checkpoint as ckpt_lib
@@ -299,6 +299,7 @@ def _restore_state(manager, step: int, state: dict, sharding) -> dict:
 # -- the loop ------------------------------------------------------------------------------------
 
 
+@outputs.writes_outputs
 def train_and_evaluate(
   config, workdir: str, *, stop_at: int | None = None, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -336,6 +337,7 @@ def train_and_evaluate(
   num_steps = int(train_cfg.num_steps)
   if num_steps < 1:
     raise ConfigError(f"train.num_steps must be >= 1, got {num_steps}")
+  _check_batch_geometry(config)  # the model and batch settings, before anything is written
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   stage = paths.training_output(config, workdir)
@@ -347,7 +349,6 @@ def train_and_evaluate(
     os.makedirs(workdir, exist_ok=True)
 
   sharding = sharding_lib.create_sharding(int(train_cfg.get("mesh_devices", 0)))
-  _check_batch_geometry(config)
   per_device = int(train_cfg.batch_size)
   global_batch = sharding_lib.global_batch_size(per_device, sharding)
   local_batch = sharding_lib.local_batch_size(per_device, sharding)

@@ -23,7 +23,7 @@ import importlib
 import json
 import os
 
-from jaxseg.common import config_util
+from jaxseg.common import config_util, outputs
 from jaxseg.common.files import local_abspath, write_json
 from jaxseg.common.outputs import StageOutput, input_identity, is_complete
 from jaxseg.inference import layout
@@ -130,6 +130,7 @@ def _complete(out_dir: str, name: str) -> bool:
   return is_complete(out_dir, layout.entry_name(name))
 
 
+@outputs.writes_outputs
 def cached_predictions(
   config, checkpoint: str, split: str, cache_root: str, *, show_progress: bool = True
 ) -> list[CachedAffinities]:

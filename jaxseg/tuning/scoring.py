@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from jaxseg.common import outputs
 from jaxseg.common.errors import ConfigError, InputError
 from jaxseg.common.files import json_ready, local_abspath, write_json
 from jaxseg.common.outputs import Decision, StageOutput, input_identity
@@ -202,6 +203,7 @@ def mask_spec(path: str | None):
   return open_volume(path).attrs.get(MASK_SPEC_ATTR, "") if path else None
 
 
+@outputs.writes_outputs
 def decode_and_evaluate(
   config,
   cached: CachedAffinities,
@@ -277,13 +279,17 @@ def decode_and_evaluate(
     paths=(METRICS_FILE,),
     what="decode folder",
   )
-  # The scores are made from the decode beside them: replaced whenever it is redone, and never
-  # reused once an input changed.
-  if os.path.isdir(output_dir) and scores.peek(overwrite=True) is Decision.REUSE:
-    return {**_read_json(metrics_path), "reused": True}
+  # The scores are made from the decode beside them and from the ground truth: stale ones are
+  # deleted before anything else (a run killed later leaves none to be reported), they are
+  # reused only while the decode is too, and never once an input changed.
+  decision = scores.open(overwrite=True)
   summary = decode(
     settings, cached.affinities, output_dir, overwrite=overwrite, show_progress=show_progress
   )
+  if decision is Decision.REUSE and summary.get("already_done"):
+    return {**_read_json(metrics_path), "reused": True}
+  if decision is Decision.REUSE:
+    scores.invalidate()
   results = []
   for path, threshold, count in zip(
     summary["arrays"], summary["thresholds"], summary["segments"], strict=True
@@ -317,7 +323,6 @@ def decode_and_evaluate(
     "seconds": round(time.perf_counter() - start, 3),
   }
   out = json_ready(out)
-  scores.open(overwrite=True)
   write_json(metrics_path, out)
   scores.finish()
   return {**out, "reused": False}

@@ -30,7 +30,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from jaxseg.common import outputs
-from jaxseg.common.errors import OutputError
+from jaxseg.common.errors import ConfigError, OutputError
 from jaxseg.tuning import scoring
 
 FINGERPRINT_ATTR = "jaxseg_fingerprint"
@@ -45,14 +45,15 @@ def grid_values(spec: Sequence[float], name: str) -> tuple[float, ...]:
   """The inclusive grid ``low, low + step, ..., high`` of a ``(low, high, step)`` triple.
 
   Raises:
-    ValueError: not three numbers, ``step <= 0`` or ``high < low`` (naming ``name``).
+    ConfigError: not three numbers, ``step <= 0`` or ``high < low`` (naming ``name``, the
+      user's ``tune.*`` key).
   """
   try:
     low, high, step = (float(v) for v in spec)
   except (TypeError, ValueError):
-    raise ValueError(f"{name} must be (low, high, step), not {spec!r}") from None
+    raise ConfigError(f"{name} must be (low, high, step), not {spec!r}") from None
   if step <= 0 or high < low:
-    raise ValueError(f"{name} must be (low, high, step) with step > 0 and high >= low: {spec!r}")
+    raise ConfigError(f"{name} must be (low, high, step) with step > 0 and high >= low: {spec!r}")
   count = math.floor((high - low) / step + 1e-9) + 1
   return tuple(round(low + i * step, _DECIMALS) + 0.0 for i in range(count))
 
@@ -137,17 +138,22 @@ def search_space(config, decoder: str) -> SearchSpace:
   """The search space of ``config.tune.<decoder>``.
 
   Raises:
-    ValueError: unknown decoder, sampler or objective; malformed grids; empty choices; a waterz
-      space whose ``aff_threshold_low`` can reach its ``aff_threshold_high``.
+    ConfigError: unknown decoder, sampler or objective; malformed grids; empty choices; a waterz
+      space whose ``aff_threshold_low`` can reach its ``aff_threshold_high`` (names the
+      ``tune.*`` key). Only the user's values are checked here, so that only they are
+      ConfigErrors.
   """
   scoring.check_decoder(decoder)
   section = config.tune[decoder]
   where = f"config.tune.{decoder}"
   sampler = str(section.get("sampler", "grid"))
   if sampler not in SAMPLERS:
-    raise ValueError(f"{where}.sampler must be one of {SAMPLERS}, not {sampler!r}")
+    raise ConfigError(f"{where}.sampler must be one of {SAMPLERS}, not {sampler!r}")
   objective = str(section.objective)
-  scoring.direction(objective)
+  try:
+    scoring.direction(objective)
+  except ConfigError as e:
+    raise ConfigError(f"{where}.{e}") from None  # "objective must be one of ...": name the key
   if decoder == "cc":
     choices = {"threshold": grid_values(section.threshold_grid, f"{where}.threshold_grid")}
     thresholds: tuple[float, ...] = ()
@@ -155,35 +161,43 @@ def search_space(config, decoder: str) -> SearchSpace:
   else:
     merge = tuple(str(m) for m in section.merge_functions)
     if not merge:
-      raise ValueError(f"{where}.merge_functions is empty")
+      raise ConfigError(f"{where}.merge_functions is empty")
     if len(set(merge)) != len(merge):
-      raise ValueError(f"{where}.merge_functions has repeats: {merge}")
+      raise ConfigError(f"{where}.merge_functions has repeats: {merge}")
     choices = {
       "merge_function": merge,
       "aff_threshold_low": grid_values(section.aff_threshold_low, f"{where}.aff_threshold_low"),
       "aff_threshold_high": grid_values(section.aff_threshold_high, f"{where}.aff_threshold_high"),
     }
     if max(choices["aff_threshold_low"]) >= min(choices["aff_threshold_high"]):
-      raise ValueError(
+      raise ConfigError(
         f"{where}: every aff_threshold_low must lie below every aff_threshold_high, got "
         f"{section.aff_threshold_low} and {section.aff_threshold_high}"
       )
-    thresholds = tuple(sorted(float(t) for t in section.thresholds))
+    try:
+      thresholds = tuple(sorted(float(t) for t in section.thresholds))
+    except (TypeError, ValueError):
+      raise ConfigError(f"{where}.thresholds must be numbers, not {section.thresholds!r}") from None
     if not thresholds or not all(0.0 <= t <= 1.0 for t in thresholds):
-      raise ValueError(f"{where}.thresholds must be values in [0, 1], not {section.thresholds}")
+      raise ConfigError(f"{where}.thresholds must be values in [0, 1], not {section.thresholds}")
     if len(set(thresholds)) != len(thresholds):
-      raise ValueError(f"{where}.thresholds has repeats: {section.thresholds}")
+      raise ConfigError(f"{where}.thresholds has repeats: {section.thresholds}")
     # A grid visits every point anyway; the defaults are TPE's first trial.
     enqueue = section.get("enqueue_defaults", False) and sampler == "tpe"
     defaults = _waterz_defaults(config, choices) if enqueue else None
   for name in ("threshold", "aff_threshold_low", "aff_threshold_high"):
     if name in choices and not all(0.0 <= v <= 1.0 for v in choices[name]):
-      raise ValueError(f"{where}: {name} values must lie in [0, 1], got {choices[name]}")
+      raise ConfigError(f"{where}: {name} values must lie in [0, 1], got {choices[name]}")
   grid_size = math.prod(len(v) for v in choices.values())
   if sampler == "grid":
     n_trials = grid_size
   else:
-    n_trials = int(section.get("n_trials", grid_size))
+    try:
+      n_trials = int(section.get("n_trials", grid_size))
+    except (TypeError, ValueError):
+      raise ConfigError(
+        f"{where}.n_trials must be a whole number, not {section.n_trials!r}"
+      ) from None
   return SearchSpace(
     decoder=decoder,
     sampler=sampler,

@@ -46,13 +46,26 @@ class TrialTimeout(Exception):
 
 
 class TrialError(JaxsegError, RuntimeError):
-  """A trial (or loading the data) raised in the child, or the child died.
+  """A trial (or loading the data) hit a user's mistake in the child, or the child died.
 
   ``str(error)`` is one line saying why; ``details`` holds the child's traceback, if any.
   """
 
   def __init__(self, message: str, details: str = ""):
     super().__init__(message)
+    self.details = details
+
+
+class TrialCrash(RuntimeError):
+  """A trial (or loading the data) raised anything else in the child: a bug in jaxseg.
+
+  Not a :class:`JaxsegError`, so the entry point shows it with its traceback; the message holds
+  the child's traceback too (the parent's own only shows where the message arrived), and so does
+  ``details``.
+  """
+
+  def __init__(self, message: str, details: str = ""):
+    super().__init__(f"{message}\n\nThe trial process's traceback:\n{details}".rstrip())
     self.details = details
 
 
@@ -76,7 +89,12 @@ def load_state(setup: Mapping[str, Any]) -> dict:
   """
   import ml_collections
 
-  from jaxseg.decoding.decode_lib import open_affinities, open_mask, wants_blockwise
+  from jaxseg.decoding.decode_lib import (
+    check_decoder_fits,
+    open_affinities,
+    open_mask,
+    wants_blockwise,
+  )
   from jaxseg.decoding.settings import decode_settings
   from jaxseg.io import VolumeError
   from jaxseg.io.datasets import dataset_volumes
@@ -94,6 +112,7 @@ def load_state(setup: Mapping[str, Any]) -> dict:
       raise VolumeError(f"volume {name!r} is not in split {setup['split']!r} of config.data")
     volume = by_name[name].windowed()
     source = open_affinities(entry["affinities"], base)
+    check_decoder_fits(source, base)
     resolution = tuple(float(r) for r in volume.image.resolution)
     skeletons = (
       load_skeletons(volume.skeleton, resolution=resolution, cache_dir=setup.get("erl_cache_dir"))
@@ -253,7 +272,7 @@ def _serve(
   try:
     state = load(setup)
   except Exception as e:  # everything goes back to the parent as text
-    conn.send((_ERROR, (f"{type(e).__name__}: {e}", traceback.format_exc())))
+    conn.send((_ERROR, _error_payload(e)))
     return
   conn.send((_READY, None))
   while True:
@@ -266,10 +285,32 @@ def _serve(
     try:
       conn.send((_RESULT, trial(state, params)))
     except Exception as e:
-      conn.send((_ERROR, (f"{type(e).__name__}: {e}", traceback.format_exc())))
+      conn.send((_ERROR, _error_payload(e)))
+
+
+def _error_payload(error: Exception) -> tuple[str, str, bool]:
+  """``(message, traceback, is the user's)`` of the child's exception, for the parent.
+
+  The exception itself may not unpickle in the parent, so it goes as text, with whether it is a
+  user's mistake (a JaxsegError, or an OSError such as a full disk that the CLI explains): only
+  those become a one-line :class:`TrialError`; anything else is a bug and keeps its traceback.
+  """
+  from jaxseg.common.cli import user_message
+
+  known = user_message(error)
+  if known is not None:
+    return known, traceback.format_exc(), True
+  return f"{type(error).__name__}: {error}", traceback.format_exc(), False
 
 
 # -- the parent's handle ---------------------------------------------------------------------------
+
+
+def _child_error(context: str, payload: tuple[str, str, bool]) -> TrialError | TrialCrash:
+  """The parent's exception for the child's :func:`_error_payload`, ``context`` before it."""
+  message, details, users = payload
+  message = f"{context}: {message}" if context else message
+  return TrialError(message, details) if users else TrialCrash(message, details)
 
 
 class TrialWorker:
@@ -318,7 +359,9 @@ class TrialWorker:
     """Starts the child and waits until it has loaded the data.
 
     Raises:
-      TrialError: loading failed (the child's message), or the child died while loading.
+      TrialError: loading failed on a user's mistake (the child's message), or the child died
+        while loading.
+      TrialCrash: loading raised anything else (a bug; the child's traceback in the message).
     """
     if self.alive:
       return
@@ -337,20 +380,22 @@ class TrialWorker:
     kind, payload = self._receive(deadline=None, what="loading the data")
     if kind == _ERROR:
       self.close()
-      raise TrialError(f"loading the tuning data failed: {payload[0]}", payload[1])
+      raise _child_error("loading the tuning data failed", payload)
 
   def run(self, params: Mapping[str, Any]) -> dict:
     """Runs one trial in the child.
 
     Raises:
       TrialTimeout: it took longer than ``timeout_s``; the child was killed.
-      TrialError: the trial raised (message and child traceback), or the child died.
+      TrialError: the trial raised a user's mistake (message and child traceback), or the child
+        died.
+      TrialCrash: the trial raised anything else (a bug; the child's traceback in the message).
     """
     self.start()
     self._conn.send(dict(params))
     kind, payload = self._receive(deadline=time.monotonic() + self.timeout_s, what="a trial")
     if kind == _ERROR:
-      raise TrialError(payload[0], payload[1])
+      raise _child_error("", payload)
     return payload
 
   def _receive(self, deadline: float | None, what: str):

@@ -37,7 +37,7 @@ from absl import logging
 from optuna import logging as optuna_logging
 
 from jaxseg.common import config_util, outputs
-from jaxseg.common.errors import ConfigError, InputError, MissingInputError
+from jaxseg.common.errors import ConfigError, InputError, MissingInputError, OutputError
 from jaxseg.common.files import atomic_output, json_ready, write_json
 from jaxseg.common.outputs import Decision, StageOutput
 from jaxseg.decoding.settings import decode_settings
@@ -122,6 +122,17 @@ def study_fingerprint(config, space: search.SearchSpace, key: str, split: str) -
   if user_mask:
     decode["affinity_mask"] = [os.path.abspath(user_mask), scoring.mask_spec(user_mask)]
   qc = config_util.config_to_dict(config.qc) if config.qc.get("enabled", False) else None
+  # The ground truth is scored against, by content: a corrected skeleton or label volume at the
+  # same path makes the old trials' scores stale (the images are in the cache key).
+  inputs = {
+    v.name: {
+      "labels": outputs.input_identity(v.labels.path) if v.labels is not None else None,
+      "skeleton": outputs.input_identity(v.skeleton) if v.skeleton else None,
+    }
+    for v in dataset_volumes(config.data, split)
+  }
+  if user_mask:
+    inputs["affinity_mask"] = outputs.input_identity(user_mask)
   return json.loads(
     json.dumps(
       {
@@ -131,6 +142,7 @@ def study_fingerprint(config, space: search.SearchSpace, key: str, split: str) -
         "decode": decode,
         "eval": scoring.eval_settings(config),
         "qc": qc,
+        "inputs": inputs,
       }
     )
   )
@@ -193,6 +205,7 @@ def _duration(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+@outputs.writes_outputs
 def tune(
   config,
   workdir: str,
@@ -231,23 +244,25 @@ def tune(
     ConfigError: bad settings, or the test split without ``force_test``.
     OutputError: a study of other settings (without ``overwrite``), or another tuner holds it.
     InputError: ground truth the objective needs is missing, or no trial scored a finite value.
-    trials.TrialError: a trial raised (the trial is recorded as FAIL with the traceback).
+    trials.TrialError: a trial hit a user's mistake (the trial is recorded as FAIL with the
+      traceback).
+    trials.TrialCrash: a trial raised anything else, a bug (recorded the same way).
   """
   start = time.perf_counter()
   decoder = scoring.check_decoder(decoder or str(config.decode.method))
   split = str(config.tune.split)
   _check_split(split, bool(config.tune.force_test) if force_test is None else bool(force_test))
-  try:
-    space = search.search_space(config, decoder)
-  except ValueError as e:  # search_space only checks config.tune.<decoder>; it names the key
-    raise ConfigError(str(e)) from e
+  space = search.search_space(config, decoder)  # ConfigError naming the tune.* key
   target = space.n_trials if n_trials is None else int(n_trials)
   if space.sampler == "grid":
     target = min(target, space.grid_size)
   if target < 1:
     raise ConfigError(f"n_trials must be >= 1, not {target}")
   workdir = os.path.abspath(workdir)
-  # The work dir gets tune/, predictions/ and cache/: it must be new, empty or jaxseg's.
+  # The work dir gets tune/, predictions/ and cache/: it must be new, empty or jaxseg's, and
+  # apart from the data.
+  root = config.data.get("root")
+  outputs.check_outside_inputs(workdir, [root] if root else [], what="work dir")
   outputs.prepare_folder(workdir, what="work dir")
   timeout = float(config.tune.trial_timeout_s)
   folder = tune_folder(workdir, decoder)
@@ -447,7 +462,7 @@ def _run_trials(
         result = _earlier_result(same) if same else worker.run(_decode_params(params))
       except trials_lib.TrialTimeout:
         result = None
-      except trials_lib.TrialError as e:
+      except (trials_lib.TrialError, trials_lib.TrialCrash) as e:
         _mark_failed(study, trial, error=f"{e}\n{e.details}"[-4000:])
         raise
       except BaseException:  # Ctrl-C: the point is rerun next time
@@ -607,6 +622,31 @@ def write_outputs(
   }
 
 
+def _check_still_tuned(config, checkpoint: str, decoder: str, folder: str) -> None:
+  """Refuses tuned parameters whose study no longer matches the config and its inputs.
+
+  Another checkpoint (retrained), other tuning, decode, scoring or QC settings, or ground truth
+  changed in place: the parameters were fit to something else, so they are not applied.
+  """
+  split = str(config.tune.split)
+  space = search.search_space(config, decoder)
+  key, _ = cache.cache_key(config, checkpoint, split)
+  fingerprint = study_fingerprint(config, space, key, split)
+  saved = study_output(folder, decoder, fingerprint).saved()
+  if saved is not None and saved.get("complete"):
+    diff = outputs.differences(saved["fingerprint"], json.loads(json.dumps(fingerprint)))
+    if not diff:
+      return
+    why = "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+  else:
+    why = "its study is unfinished"
+  raise OutputError(
+    f"{os.path.join(folder, BEST_PARAMS)}: these parameters were tuned for something else "
+    f"({why}); tune again (jaxseg.run --mode=tune, or jaxseg.tune) before applying them"
+  )
+
+
+@outputs.writes_outputs
 def tune_test(
   config,
   workdir: str,
@@ -618,7 +658,8 @@ def tune_test(
   """Decodes and scores the test volumes with the tuned parameters.
 
   Outputs go to ``workdir/tune/<decoder>/test/<name>`` (a decode made with older best
-  parameters is replaced).
+  parameters is replaced). Parameters tuned for another checkpoint, other settings or changed
+  ground truth are refused: tune again first.
 
   Returns:
     One :func:`scoring.decode_and_evaluate` result per test volume, plus ``params``.
@@ -636,15 +677,8 @@ def tune_test(
       f"{os.path.join(folder, BEST_PARAMS)}: not tuned yet; run python -m jaxseg.tune "
       f"--mode=tune --decoder={decoder} (or jaxseg.run --mode=tune) first"
     )
+  _check_still_tuned(config, checkpoint, decoder, folder)
   tuned = scoring.decoder_config(config, decoder, best["params"])
-  _, ingredients = cache.cache_key(tuned, checkpoint, "test")
-  saved = best.get("checkpoint")
-  if saved and outputs.differences(saved, _checkpoint_fingerprint(ingredients)):
-    logging.warning(
-      "%s: tuned with another checkpoint (%s); its parameters may not suit this one",
-      os.path.join(folder, BEST_PARAMS),
-      "; ".join(outputs.differences(saved, _checkpoint_fingerprint(ingredients))),
-    )
   cached = cache.cached_predictions(
     tuned, checkpoint, "test", predictions_root(workdir), show_progress=show_progress
   )

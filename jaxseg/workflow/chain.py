@@ -168,6 +168,7 @@ class Chain:
       out.append(self.run_stage(stage))
     return out
 
+  @outputs.writes_outputs
   def run_stage(self, stage: str) -> StageResult:
     """Runs one stage, prints its line and records it in ``results/stages.json``."""
     method = {
@@ -178,7 +179,10 @@ class Chain:
       "tune-test": self.stage_tune_test,
       "report": self.stage_report,
     }[stage]
-    # Before the stage writes: the work dir is new, empty or one jaxseg made.
+    # Before the stage writes: the work dir is new, empty or one jaxseg made, and apart from
+    # the data.
+    root = self.config.data.get("root")
+    outputs.check_outside_inputs(self.workdir, [root] if root else [], what="work dir")
     outputs.prepare_folder(self.workdir, what="work dir")
     start = time.perf_counter()
     status, detail = method()
@@ -201,8 +205,11 @@ class Chain:
       "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
       "jax_imported": "jax" in sys.modules,
     }
-    self.results_output("stages", (STAGES_NAME,)).open(overwrite=True)
+    entry = self.results_output("stages", (STAGES_NAME,))
+    if entry.open(overwrite=True) is outputs.Decision.REUSE:
+      entry.invalidate()
     files.write_json(path, stages)
+    entry.finish()
 
   def recorded_stages(self) -> list[dict]:
     """The ``stages.json`` entries in chain order."""
@@ -386,7 +393,8 @@ def _params(params: dict | None) -> str:
 
 
 def _decode_dirs(root: str, volumes=None) -> dict[str, str]:
-  """``{volume: folder}`` of the finished decodes (a ``metrics.json``) under ``root``.
+  """``{volume: folder}`` of the finished, scored decodes under ``root``: both the decode and
+  its scores are complete in the folder's manifest (a killed or redone run's leftovers are not).
 
   ``volumes``: keep only these volume names (default: all).
   """
@@ -396,8 +404,9 @@ def _decode_dirs(root: str, volumes=None) -> dict[str, str]:
   for name in sorted(os.listdir(root)):
     if volumes is not None and name not in volumes:
       continue
-    if os.path.exists(os.path.join(root, name, "metrics.json")):
-      out[name] = os.path.join(root, name)
+    folder = os.path.join(root, name)
+    if outputs.is_complete(folder, "decode") and outputs.is_complete(folder, "scores"):
+      out[name] = folder
   return out
 
 

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import http.server
 import os
+import sys
 import threading
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -175,6 +176,7 @@ def neuroglancer_state(
   return state, skipped
 
 
+@outputs.writes_outputs
 def affinity_display(affinity_source, output: str) -> str:
   """Writes ``[3, z, y, x]`` uint8 (affinity x 255) of the decoded edges into ``output``.
 
@@ -232,10 +234,14 @@ def write_layout(path: str, state: dict) -> str:
 
 def _viewer_origin(origin: str) -> bool:
   """Origins that may read the served files: local viewers and the public Neuroglancer app."""
-  parsed = urllib.parse.urlparse(origin)
+  try:
+    parsed = urllib.parse.urlparse(origin)
+    hostname = parsed.hostname
+  except ValueError:  # "http://[::1" (an unclosed IPv6 bracket): not a viewer's
+    return False
   if parsed.scheme not in ("http", "https"):
     return False
-  return parsed.hostname in ("127.0.0.1", "localhost") or origin in PUBLIC_VIEWERS
+  return hostname in ("127.0.0.1", "localhost") or origin in PUBLIC_VIEWERS
 
 
 class _BadPath(Exception):
@@ -304,6 +310,17 @@ class _RootsHandler(http.server.SimpleHTTPRequestHandler):
     pass
 
 
+class _FileServer(http.server.ThreadingHTTPServer):
+  """The threaded server, quiet about viewers that hang up mid-file."""
+
+  def handle_error(self, request, client_address) -> None:
+    # Neuroglancer drops chunk requests it no longer needs (the user moved on): not an error,
+    # and a traceback per dropped chunk would flood the terminal. Anything else is still shown.
+    if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+      return
+    super().handle_error(request, client_address)
+
+
 def start_file_server(roots: Mapping[str, str], port: int = DEFAULT_PORT, host: str = HOST):
   """Serves ``roots`` over HTTP on a daemon thread; returns ``(server, base_url)``.
 
@@ -311,7 +328,7 @@ def start_file_server(roots: Mapping[str, str], port: int = DEFAULT_PORT, host: 
   """
   handler = type("Handler", (_RootsHandler,), {"roots": dict(roots)})
   try:
-    server = http.server.ThreadingHTTPServer((host, int(port)), handler)
+    server = _FileServer((host, int(port)), handler)
   except OSError as e:  # the port is taken (or not ours to bind)
     raise ConfigError(
       f"--view_port={port}: cannot serve on {host}:{port} ({e.strerror or e}); try another "
