@@ -185,6 +185,25 @@ def test_different_model_in_workdir_is_refused(straight_run, data_root):
   manager.close()
 
 
+def test_overwrite_starts_afresh_and_keeps_what_jaxseg_did_not_write(data_root, tmp_path):
+  """Case 5 of the safe outputs: --overwrite in a work dir of other training settings removes only
+  that run's own files (config, checkpoints, logs) and trains from step 0."""
+  workdir = str(tmp_path / "run")
+  config = _config(data_root, **{"train.num_steps": 2, "train.checkpoint_every": 2})
+  train_lib.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "notes.txt"), "w") as f:
+    f.write("lr sweep, run 3\n")
+  other = _config(data_root, **{"train.num_steps": 2, "optim.lr": 0.01})
+  with pytest.raises(OutputError, match=r"optim\.lr"):
+    train_lib.train_and_evaluate(other, workdir)
+  result = train_lib.train_and_evaluate(other, workdir, overwrite=True)
+  assert result["resumed_from"] is None and result["step"] == 2
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["optim"]["lr"] == 0.01
+  with open(os.path.join(workdir, "notes.txt")) as f:
+    assert f.read() == "lr sweep, run 3\n"
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monkeypatch):
   original = pipeline.TrainData.batch
 
