@@ -340,7 +340,7 @@ def breakdown(config, apply, variables, image: str, work: str, timer: ModelTimer
   """
   import jax
 
-  from jaxseg.data.pipeline import normalize_image
+  from jaxseg.data.normalize import normalize_image
   from jaxseg.inference import engine as engine_lib
   from jaxseg.inference import predict_lib, tta
   from jaxseg.inference.geometry import read_padded

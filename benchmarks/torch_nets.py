@@ -1,6 +1,6 @@
 """PyTorch versions of jaxseg's RSUNet and MedNeXt, written for the training-step benchmark only.
 
-They follow the same architecture descriptions as ``jaxseg.models`` (``pytc_spec.md`` section 2):
+They follow the same architecture descriptions as ``jaxseg.models`` (``docs/models.md``):
 same layers, same widths, same parameter counts (``train_step.py`` checks the counts agree before
 timing), so a step of one is the same arithmetic as a step of the other. Channels-first
 ``[b, c, z, y, x]`` as PyTorch expects; the benchmark uses ``channels_last_3d`` memory format on

@@ -69,7 +69,7 @@ def _labels(shape, rng) -> np.ndarray:
 def time_jaxseg(net: str) -> dict:
   import jax
 
-  from jaxseg.data import pipeline
+  from jaxseg.data import targets
   from jaxseg.models import count_params
   from jaxseg.training import optim, sharding, train_lib
 
@@ -79,7 +79,7 @@ def time_jaxseg(net: str) -> dict:
   shard = sharding.create_sharding(1)
   tx = optim.create_optimizer(config.optim, int(config.train.num_steps))
   graphdef, state = train_lib.create_train_state(config, tx, shard)
-  read_shape = pipeline.read_shape_for(config)
+  read_shape = targets.read_shape_for(config)
   step_fn = train_lib.make_train_step(config, graphdef, tx, shard, read_shape)
   batch = int(config.train.batch_size)
   rng = np.random.default_rng(0)

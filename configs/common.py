@@ -4,7 +4,7 @@ import ml_collections
 
 
 def qc_defaults(enabled: bool) -> ml_collections.ConfigDict:
-  """Affinity QC parameters (``pytc_spec.md`` section 7), identical in every PyTC recipe."""
+  """Affinity QC parameters (``docs/quality.md``, "Parameters"), identical in every PyTC recipe."""
   qc = ml_collections.ConfigDict()
   qc.enabled = enabled
   qc.z_stride = 10  # sample every 10th z slice
@@ -18,7 +18,7 @@ def qc_defaults(enabled: bool) -> ml_collections.ConfigDict:
 
 
 def decode_defaults() -> ml_collections.ConfigDict:
-  """Every decoder key (``pytc_spec.md`` section 5), for both methods, with PyTC's numbers.
+  """Every decoder key (``docs/decoding.md``), for both methods, with PyTC's numbers.
 
   A recipe picks ``method`` and sets its own storage convention and block shape. Both methods'
   keys are always present so ``--config.decode.method=waterz`` works on any recipe; a key that is
@@ -64,7 +64,7 @@ def decode_defaults() -> ml_collections.ConfigDict:
 
 
 def tune_defaults() -> ml_collections.ConfigDict:
-  """Decoder tuning (``pytc_spec.md`` section 8): one sub-section per decoder, both always present.
+  """Decoder tuning (``docs/tuning.md``): one sub-section per decoder, both always present.
 
   ``jaxseg.tune`` tunes ``decode.method`` (or each of ``run.decoders`` in ``jaxseg.run``) on the
   ``split`` volumes, reusing cached affinities; trials only decode and score. The objective's

@@ -3,7 +3,7 @@
 MedNeXt-L (k=3), 6 affinity channels (``banis6``, source-voxel storage), per-channel BCE, EMA,
 label erosion 2, AdamW + cosine to 0 over 200k steps, 128^3 sliding windows with distance
 blending of tempered probabilities, thresholded connected components, NERL. Numbers follow
-``pytc_spec.md`` sections 1-5 and 8 and ``banis_nisb.md`` section 1.
+``docs/`` (``recipes.md``, NISB / LICONN; ``inference.md``; ``decoding.md``; ``tuning.md``).
 
 Data layout (``data.root``): ``{train,val,test}/seed{N}/data.zarr`` with ``img`` (x, y, z, 1) uint8
 and ``seg`` (x, y, z), plus ``skeleton.pkl``; jaxseg reads them as (z, y, x) through a lazy

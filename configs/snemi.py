@@ -2,7 +2,7 @@
 
 RSUNet, 12 affinity channels (``aff12``, target / DeepEM storage), AdamW + warmup-cosine, sliding
 windows with bump blending, waterz ``aff85_his256`` with dust and branch merges, adapted Rand.
-Numbers follow ``pytc_spec.md`` sections 1-5 and 8. Where PyTC has a known bug, the field that
+Numbers follow ``docs/recipes.md`` (SNEMI3D). Where PyTC has a known bug, the field that
 fixes it says so and ``:pytc`` (``--config=configs/snemi.py:pytc``) restores PyTC's behaviour.
 
 Data layout (``data.root``): ``train-input.tif``, ``train-labels.tif``, ``test-input.tif`` and
@@ -186,7 +186,7 @@ def get_config(arg=None):
 
 
 def _aug_em_neuron():
-  """PyTC ``aug_em_neuron``, applied in this order (``pytc_spec.md`` section 3)."""
+  """PyTC ``aug_em_neuron``, applied in this order (``docs/recipes.md``, SNEMI3D)."""
   aug = ml_collections.ConfigDict()
   aug.name = "aug_em_neuron"
   aug.flip_p = 0.5  # per axis z, y, x

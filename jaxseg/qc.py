@@ -1,8 +1,8 @@
 r"""Affinity QC: ``python -m jaxseg.qc --affinities=SPEC --output=DIR [--image=SPEC]``.
 
 A thin entry point over :func:`jaxseg.quality.run_qc`. Streams the affinities once (bounded
-memory), finds the sections ``[low_z, high_z)`` worth decoding (PyTC's rule, ``pytc_spec.md``
-section 7), counts NaN / Inf, checks the XY border against the image's background, and writes
+memory), finds the sections ``[low_z, high_z)`` worth decoding (PyTC's rule, ``docs/quality.md``,
+"Section rules"), counts NaN / Inf, checks the XY border against the image's background, and writes
 ``DIR/report.md`` (YAML front matter), ``DIR/means.png`` and the affinity mask ``DIR/mask.zarr``
 (uint8 ``[z, y, x]``, 1 = keep) for ``--config.decode.affinity_mask_path``. Examples::
 
@@ -116,7 +116,7 @@ def main(argv: list[str]) -> None:
   cli.check_output_folder(_OUTPUT.value)
   from jaxseg.io import open_volume
   from jaxseg.quality import run_qc
-  from jaxseg.quality.affinity_qc import open_affinity_volume
+  from jaxseg.quality.scan import open_affinity_volume
 
   # The user's mistakes (input, settings, a full disk) raise JaxsegError: one line via cli.
   spec = _AFFINITIES.value

@@ -1,4 +1,5 @@
-"""Tests for jaxseg.data.augment against numpy / scipy references and hand-built cases.
+"""Tests for jaxseg.data.augment (with augment_ops and augment_sections) against numpy / scipy
+references and hand-built cases.
 
 Tiny crops; each random transform is jitted once (vmapped over many keys) and the same outputs
 serve the probability, label, range and determinism checks.
@@ -18,6 +19,7 @@ import scipy.special
 
 from jaxseg.common import config_util
 from jaxseg.data import augment as A
+from jaxseg.data import augment_ops, augment_sections
 from jaxseg.data.affinity import AFF12, BANIS6, compute_affinities, shift_volume
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -105,17 +107,17 @@ def test_composed_axis_maps_equal_sequential_gathers():
   image = jnp.asarray(rng.random((*shape, 1), dtype=np.float32))
   labels = jnp.asarray(blob_labels(rng, shape))
   for seed in range(6):
-    u = A._Uniforms(jax.random.uniform(jax.random.key(seed), (7,)))
+    u = augment_ops._Uniforms(jax.random.uniform(jax.random.key(seed), (7,)))
     maps = [
-      A._permute_map(u, shape, 1.0),
-      A._rot90_map(u, shape, (0, 2), 1.0, range(4)),
-      A._flip_map(u, 0.5),
+      augment_ops._permute_map(u, shape, 1.0),
+      augment_ops._rot90_map(u, shape, (0, 2), 1.0, range(4)),
+      augment_ops._flip_map(u, 0.5),
     ]
     sequential = (image, labels)
-    composed = A._identity_map()
+    composed = augment_ops._identity_map()
     for m in maps:
       sequential = A.apply_axis_map(*sequential, m)
-      composed = A._compose(composed, m)
+      composed = augment_ops._compose(composed, m)
     once = A.apply_axis_map(image, labels, composed)
     np.testing.assert_array_equal(once[0], sequential[0])
     np.testing.assert_array_equal(once[1], sequential[1])
@@ -513,7 +515,7 @@ def test_blur_matrix_matches_mirror_gaussian():
     taps = np.arange(-5, 6)
     kernel = np.exp(-0.5 * (taps / sigma) ** 2)
     want = scipy.ndimage.correlate1d(row, kernel / kernel.sum(), mode="mirror")
-    got = np.asarray(A._blur_matrix(17, sigma, 5)) @ row
+    got = np.asarray(augment_sections._blur_matrix(17, sigma, 5)) @ row
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 

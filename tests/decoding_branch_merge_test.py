@@ -1,9 +1,10 @@
-"""Tests for jaxseg.decoding.branch_merge: each stage by hand, a plain-Python reference, blocks."""
+"""Tests for jaxseg.decoding.branch_merge and branch_overlaps: stages by hand, reference, blocks."""
 
 import numpy as np
 import pytest
 
 from jaxseg.decoding import branch_merge as bm
+from jaxseg.decoding import branch_overlaps as bo
 
 NO_STAGES = dict(iou_threshold=2.0, size_ratio=0.0, best_buddy=False, one_sided_threshold=0.0)
 
@@ -147,7 +148,7 @@ def test_stage1_size_ratio_merges_low_iou_pairs_unless_both_were_iou_merged():
   lower = _slice(s1=(0, 5, 0, 10), s3=(5, 10, 0, 10))
   upper = _slice(s4=(0, 4, 0, 10), s2=(4, 10, 0, 10))
   seg = _stack(lower, upper)
-  table = bm.slice_overlaps(seg)
+  table = bo.slice_overlaps(seg)
   assert table.a.tolist() == [1, 1, 3] and table.b.tolist() == [2, 4, 2]
   assert table.ov.tolist() == [10, 40, 50]
   out = bm.branch_merge(seg, **{**NO_STAGES, "iou_threshold": 0.5, "size_ratio": 0.5})
@@ -159,7 +160,7 @@ def test_stage2_best_buddies_at_strict_boundaries():
   # 1 (20 px) ends at z = 0; 2 (48 px) starts at z = 1; overlap 12: IoU 0.21, ratio 0.42, one-
   # sided 0.6. Only best-buddy merges them.
   seg = _stack(_slice(s1=(0, 4, 0, 5)), _slice(s2=(1, 7, 2, 10)))
-  assert bm.slice_overlaps(seg).ov.tolist() == [9]
+  assert bo.slice_overlaps(seg).ov.tolist() == [9]
   stages = dict(iou_threshold=0.5, size_ratio=0.5, one_sided_threshold=0.8, one_sided_min_size=1)
   assert _n_segments(bm.branch_merge(seg, best_buddy=False, **stages)) == 2
   assert _n_segments(bm.branch_merge(seg, best_buddy=True, **stages)) == 1
@@ -182,7 +183,7 @@ def test_stage2_ties_go_to_the_first_row():
   # 1 ends at z = 0 and overlaps 2 and 3 (both starting at z = 1) by 6 px each: its best
   # partner is the first row, (1, 2); 3's best is 1 too, but not mutually.
   seg = _stack(_slice(s1=(0, 6, 0, 2)), _slice(s3=(3, 10, 0, 2), s2=(0, 3, 0, 2)))
-  assert bm.slice_overlaps(seg).ov.tolist() == [6, 6]
+  assert bo.slice_overlaps(seg).ov.tolist() == [6, 6]
   out = bm.branch_merge(seg, **{**NO_STAGES, "best_buddy": True})
   assert out[0, 0, 0] == out[1, 0, 0] != out[1, 9, 0]
 
@@ -260,42 +261,42 @@ def test_blocks_combine_to_the_whole_volume_table():
   rng = np.random.default_rng(7)
   seg = _random_volume(rng, (7, 9, 9)).astype(np.uint64) * 1000  # large, sparse ids
   z_aff = rng.random(seg.shape).astype(np.float32)
-  whole = bm.slice_overlaps(seg, z_aff)
+  whole = bo.slice_overlaps(seg, z_aff)
   # Blocks along z (each with the next block's first plane as context) and along x.
   tables, ranges = [], []
   for z0, z1 in ((0, 3), (3, 5), (5, 7)):
     for x0, x1 in ((0, 4), (4, 9)):
       context = z1 < seg.shape[0]
       block = seg[z0 : z1 + context, :, x0:x1]
-      tables.append(bm.slice_overlaps(block, z_aff[z0 : z1 + context, :, x0:x1], z0, context))
-      ranges.append(bm.id_ranges(seg[z0:z1, :, x0:x1], z0))
-  combined = bm.concat_overlaps(tables)
+      tables.append(bo.slice_overlaps(block, z_aff[z0 : z1 + context, :, x0:x1], z0, context))
+      ranges.append(bo.id_ranges(seg[z0:z1, :, x0:x1], z0))
+  combined = bo.concat_overlaps(tables)
   for field in ("z", "a", "b", "ov", "area_z", "area_id", "area"):
     np.testing.assert_array_equal(getattr(combined, field), getattr(whole, field))
   np.testing.assert_allclose(combined.aff_sum, whole.aff_sum, rtol=1e-12)
-  for got, want in zip(bm.merge_ranges(ranges), bm.id_ranges(seg), strict=True):
+  for got, want in zip(bo.merge_ranges(ranges), bo.id_ranges(seg), strict=True):
     np.testing.assert_array_equal(got, want)
   settings = dict(one_sided_min_size=3, affinity_threshold=0.3)
-  pairs = bm.branch_merge_pairs(combined, *bm.merge_ranges(ranges), **settings)
-  want = bm.branch_merge_pairs(whole, *bm.id_ranges(seg), **settings)
+  pairs = bm.branch_merge_pairs(combined, *bo.merge_ranges(ranges), **settings)
+  want = bm.branch_merge_pairs(whole, *bo.id_ranges(seg), **settings)
   for got_ids, want_ids in zip(pairs, want, strict=True):
     np.testing.assert_array_equal(got_ids, want_ids)
   with pytest.raises(ValueError, match="area"):
-    bm.branch_merge_pairs(tables[0], *bm.id_ranges(seg))
+    bm.branch_merge_pairs(tables[0], *bo.id_ranges(seg))
   with pytest.raises(ValueError, match="mix"):
-    bm.concat_overlaps([whole, bm.slice_overlaps(seg)])
+    bo.concat_overlaps([whole, bo.slice_overlaps(seg)])
 
 
 def test_table_contents():
   seg = _stack(_slice((2, 3), s1=(0, 2, 0, 2)), _slice((2, 3), s2=(0, 2, 1, 3)))
   z_aff = np.arange(12, dtype=np.float32).reshape(2, 2, 3) / 10
-  table = bm.slice_overlaps(seg, z_aff, z0=5)
+  table = bo.slice_overlaps(seg, z_aff, z0=5)
   assert table.z.tolist() == [5] and table.a.tolist() == [1] and table.b.tolist() == [2]
   assert table.ov.tolist() == [2]
   np.testing.assert_allclose(table.aff_sum, [z_aff[1, 0, 1] + z_aff[1, 1, 1]])
   assert [s.tolist() for s in table.pair_areas()] == [[4], [4]]
-  ids, first_z, last_z = bm.id_ranges(seg, z0=5)
+  ids, first_z, last_z = bo.id_ranges(seg, z0=5)
   assert ids.tolist() == [1, 2] and first_z.tolist() == [5, 6] and last_z.tolist() == [5, 6]
-  empty = bm.slice_overlaps(np.zeros((1, 3, 3), np.uint8))
+  empty = bo.slice_overlaps(np.zeros((1, 3, 3), np.uint8))
   assert empty.num_rows == 0
   assert bm.branch_merge(np.zeros((2, 3, 3), np.uint8)).max() == 0

@@ -1,7 +1,7 @@
 """Tests for the thresholded connected-components decoder (jaxseg.decoding.cc).
 
 References: NumPy's own ``aff > threshold`` for the edge bits, and a plain-Python breadth-first
-flood fill written from the rule text (banis_nisb.md section 1, pytc_spec.md section 5) for the
+flood fill written from the rule text (docs/decoding.md "Connected components") for the
 labels; real GT affinities of the gala FIB-SEM crop for the round trip.
 """
 

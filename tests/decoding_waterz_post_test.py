@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxseg.data.affinity import compute_affinities
-from jaxseg.decoding import branch_merge, dust, labels, waterz_post
+from jaxseg.decoding import branch_merge, branch_overlaps, dust, labels, waterz_post
 from jaxseg.decoding.settings import BranchMergeSettings, DustSettings
 
 UNIT_ZYX = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
@@ -181,16 +181,16 @@ def test_threaded_chunks_give_the_same_result(monkeypatch):
   gate = dataclasses.replace(SNEMI_BRANCH, one_sided_min_size=4, affinity_threshold=0.45)
   kwargs = dict(threshold=0.0, z_affinity=z_affinity, dust=DustSettings(40, 0.3, 10))
   serial = waterz_post.postprocess(seg, *rg, **kwargs, branch_merge=gate, min_size=20)
-  serial_table = branch_merge.slice_overlaps(seg, z_affinity)
+  serial_table = branch_overlaps.slice_overlaps(seg, z_affinity)
   # Chunks of 1 voxel and 3 threads: the slabs / chunks code paths run even on one core.
-  monkeypatch.setattr(branch_merge, "MIN_VOXELS_PER_THREAD", 1)
+  monkeypatch.setattr(branch_overlaps, "MIN_VOXELS_PER_THREAD", 1)
   monkeypatch.setattr(numba, "get_num_threads", lambda: 3)
   threaded = waterz_post.postprocess(seg, *rg, **kwargs, branch_merge=gate, min_size=20)
   np.testing.assert_array_equal(threaded, serial)
-  threaded_table = branch_merge.slice_overlaps(seg, z_affinity)
+  threaded_table = branch_overlaps.slice_overlaps(seg, z_affinity)
   for field in ("z", "a", "b", "ov", "aff_sum", "area_z", "area_id", "area"):
     np.testing.assert_array_equal(getattr(threaded_table, field), getattr(serial_table, field))
-  for got, want in zip(branch_merge.id_ranges(seg, 2), _plain_ranges(seg, 2), strict=True):
+  for got, want in zip(branch_overlaps.id_ranges(seg, 2), _plain_ranges(seg, 2), strict=True):
     np.testing.assert_array_equal(got, want)
 
 
@@ -208,15 +208,15 @@ def test_overlaps_through_a_lut_equal_those_of_the_mapped_volume():
     lut = rng.integers(0, 5, int(seg.max()) + 1).astype(np.uint64)  # lut[0] may be non-zero
     z_affinity = rng.random(seg.shape).astype(np.float32)
     context = bool(rng.random() < 0.3) and seg.shape[0] > 1
-    got = branch_merge.slice_overlaps(seg, z_affinity, 4, context, lut=lut)
-    want = branch_merge.slice_overlaps(lut[seg], z_affinity, 4, context)  # uint64
+    got = branch_overlaps.slice_overlaps(seg, z_affinity, 4, context, lut=lut)
+    want = branch_overlaps.slice_overlaps(lut[seg], z_affinity, 4, context)  # uint64
     for field in ("z", "a", "b", "ov", "aff_sum", "area_z", "area_id", "area"):
       np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
     if not context:
-      for x, y in zip(branch_merge.area_ranges(got), _plain_ranges(lut[seg], 4), strict=True):
+      for x, y in zip(branch_overlaps.area_ranges(got), _plain_ranges(lut[seg], 4), strict=True):
         np.testing.assert_array_equal(x, y)
   with pytest.raises(ValueError, match="lut"):
-    branch_merge.slice_overlaps(np.full((2, 2, 2), 7, np.uint64), lut=np.arange(5))
+    branch_overlaps.slice_overlaps(np.full((2, 2, 2), 7, np.uint64), lut=np.arange(5))
 
 
 def test_aff_sum_adds_pixels_one_by_one_in_c_order():
@@ -224,7 +224,7 @@ def test_aff_sum_adds_pixels_one_by_one_in_c_order():
   rng = np.random.default_rng(0)
   seg = np.stack([np.ones((16, 16), np.uint64), rng.integers(2, 4, (16, 16)).astype(np.uint64)])
   z_affinity = (rng.random(seg.shape) * 10.0 ** rng.integers(-30, 1, seg.shape)).astype(np.float32)
-  table = branch_merge.slice_overlaps(seg, z_affinity)
+  table = branch_overlaps.slice_overlaps(seg, z_affinity)
   for row in range(table.num_rows):
     total = 0.0  # Python floats: float64, one addition at a time
     for y, x in zip(*np.nonzero(seg[1] == table.b[row]), strict=True):  # C order

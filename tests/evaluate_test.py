@@ -1,4 +1,5 @@
-"""Tests for jaxseg.evaluate: the library call and the command line, end to end on HDF5 inputs."""
+"""Tests for jaxseg.evaluate: the library call (jaxseg.metrics.evaluation) and the command line, end
+to end on HDF5 inputs."""
 
 import json
 import subprocess
@@ -9,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA, require_shared
 
-from jaxseg import evaluate as evaluate_module
 from jaxseg.common import files
-from jaxseg.evaluate import evaluate
 from jaxseg.metrics import adapted_rand, voi
+from jaxseg.metrics import evaluation as evaluate_module
+from jaxseg.metrics.evaluation import evaluate
 
 DATA = SHARED_DATA
 EM_ERL = DATA / "em_erl_testcase"

@@ -10,7 +10,7 @@ from jaxseg.training import losses
 
 
 def _np_per_channel_bce(x, y, m, max_pw=10.0, clamp=20.0):
-  """pytc_spec.md section 1, literally, in float64 with explicit loops over channels."""
+  """docs/targets_and_losses.md "Losses", literally, in float64 with loops over channels."""
   x = np.clip(x.astype(np.float64), -clamp, clamp)
   y = y.astype(np.float64)
   per = []

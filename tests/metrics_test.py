@@ -45,7 +45,7 @@ def _perturbed(gt, ws):
 
 
 def _snemi_reference(gt, seg):
-  """The SNEMI3D adapted Rand formula (banis_nisb.md section 3), evaluated with scipy.sparse.
+  """The SNEMI3D adapted Rand formula (docs/metrics.md), evaluated with scipy.sparse.
 
   n counts every voxel; rows are GT > 0, column 0 (predicted background) is split off as c.
   """

@@ -1,7 +1,7 @@
 """Models: shapes, parameter counts, fixed upsampling, conv geometry, init, dtypes, remat, errors.
 
 Parameter counts are checked against closed forms re-derived here layer by layer from the
-architecture descriptions (pytc_spec.md section 2, MedNeXt v1) and against the published totals.
+architecture descriptions (docs/models.md, MedNeXt v1) and against the published totals.
 The upsampling and (transposed) convolutions are checked against direct numpy scatter / gather
 implementations of PyTorch's definitions.
 """

@@ -19,7 +19,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _pytc_warmup_cosine(step, lr, min_lr, f, warmup_steps, num_steps, spe, per_epoch):
-  """PyTC WarmupCosineLR, written out directly from pytc_spec.md section 3 (float64)."""
+  """PyTC WarmupCosineLR, written out directly from docs/recipes.md (float64)."""
   e = step // spe if per_epoch else step / spe
   big_e, big_w = num_steps / spe, warmup_steps / spe
   w = f * (1 - e / big_w) + e / big_w if e < big_w else 1.0

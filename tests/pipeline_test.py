@@ -13,7 +13,7 @@ import pytest
 import tifffile
 
 from jaxseg.common.config_util import load_config
-from jaxseg.data import pipeline
+from jaxseg.data import crop_io, normalize, pipeline, targets
 from jaxseg.data.affinity import compute_affinities_with_context, get_preset
 from jaxseg.data.erosion import erode_labels
 from jaxseg.io import write_volume
@@ -231,7 +231,7 @@ def test_padded_indices_match_np_pad(mode, size):
   pad = 2 * size + 1  # longer than the axis: repeated reflections
   kwargs = {"constant_values": -1} if mode == "constant" else {}
   want = np.pad(np.arange(size), pad, mode=mode, **kwargs)
-  source, inside = pipeline.padded_indices(np.arange(-pad, size + pad), size, mode)
+  source, inside = crop_io.padded_indices(np.arange(-pad, size + pad), size, mode)
   got = np.where(inside, source, -1) if mode == "constant" else source
   np.testing.assert_array_equal(got, want)
 
@@ -239,33 +239,33 @@ def test_padded_indices_match_np_pad(mode, size):
 def test_normalisation_numbers(tmp_path):
   data_config = load_config(str(CONFIGS / "snemi.py")).data
   image = np.array([[[10, 60], [110, 210]]], np.uint8)
-  stats = pipeline.VolumeStats(10.0, 210.0)
+  stats = normalize.VolumeStats(10.0, 210.0)
   np.testing.assert_allclose(
-    pipeline.normalize_image(image, data_config, stats), [[[0, 0.25], [0.5, 1.0]]]
+    normalize.normalize_image(image, data_config, stats), [[[0, 0.25], [0.5, 1.0]]]
   )
-  narrow = pipeline.VolumeStats(0.0, 110.0)
+  narrow = normalize.VolumeStats(0.0, 110.0)
   np.testing.assert_allclose(
-    pipeline.normalize_image(image[:, :1], data_config, narrow), [[[10 / 110, 60 / 110]]]
+    normalize.normalize_image(image[:, :1], data_config, narrow), [[[10 / 110, 60 / 110]]]
   )
   with pytest.raises(ValueError, match="statistics"):
-    pipeline.normalize_image(image, data_config, None)
+    normalize.normalize_image(image, data_config, None)
   data_config.normalize_scope = "crop"
-  np.testing.assert_allclose(pipeline.normalize_image(image[:, :1], data_config), [[[0, 1]]])
-  np.testing.assert_array_equal(pipeline.normalize_image(np.full((1, 2, 2), 7), data_config), 0)
+  np.testing.assert_allclose(normalize.normalize_image(image[:, :1], data_config), [[[0, 1]]])
+  np.testing.assert_array_equal(normalize.normalize_image(np.full((1, 2, 2), 7), data_config), 0)
   data_config.normalize = "divide_255"
-  out = pipeline.normalize_image(image, data_config)
+  out = normalize.normalize_image(image, data_config)
   assert out.dtype == np.float32
   np.testing.assert_allclose(out, image / 255.0, rtol=1e-6)
   data_config.normalize = "zscore"
   with pytest.raises(ValueError, match=r"data\.normalize must be one of"):
-    pipeline.normalize_image(image, data_config)
+    normalize.normalize_image(image, data_config)
   data_config.normalize, data_config.normalize_scope = "minmax", "dataset"
   with pytest.raises(ValueError, match="normalize_scope must be one of"):
-    pipeline.normalize_image(image, data_config)
+    normalize.normalize_image(image, data_config)
   # Streaming statistics over many small chunks, a channel axis and a float volume.
   big = RNG.normal(size=(2, 9, 6, 5)).astype(np.float32)
   vol = write_volume(str(tmp_path / "f.zarr"), big, chunks=(2, 2, 3, 5))
-  assert pipeline.volume_stats(vol) == (float(big.min()), float(big.max()))
+  assert normalize.volume_stats(vol) == (float(big.min()), float(big.max()))
 
 
 def test_uint64_and_int64_labels(tmp_path):
@@ -290,7 +290,7 @@ def test_uint64_and_int64_labels(tmp_path):
   np.testing.assert_array_equal(got == -1, small[box] == 4)
   assert got.max() <= len(np.unique(small[box]))
   with pytest.raises(ValueError, match="negative label -2"):
-    pipeline.labels_to_int32(np.array([0, -2, 2**40]), "cube")
+    crop_io.labels_to_int32(np.array([0, -2, 2**40]), "cube")
 
 
 def test_bad_inputs(tmp_path, demo):
@@ -337,7 +337,7 @@ def test_bad_inputs(tmp_path, demo):
 def _numpy_targets(config, labels):
   target = config.target
   spec = get_preset(target.preset)
-  settings = pipeline.target_settings(config)
+  settings = targets.target_settings(config)
   eroded = erode_labels(labels, target.erosion, target.erosion_plane)
   aff, mask = compute_affinities_with_context(
     eroded, spec.offsets, target.convention, settings.context

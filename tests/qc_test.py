@@ -32,6 +32,7 @@ from jaxseg.quality import (
   scan_affinities,
   write_report,
 )
+from jaxseg.quality import scan as qc_scan
 
 SOURCE_XYZ = [[0, 0, 1], [0, 1, 0], [1, 0, 0]]  # channel 0: x edge, 1: y, 2: z
 PLANTED = QcSettings(z_stride=4, k_edge=2, refine_window=8, drift_thresh=0.05)
@@ -148,7 +149,7 @@ def test_scan_reads_bounded_boxes(planted, monkeypatch):
   monkeypatch.setattr(Volume, "__getitem__", recording)
   # Slabs of max(chunk z 8, z_stride 4) sections; a budget of half a slab splits them in y along
   # the 16-row chunks.
-  monkeypatch.setattr(affinity_qc, "BOX_VOXELS", 3 * 8 * 16 * 32)
+  monkeypatch.setattr(qc_scan, "BOX_VOXELS", 3 * 8 * 16 * 32)
   tiled = scan_affinities(path, PLANTED)
   assert reads == [(3, 8, 16, 32)] * 14 + [(3, 4, 16, 32)] * 2
   assert (tiled.low_z, tiled.high_z, tiled.nan_count) == (whole.low_z, whole.high_z, [1, 0, 2])

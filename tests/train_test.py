@@ -286,6 +286,26 @@ def test_checkpoint_retention_top_k_plus_latest(tmp_path, mode, keep_every, expe
   assert paths.checkpoint_dir(str(tmp_path.parent)) == str(tmp_path.parent / "checkpoints")
 
 
+def test_restore_model_needs_no_optimizer(tmp_path):
+  """Inference restores the weights and the non-parameter state without the optimizer's tree."""
+  manager = ckpt_lib.CheckpointManager(str(tmp_path), async_save=False)
+  rest = {"stats": {"mean": jnp.arange(3.0)}}
+  opt_state = ({"count": jnp.int32(2), "mu": _tiny_tree(0.5)}, None)  # unknown to the restore
+  train = {"step": jnp.int32(2), "opt_state": opt_state, "rest": rest}
+  manager.save(2, params=_tiny_tree(1.0), train=train, ema=_tiny_tree(2.0))
+  manager.close()
+  fresh = ckpt_lib.CheckpointManager(str(tmp_path))
+  abstract_rest = jax.eval_shape(lambda: rest)
+  out = fresh.restore_model(2, params=_tiny_tree(0.0), rest=abstract_rest)
+  assert out["weights"] == "ema"
+  np.testing.assert_array_equal(out["params"]["w"], np.full((2, 3), 2.0))
+  np.testing.assert_array_equal(out["rest"]["stats"]["mean"], np.arange(3.0))
+  raw = fresh.restore_model(2, params=_tiny_tree(0.0), rest={}, use_ema=False)
+  assert raw["weights"] == "params" and raw["rest"] == {}
+  np.testing.assert_array_equal(raw["params"]["w"], np.full((2, 3), 1.0))
+  fresh.close()
+
+
 def test_metric_writer_and_preview(tmp_path):
   writer = summary.MetricWriter(str(tmp_path))
   writer.write_scalars(2, {"loss": 1.5, "lr": np.float32(0.1)}, kind="train")

@@ -5,13 +5,13 @@ affinities made from their labels plus noise, written where ``jaxseg.predict`` w
 with a ``_predict.json`` that says ``complete``, so the cache finds them.
 """
 
+import functools
 import json
 import math
 import os
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -124,16 +124,11 @@ def write_predictions(config, checkpoint, split, cache_root, seed=0):
 
 
 class FakePredict:
-  """Stands in for ``jaxseg.inference.predict_lib`` (which imports JAX)."""
+  """Stands in for ``jaxseg.inference.predict_lib.predict`` (which imports JAX)."""
 
   def __init__(self):
     self.calls = []
     self.error = None
-
-  def module(self):
-    module = types.ModuleType("jaxseg.inference.predict_lib")
-    module.predict = self.predict
-    return module
 
   def predict(self, config, checkpoint, inputs, output_dir, *, step, use_ema, show_progress):
     if self.error:
@@ -146,8 +141,11 @@ class FakePredict:
 
 @pytest.fixture
 def fake_predict(monkeypatch):
+  """A :class:`FakePredict` that the cache is given as its ``predict``, also when ``tune_lib``
+  opens the cache."""
   fake = FakePredict()
-  monkeypatch.setitem(sys.modules, "jaxseg.inference.predict_lib", fake.module())
+  with_fake = functools.partial(cache.cached_predictions, predict=fake.predict)
+  monkeypatch.setattr(cache, "cached_predictions", with_fake)
   return fake
 
 

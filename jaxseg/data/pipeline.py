@@ -16,7 +16,7 @@ labels)`` that, per sample (vmapped), augments (training only), erodes the label
 affinity targets and masks and cuts the context off, returning float32 ``image`` ``[b, Z, Y, X,
 c]``, ``target`` and ``mask`` ``[b, Z, Y, X, n_aff]`` with ``(Z, Y, X)`` = ``data.patch_size``.
 
-Recipes (``pytc_spec.md`` sections 1 and 3):
+Recipes (``docs/recipes.md``, "Data"; ``docs/targets_and_losses.md``):
 
 * NISB (``banis6``): read 138^3 (patch 128^3 + 10 trailing context per axis), divide by 255, no
   padding; every edge of the final crop has its partner, so the mask is 1 except at -1 labels.
@@ -30,6 +30,11 @@ Recipes (``pytc_spec.md`` sections 1 and 3):
 Inference normalises with :func:`volume_stats` and :func:`normalize_image`, so training and test
 images go through the same mapping.
 
+This module owns the crop reader (:class:`TrainData`, :class:`BatchIterator`) and the device
+transform. Normalisation and volume statistics live in ``jaxseg.data.normalize``, the target
+settings and read shape in ``jaxseg.data.targets``, and padding by index mapping, bounding-box
+reads and int32 labels in ``jaxseg.data.crop_io``.
+
 Public API::
 
   data = TrainData(config, "train", jax.process_index(), jax.process_count())
@@ -42,8 +47,9 @@ Public API::
   for batch in val.eval_batches(b, n): ...         # the same crops at every call
   transform = make_device_transform(config, data.read_shape, train=True)   # jit it
   out = transform(key, batch["image"], batch["labels"])   # image / target / mask, channels last
-  stats = volume_stats(volume); x = normalize_image(raw, config.data, stats)   # inference
-  target_settings(config), read_shape_for(config), labels_to_int32(labels), padded_indices(...)
+  stats = normalize.volume_stats(volume); x = normalize.normalize_image(raw, config.data, stats)
+  targets.target_settings(config), targets.read_shape_for(config)
+  crop_io.labels_to_int32(labels), crop_io.padded_indices(...), crop_io.read_mapped(...)
 
 Config fields read: ``seed``; ``data.patch_size``, ``data.normalize`` (``"divide_255"`` |
 ``"minmax"``), ``data.normalize_scope`` (``"volume"`` | ``"crop"``; default ``"volume"``),
@@ -69,336 +75,25 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxseg.common.errors import ConfigError, InputError
-from jaxseg.data.affinity import (
-  Context,
-  affinity_context,
-  array_namespace,
-  check_convention,
-  compute_affinities,
-  crop_context,
-  get_preset,
+from jaxseg.data.affinity import compute_affinities, crop_context
+from jaxseg.data.crop_io import PAD_MODES, labels_to_int32, padded_indices, read_mapped
+from jaxseg.data.erosion import erode_labels
+from jaxseg.data.normalize import (
+  VolumeStats,
+  needs_volume_stats,
+  normalize_image,
+  normalize_settings,
+  volume_stats,
 )
-from jaxseg.data.erosion import PLANES, erode_labels
+from jaxseg.data.targets import patch_size_for, read_shape_for, target_settings
 from jaxseg.io.datasets import LabeledVolume, dataset_volumes
-from jaxseg.io.volume import Volume, WritableVolume
+from jaxseg.io.volume import WritableVolume
 
-NORMALIZE_MODES = ("divide_255", "minmax")
-NORMALIZE_SCOPES = ("volume", "crop")
-PAD_MODES = ("reflect", "symmetric", "edge", "constant")
 PAD_LABELS = ("unlabeled", "reflect")
 
 # Tags mixed into the seed so training and evaluation crops are independent random streams.
 _TRAIN_STREAM = 0
 _EVAL_STREAM = 1
-_INT32_MAX = np.iinfo(np.int32).max
-# int32 holds every value of these, so labels of these dtypes are cast without looking at them.
-_SMALL_LABEL_DTYPES = tuple(
-  np.dtype(t) for t in ("bool", "int8", "int16", "int32", "uint8", "uint16")
-)
-# Spatial voxels per slab when streaming a volume for its statistics without a chunk shape.
-_STATS_SLAB_VOXELS = 1 << 24
-
-
-# ---------------------------------------------------------------------------------------------
-# Target settings shared by the host (read shape) and the device (targets).
-
-
-@dataclasses.dataclass(frozen=True)
-class TargetSettings:
-  """What ``config.target`` asks for, resolved and checked.
-
-  Attributes:
-    offsets: ``(dz, dy, dx)`` per affinity channel (from ``target.preset``).
-    convention: ``'source'`` or ``'target'`` storage.
-    context: ``((lead_z, trail_z), (lead_y, trail_y), (lead_x, trail_x))`` read around the patch.
-    erosion: half-width of the erosion window (0: none).
-    erosion_plane: ``'yx'``, ``'zy'`` or ``'zx'``.
-  """
-
-  offsets: tuple[tuple[int, int, int], ...]
-  convention: str
-  context: Context
-  erosion: int
-  erosion_plane: str
-
-  @property
-  def num_channels(self) -> int:
-    return len(self.offsets)
-
-
-def target_settings(config) -> TargetSettings:
-  """Resolves ``config.target`` into :class:`TargetSettings`.
-
-  ``target.target_context`` is PyTC's number: either 3 values (extra voxels per axis z, y, x) or 6
-  (leading z, y, x then trailing z, y, x). All zeros means no context (edges whose partner lies
-  outside the crop are masked, the SNEMI recipe). Otherwise the context is
-  ``affinity_context(offsets, convention)`` and must agree with the configured numbers.
-
-  Raises:
-    ValueError: context disagreeing with the preset, ``relabel_connected_components=True``, or a
-      bad erosion setting.
-  """
-  target = config.target
-  try:
-    spec = get_preset(target.preset)
-    convention = check_convention(target.get("convention", spec.convention))
-  except ValueError as e:  # the message names the bad value and the valid ones
-    raise ConfigError(f"config.target: {e}") from None
-  if target.get("relabel_connected_components", False):
-    raise ConfigError(
-      "target.relabel_connected_components=True is not supported: jaxseg keeps the label ids of "
-      "the volume within each crop, as PyTC's recipes do (relabel_connected_components: false)"
-    )
-  configured = tuple(int(v) for v in target.get("target_context", (0, 0, 0)))
-  if len(configured) not in (3, 6) or min(configured, default=0) < 0:
-    raise ConfigError(
-      f"target.target_context must be 3 (per axis) or 6 (leading z, y, x, trailing z, y, x) "
-      f"non-negative ints, got {configured}"
-    )
-  if any(configured):
-    context = affinity_context(spec.offsets, convention)
-    if len(configured) == 3:
-      agrees = all(lead + trail == c for (lead, trail), c in zip(context, configured, strict=True))
-    else:
-      lead, trail = configured[:3], configured[3:]
-      agrees = context == tuple(zip(lead, trail, strict=True))
-    if not agrees:
-      raise ConfigError(
-        f"target.target_context {configured} disagrees with the context the {target.preset!r} "
-        f"offsets need under the {convention!r} convention: {context} ((leading, trailing) per "
-        "axis z, y, x); fix target_context or set it to zeros for no context"
-      )
-  else:
-    context = ((0, 0), (0, 0), (0, 0))
-  erosion = target.get("erosion", 0)
-  if int(erosion) != erosion or erosion < 0:
-    raise ConfigError(f"target.erosion must be a non-negative int, got {erosion!r}")
-  plane = target.get("erosion_plane", "yx")
-  if plane not in PLANES:
-    raise ConfigError(f"target.erosion_plane must be one of {sorted(PLANES)}, got {plane!r}")
-  return TargetSettings(spec.offsets, convention, context, int(erosion), plane)
-
-
-def read_shape_for(config) -> tuple[int, int, int]:
-  """``data.patch_size`` plus the target context: the crop the host reads, ``(Zr, Yr, Xr)``."""
-  patch = _patch_size(config)
-  context = target_settings(config).context
-  return tuple(p + lead + trail for p, (lead, trail) in zip(patch, context, strict=True))
-
-
-def _patch_size(config) -> tuple[int, int, int]:
-  patch = tuple(int(p) for p in config.data.patch_size)
-  if len(patch) != 3 or min(patch) < 1:
-    raise ConfigError(f"data.patch_size must be 3 positive ints (z, y, x), got {patch}")
-  return patch
-
-
-# ---------------------------------------------------------------------------------------------
-# Normalisation.
-
-
-class VolumeStats(NamedTuple):
-  """Intensity range of a whole image volume (all channels together)."""
-
-  min: float
-  max: float
-
-
-def volume_stats(volume: Volume | np.ndarray) -> VolumeStats:
-  """Min and max of a whole image volume, streamed slab by slab along z.
-
-  Statistics cover the whole file, whatever split a z range assigns, so the training, validation
-  and test crops of one file share one intensity mapping. Inference calls this on the volume it
-  predicts and passes the result to :func:`normalize_image`.
-
-  Args:
-    volume: a lazy :class:`Volume` (``[c,] z, y, x``) or an in-memory array.
-
-  Returns:
-    :class:`VolumeStats`.
-
-  Raises:
-    ValueError: for an empty volume.
-  """
-  shape = tuple(volume.shape)
-  where = getattr(volume, "path", "array")
-  if not shape or min(shape) == 0:
-    raise InputError(f"{where}: cannot compute statistics of an empty volume {shape}")
-  nz = shape[-3]
-  chunks = getattr(volume, "chunks", None)
-  if chunks:
-    depth = int(chunks[-3])
-  else:
-    depth = max(
-      1, _STATS_SLAB_VOXELS // int(np.prod(shape[-2:]) * (shape[0] if len(shape) == 4 else 1))
-    )
-  lo, hi = np.inf, -np.inf
-  lead = (slice(None),) * (len(shape) - 3)
-  for z in range(0, nz, depth):
-    slab = np.asarray(volume[(*lead, slice(z, min(nz, z + depth)))])
-    lo = min(lo, float(slab.min()))
-    hi = max(hi, float(slab.max()))
-  return VolumeStats(lo, hi)
-
-
-def _normalize_settings(data_config) -> tuple[str, str]:
-  mode = data_config.get("normalize", None)
-  if mode not in NORMALIZE_MODES:
-    raise ConfigError(f"data.normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
-  scope = data_config.get("normalize_scope", "volume")
-  if mode == "minmax" and scope not in NORMALIZE_SCOPES:
-    raise ConfigError(f"data.normalize_scope must be one of {NORMALIZE_SCOPES}, got {scope!r}")
-  return mode, scope
-
-
-def needs_volume_stats(data_config) -> bool:
-  """True when :func:`normalize_image` needs :func:`volume_stats` of the volume."""
-  mode, scope = _normalize_settings(data_config)
-  return mode == "minmax" and scope == "volume"
-
-
-def normalize_image(image, data_config, stats: VolumeStats | None = None, *, out=None):
-  """Maps raw image intensities to float32 as ``data.normalize`` says.
-
-  * ``"divide_255"``: ``image / 255`` (NISB, BANIS).
-  * ``"minmax"`` with ``data.normalize_scope="volume"``: ``(image - min) / (max - min)`` with the
-    :func:`volume_stats` of the whole volume (jaxseg's default, the same at train and test time).
-  * ``"minmax"`` with ``"crop"``: the same with the min and max of ``image`` itself (PyTC's
-    training behaviour).
-
-  A constant range (``max == min``) maps to zeros. The arithmetic is float32 throughout.
-
-  Args:
-    image: raw intensities, any shape (numpy, or jax).
-    data_config: ``config.data``.
-    stats: the volume's statistics; required for ``minmax`` / ``volume``.
-    out: optional float32 numpy array of ``image``'s shape to write into (numpy input only).
-
-  Returns:
-    float32 array of ``image``'s shape (``out`` when given).
-
-  Raises:
-    ValueError: an unknown mode or scope, or missing statistics.
-  """
-  xp = array_namespace(image)
-  mode, scope = _normalize_settings(data_config)
-  if mode == "minmax" and scope == "volume" and stats is None:
-    raise ValueError(
-      "data.normalize='minmax' with normalize_scope='volume' needs the volume's statistics "
-      "(volume_stats(volume))"
-    )
-  if xp is not np:  # jax: functional updates, no Python branching on traced values
-    image = image.astype(xp.float32)
-    if mode == "divide_255":
-      return image / xp.float32(255.0)
-    lo, hi = (stats.min, stats.max) if scope == "volume" else (image.min(), image.max())
-    return (image - lo) / xp.where(hi > lo, hi - lo, 1.0).astype(xp.float32)
-  if out is None:
-    out = np.empty(np.shape(image), np.float32)
-  np.copyto(out, image, casting="unsafe")  # = image.astype(float32), without a temporary
-  if mode == "divide_255":
-    out /= np.float32(255.0)
-    return out
-  if scope == "volume":
-    lo, hi = float(stats.min), float(stats.max)
-  else:
-    lo, hi = float(out.min()), float(out.max())
-  out -= np.float32(lo)
-  out /= np.float32(hi - lo if hi > lo else 1.0)
-  return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Labels.
-
-
-def labels_to_int32(labels: np.ndarray, where: str = "labels", *, out=None) -> np.ndarray:
-  """Label ids as int32, keeping 0 (background) and -1 (unlabeled).
-
-  Ids that fit int32 are cast; otherwise (e.g. uint64 ids) the positive ids of this array are
-  renumbered 1..n in increasing order. Only equality of ids matters for the targets, so a crop's
-  renumbering changes nothing downstream.
-
-  Args:
-    labels: integer (or bool) ids, any shape.
-    where: names the source in error messages.
-    out: optional int32 array of ``labels``' shape to write into.
-
-  Raises:
-    ValueError: negative ids other than -1.
-  """
-  labels = np.asarray(labels)
-  if out is None:
-    out = np.empty(labels.shape, np.int32)
-  if labels.dtype in _SMALL_LABEL_DTYPES or labels.size == 0:
-    np.copyto(out, labels, casting="unsafe")
-    return out
-  lo, hi = labels.min(), labels.max()
-  signed = np.issubdtype(labels.dtype, np.signedinteger)
-  if signed and lo < -1:
-    raise InputError(
-      f"{where}: negative label {int(lo)}; labels are 0 (background), -1 (unlabeled) or > 0 ids"
-    )
-  if hi <= _INT32_MAX:
-    np.copyto(out, labels, casting="unsafe")
-    return out
-  ids, inverse = np.unique(labels, return_inverse=True)
-  positive = ids > 0
-  new_ids = np.zeros(ids.shape, np.int32)
-  new_ids[positive] = np.arange(1, int(positive.sum()) + 1, dtype=np.int32)
-  if signed:
-    new_ids[ids == -1] = -1
-  np.take(new_ids, inverse.reshape(labels.shape), out=out)
-  return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Padding by index mapping.
-
-
-def padded_indices(index: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
-  """Maps indices of a padded axis (``-pad <= index < size + pad``) to indices of the axis.
-
-  Matches ``np.pad`` for ``mode`` ``"reflect"`` (mirror, edge not repeated), ``"symmetric"``
-  (edge repeated), ``"edge"`` and ``"constant"``, also for pads longer than the axis.
-
-  Returns:
-    ``(source, inside)``: ``source`` in ``[0, size)`` for every index; ``inside`` is True where
-    ``index`` lies within the axis (outside, ``"constant"`` fills instead of reading ``source``).
-  """
-  index = np.asarray(index, np.int64)
-  inside = (index >= 0) & (index < size)
-  if mode == "reflect":
-    if size == 1:
-      source = np.zeros_like(index)
-    else:
-      period = 2 * (size - 1)
-      source = np.mod(index, period)
-      source = np.where(source >= size, period - source, source)
-  elif mode == "symmetric":
-    period = 2 * size
-    source = np.mod(index, period)
-    source = np.where(source >= size, period - 1 - source, source)
-  elif mode in ("edge", "constant"):
-    source = np.clip(index, 0, size - 1)
-  else:
-    raise ValueError(f"data.pad_mode must be one of {PAD_MODES}, got {mode!r}")
-  return source, inside
-
-
-def read_mapped(source, lead: tuple, z0: int, axes: Sequence[np.ndarray]) -> np.ndarray:
-  """Reads ``source[lead, z0 + axes[0], axes[1], axes[2]]`` (outer product) via one bounding box."""
-  boxes = tuple(slice(int(a.min()), int(a.max()) + 1) for a in axes)
-  key = (*lead, slice(boxes[0].start + z0, boxes[0].stop + z0), boxes[1], boxes[2])
-  block = np.asarray(source[key])
-  contiguous = all(
-    len(a) == b.stop - b.start and np.array_equal(a, np.arange(b.start, b.stop))
-    for a, b in zip(axes, boxes, strict=True)
-  )
-  if contiguous:
-    return block
-  local = [a - b.start for a, b in zip(axes, boxes, strict=True)]
-  return block[(Ellipsis, *np.ix_(*local))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,11 +180,11 @@ class TrainData:
     self.seed = int(config.get("seed", 0))
     data = config.data
     self.target = target_settings(config)
-    self.patch_size = _patch_size(config)
+    self.patch_size = patch_size_for(config)
     self.context = self.target.context
     self.read_shape = read_shape_for(config)
     self.prefetch = int(data.get("prefetch", 2))
-    self._normalize = _normalize_settings(data)
+    self._normalize = normalize_settings(data)
     pad = data.get("pad_size", None)
     self.pad = tuple(int(p) for p in pad) if pad is not None else (0, 0, 0)
     if len(self.pad) != 3 or min(self.pad) < 0:
@@ -793,7 +488,7 @@ def make_device_transform(config, read_shape: Sequence[int], *, train: bool):
   expected = read_shape_for(config)
   if read_shape != expected:
     raise ValueError(
-      f"read_shape {read_shape} is not data.patch_size {_patch_size(config)} + target context "
+      f"read_shape {read_shape} is not data.patch_size {patch_size_for(config)} + target context "
       f"{settings.context} = {expected}"
     )
   aug_config = config.data.get("aug", None)

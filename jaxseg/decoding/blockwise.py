@@ -33,6 +33,9 @@ Workers: ``num_workers`` daisy worker processes on this machine (1 = in this pro
 ``worker_command`` (e.g. ``srun -N1 -n1 -c4``), processes started by that command, which connect
 back to this scheduler. A killed run resumes: daisy's block tracking skips finished blocks and the
 global tables are files written atomically.
+
+The block helpers both drivers share (:class:`BlockJob`, block boxes, scratch ``.npz`` files, face
+planes) are ``block_io``'s; the waterz stages are ``blockwise_waterz``'s, called from here.
 """
 
 from __future__ import annotations
@@ -53,27 +56,24 @@ from jaxseg.common import runtime
 from jaxseg.common.errors import ConfigError, JaxsegError
 from jaxseg.common.files import atomic_output, write_json
 from jaxseg.data.affinity import convert_convention
-from jaxseg.decoding import cc, decode_lib, labels
+from jaxseg.decoding import cc, labels
+from jaxseg.decoding.block_io import (
+  BlockJob,
+  block_box,
+  block_name,
+  cached_volume,
+  global_ids,
+  last_planes,
+  load_nodes,
+  previous_last_plane,
+  read_affinities,
+  save_npz,
+)
+from jaxseg.decoding.segmentation_io import create_output, output_names
 from jaxseg.decoding.settings import DecodeSettings
-from jaxseg.io import VolumeError, create_zarr, open_volume, reopen_zarr
+from jaxseg.io import create_zarr, reopen_zarr
 
 SCRATCH = "_blockwise"
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockJob:
-  """What a worker needs to process any block (picklable: paths, not open volumes)."""
-
-  settings: DecodeSettings
-  affinities: str
-  positions: tuple[int, int, int]
-  distances: tuple[int, int, int]
-  convention: str
-  mask: str
-  shape: tuple[int, int, int]
-  scratch: str
-  outputs: tuple[str, ...] = ()
-  axis_order: str | None = None  # of the affinities (a PyTC file's "cxyz" may be in no attribute)
 
 
 class BlocksFailedError(JaxsegError, RuntimeError):
@@ -81,73 +81,28 @@ class BlocksFailedError(JaxsegError, RuntimeError):
   retries only those."""
 
 
-# -- per-process volume cache ---------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=16)
-def _volume(path: str, writable: bool = False, axis_order: str | None = None):
-  return reopen_zarr(path) if writable else open_volume(path, axis_order=axis_order)
-
-
-def _read_affinities(job: BlockJob, start, stop) -> np.ndarray:
-  """``[3, z, y, x]`` (z, y, x edges) of a box clipped to the volume; masked voxels zeroed."""
-  box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
-  volume = _volume(job.affinities, axis_order=job.axis_order)
-  aff = decode_lib.read_channels(volume, job.positions, box)
-  if not np.isfinite(aff).all():
-    raise VolumeError(f"{job.affinities}: NaN or Inf in the box {start} - {stop}")
-  if job.mask:
-    aff = decode_lib.mask_affinities(aff, np.asarray(_volume(job.mask)[box]))
-  return aff
-
-
 def _read_source_affinities(job: BlockJob, start, stop) -> np.ndarray:
-  """:func:`_read_affinities` in the ``source`` convention the connected components take.
+  """:func:`read_affinities` in the ``source`` convention the connected components take.
 
   ``target`` volumes are read one voxel further on each axis (where the volume goes on) and
   converted: the edge ``v <-> v + e_c`` is stored at ``v + e_c`` there. The mask applies before
   the conversion, in the stored convention, as in the whole-volume decoder.
   """
   if job.convention == "source":
-    return _read_affinities(job, start, stop)
+    return read_affinities(job, start, stop)
   more = [min(e + 1, m) for e, m in zip(stop, job.shape, strict=True)]
-  aff = _read_affinities(job, start, more)
+  aff = read_affinities(job, start, more)
   aff, _ = convert_convention(aff, ((1, 0, 0), (0, 1, 0), (0, 0, 1)), "target", "source")
   return np.ascontiguousarray(
     aff[:, : stop[0] - start[0], : stop[1] - start[1], : stop[2] - start[2]]
   )
 
 
-def _block_box(block, shape):
-  """The block's write box ``(start, stop)`` in volume voxels."""
-  start = tuple(int(v) for v in block.write_roi.offset)
-  stop = tuple(
-    min(s + int(n), m) for s, n, m in zip(start, block.write_roi.shape, shape, strict=True)
-  )
-  return start, stop
-
-
-def _block_name(start) -> str:
-  return "_".join(str(v) for v in start)
-
-
-def _save_npz(path: str, **arrays) -> None:
-  with atomic_output(path) as tmp, open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-
-
-def _global_ids(first_local: np.ndarray, start, block_shape, shape) -> np.ndarray:
-  """Global linear index + 1 of voxels given by their linear index inside a block box."""
-  local = np.unravel_index(first_local, block_shape)
-  coords = [c + s for c, s in zip(local, start, strict=True)]
-  return np.ravel_multi_index(coords, shape).astype(np.uint64) + np.uint64(1)
-
-
 # -- connected components -------------------------------------------------------------------------
 
 
 def _cc_fragments(job: BlockJob, block) -> None:
-  start, stop = _block_box(block, job.shape)
+  start, stop = block_box(block, job.shape)
   lead = tuple(1 if s > 0 else 0 for s in start)
   aff = _read_source_affinities(job, [s - ld for s, ld in zip(start, lead, strict=True)], stop)
   bits = cc.edge_bits(aff, job.settings.threshold)
@@ -171,7 +126,7 @@ def _cc_fragments(job: BlockJob, block) -> None:
   seg, count = cc.label_edge_bits(core)
   first = cc.component_first_index(seg, count)
   sizes = cc.component_sizes(seg, count)
-  ids = _global_ids(first, start, core.shape, job.shape)
+  ids = global_ids(first, start, core.shape, job.shape)
   table = np.concatenate([np.zeros(1, np.uint64), ids])
   fragments = table[seg]
   for axis in range(3):
@@ -180,55 +135,13 @@ def _cc_fragments(job: BlockJob, block) -> None:
       plane[axis] = 0
       faces[f"ids_{axis}"] = fragments[tuple(plane)]
   faces.update(last_planes(fragments, stop, job.shape))
-  _volume(os.path.join(job.scratch, "fragments"), True).write(start, fragments).result()
-  _save_npz(
-    os.path.join(job.scratch, "fragments_npz", _block_name(start) + ".npz"),
+  cached_volume(os.path.join(job.scratch, "fragments"), True).write(start, fragments).result()
+  save_npz(
+    os.path.join(job.scratch, "fragments_npz", block_name(start) + ".npz"),
     ids=ids,
     sizes=sizes.astype(np.int64),
     **faces,
   )
-
-
-def last_planes(fragments: np.ndarray, stop, shape) -> dict:
-  """``{"last_<axis>": plane}`` of a block's last plane on each axis that has a next block.
-
-  Saved in the block's ``.npz`` for the next block's face work, so that it never decodes this
-  block's whole scratch chunk for one plane.
-  """
-  out = {}
-  for axis in range(3):
-    if stop[axis] < shape[axis]:
-      plane = [slice(None)] * 3
-      plane[axis] = -1
-      out[f"last_{axis}"] = np.ascontiguousarray(fragments[tuple(plane)])
-  return out
-
-
-def _previous_last_plane(job: BlockJob, start, axis: int) -> np.ndarray:
-  previous = list(start)
-  previous[axis] -= job.settings.block_shape[axis]
-  with np.load(os.path.join(job.scratch, "fragments_npz", _block_name(previous) + ".npz")) as f:
-    return f[f"last_{axis}"]
-
-
-def with_leading_planes(job: BlockJob, start, stop, lead) -> np.ndarray:
-  """The block's fragments with the previous blocks' last planes before it (``lead`` per axis).
-
-  Only the three face planes are filled in the leading region (its edges and corner stay 0):
-  every voxel pair with its higher voxel in the block has its lower voxel in the block or in one
-  of those planes.
-  """
-  box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
-  core = np.asarray(_volume(os.path.join(job.scratch, "fragments"))[box])
-  out = np.zeros([n + ld for n, ld in zip(core.shape, lead, strict=True)], core.dtype)
-  lz, ly, lx = lead
-  out[lz:, ly:, lx:] = core
-  for axis in range(3):
-    if lead[axis]:
-      plane = [slice(lz, None), slice(ly, None), slice(lx, None)]
-      plane[axis] = 0
-      out[tuple(plane)] = _previous_last_plane(job, start, axis)
-  return out
 
 
 def _cc_faces(job: BlockJob, block) -> None:
@@ -237,37 +150,25 @@ def _cc_faces(job: BlockJob, block) -> None:
   The previous block's last plane comes from its ``.npz`` (stage 1 saved it), not from the
   scratch zarr, whose chunks would have to be decoded whole for one plane.
   """
-  start, _ = _block_box(block, job.shape)
-  saved = np.load(os.path.join(job.scratch, "fragments_npz", _block_name(start) + ".npz"))
+  start, _ = block_box(block, job.shape)
+  saved = np.load(os.path.join(job.scratch, "fragments_npz", block_name(start) + ".npz"))
   a_all, b_all = [], []
   for axis in range(3):
     if f"active_{axis}" not in saved:
       continue
-    last = _previous_last_plane(job, start, axis)
+    last = previous_last_plane(job, start, axis)
     active = saved[f"active_{axis}"]
     a_all.append(last[active])
     b_all.append(saved[f"ids_{axis}"][active])
   pairs = np.zeros((0, 2), np.uint64)
   if a_all:
     pairs = np.unique(np.stack([np.concatenate(a_all), np.concatenate(b_all)], 1), axis=0)
-  _save_npz(os.path.join(job.scratch, "faces_npz", _block_name(start) + ".npz"), pairs=pairs)
-
-
-def _load_nodes(scratch: str) -> tuple[np.ndarray, np.ndarray]:
-  ids, sizes = [], []
-  for path in sorted(glob.glob(os.path.join(scratch, "fragments_npz", "*.npz"))):
-    with np.load(path) as f:
-      ids.append(f["ids"])
-      sizes.append(f["sizes"])
-  ids = np.concatenate(ids) if ids else np.zeros(0, np.uint64)
-  sizes = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
-  order = np.argsort(ids, kind="stable")
-  return ids[order], sizes[order]
+  save_npz(os.path.join(job.scratch, "faces_npz", block_name(start) + ".npz"), pairs=pairs)
 
 
 def _cc_lookup(job: BlockJob) -> tuple[np.ndarray, np.ndarray, int]:
   """Fragment ids -> final ids (scan order of first voxels), and the segment count."""
-  ids, sizes = _load_nodes(job.scratch)
+  ids, sizes = load_nodes(job.scratch)
   pairs = [np.load(p)["pairs"] for p in glob.glob(os.path.join(job.scratch, "faces_npz", "*"))]
   pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64)
   a = np.searchsorted(ids, pairs[:, 0])
@@ -285,13 +186,13 @@ def _cc_lookup(job: BlockJob) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def _relabel(job: BlockJob, block) -> None:
-  start, stop = _block_box(block, job.shape)
+  start, stop = block_box(block, job.shape)
   box = tuple(slice(s, e) for s, e in zip(start, stop, strict=True))
-  fragments = np.asarray(_volume(os.path.join(job.scratch, "fragments"))[box])
+  fragments = np.asarray(cached_volume(os.path.join(job.scratch, "fragments"))[box])
   for k, output in enumerate(job.outputs):
     with np.load(os.path.join(job.scratch, f"lut_{k}.npz")) as lut:
       keys, values = lut["keys"], lut["values"]
-    out = _volume(output, True)
+    out = cached_volume(output, True)
     out.write(start, labels.apply_lut(fragments, keys, values, out_dtype=out.dtype)).result()
 
 
@@ -438,16 +339,16 @@ def decode_blockwise(
     luts = blockwise_waterz.lookup_tables(job, _run_stage, show_progress, verbose)
   timings["global_s"] = time.perf_counter() - t
 
-  names = decode_lib.output_names(settings)
+  names = output_names(settings)
   paths = tuple(os.path.join(output, n) for n in names)
   dtypes = [labels.smallest_uint_dtype(count) for _, _, count in luts]
   counts = [count for _, _, count in luts]
   for k, (keys, values, _) in enumerate(luts):
-    _save_npz(os.path.join(scratch, f"lut_{k}.npz"), keys=keys, values=values)
+    save_npz(os.path.join(scratch, f"lut_{k}.npz"), keys=keys, values=values)
   arrays = [
     reopen_zarr(path)
     if os.path.exists(path)
-    else decode_lib.create_output(output, name, threshold, dtype, source, settings, fingerprint)
+    else create_output(output, name, threshold, dtype, source, settings, fingerprint)
     for path, name, threshold, dtype in zip(paths, names, settings.thresholds, dtypes, strict=True)
   ]
   job = dataclasses.replace(job, outputs=paths)

@@ -17,7 +17,9 @@ What is exact and what is not, against whole-volume waterz on the same affinitie
     with one more histogram count on the way). ``benchmarks/RESULTS.md`` measures the difference.
 
 Arrays: affinities ``[3, z, y, x]`` as stored (z, y, x edges), converted per block to waterz's
-layout (float32, edge p - e_c <-> p stored at p); fragments uint64 ``[z, y, x]``. Never imports JAX.
+layout (float32, edge p - e_c <-> p stored at p); fragments uint64 ``[z, y, x]``. The block
+helpers (boxes, scratch files, the face planes) are ``block_io``'s, shared with ``blockwise``,
+which calls the stages here. Never imports JAX.
 """
 
 from __future__ import annotations
@@ -27,8 +29,25 @@ import os
 
 import numpy as np
 
-from jaxseg.decoding import blockwise as bw
-from jaxseg.decoding import branch_merge, dust, graph_agglomeration, labels, waterz_ops
+from jaxseg.decoding import (
+  branch_merge,
+  branch_overlaps,
+  dust,
+  graph_agglomeration,
+  labels,
+  waterz_ops,
+)
+from jaxseg.decoding.block_io import (
+  block_box,
+  block_name,
+  cached_volume,
+  global_ids,
+  last_planes,
+  load_nodes,
+  read_affinities,
+  save_npz,
+  with_leading_planes,
+)
 
 _OFFSETS = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
 
@@ -41,14 +60,14 @@ def _waterz_box(job, start, stop) -> np.ndarray:
   """Waterz-layout affinities of a box; one more leading voxel is read to convert ``source``."""
   extra = 1 if job.convention == "source" else 0
   lead = [min(extra, s) for s in start]
-  aff = bw._read_affinities(job, [s - ld for s, ld in zip(start, lead, strict=True)], stop)
+  aff = read_affinities(job, [s - ld for s, ld in zip(start, lead, strict=True)], stop)
   aff_w = waterz_ops.to_waterz_affinities(aff, _OFFSETS, job.convention)
   return np.ascontiguousarray(aff_w[:, lead[0] :, lead[1] :, lead[2] :])
 
 
 def fragments(job, block) -> None:
   """daisy stage 1: the block's watershed fragments (with context), cropped, uniquely named."""
-  start, stop = bw._block_box(block, job.shape)
+  start, stop = block_box(block, job.shape)
   context = job.settings.context
   rstart = [max(s - c, 0) for s, c in zip(start, context, strict=True)]
   rstop = [min(e + c, m) for e, c, m in zip(stop, context, job.shape, strict=True)]
@@ -68,24 +87,24 @@ def fragments(job, block) -> None:
   ids, first, sizes = np.unique(seg.ravel(), return_index=True, return_counts=True)
   if ids.size and ids[0] == 0:
     ids, first, sizes = ids[1:], first[1:], sizes[1:]
-  names = bw._global_ids(first, start, seg.shape, job.shape)
+  names = global_ids(first, start, seg.shape, job.shape)
   frag = labels.apply_lut(seg, ids, names, out_dtype=np.uint64)
-  bw._volume(os.path.join(job.scratch, "fragments"), True).write(start, frag).result()
+  cached_volume(os.path.join(job.scratch, "fragments"), True).write(start, frag).result()
   order = np.argsort(names)
-  bw._save_npz(
-    os.path.join(job.scratch, "fragments_npz", bw._block_name(start) + ".npz"),
+  save_npz(
+    os.path.join(job.scratch, "fragments_npz", block_name(start) + ".npz"),
     ids=names[order],
     sizes=sizes[order].astype(np.int64),
-    **bw.last_planes(frag, stop, job.shape),
+    **last_planes(frag, stop, job.shape),
   )
 
 
 def edges(job, block) -> None:
   """daisy stage 2: statistics of the pairs whose higher voxel is in the block."""
-  start, stop = bw._block_box(block, job.shape)
+  start, stop = block_box(block, job.shape)
   lead = [1 if s > 0 else 0 for s in start]
   rstart = [s - ld for s, ld in zip(start, lead, strict=True)]
-  frag = bw.with_leading_planes(job, start, stop, lead)
+  frag = with_leading_planes(job, start, stop, lead)
   aff_w = _waterz_box(job, rstart, stop)
   table = graph_agglomeration.edge_statistics(frag, aff_w, _scoring(job), lead=lead)
   arrays = {
@@ -93,8 +112,8 @@ def edges(job, block) -> None:
     for k, v in vars(table).items()
     if isinstance(v, np.ndarray)  # the optional histograms are None without them
   }
-  bw._save_npz(
-    os.path.join(job.scratch, "edges_npz", bw._block_name(start) + ".npz"),
+  save_npz(
+    os.path.join(job.scratch, "edges_npz", block_name(start) + ".npz"),
     hist_bins=np.int64(table.hist_bins),
     **arrays,
   )
@@ -115,13 +134,13 @@ def _lut_path(job, k: int) -> str:
 
 def overlaps(job, block) -> None:
   """daisy stage 3 (branch merge): slice-pair overlaps of the agglomerated labels."""
-  start, stop = bw._block_box(block, job.shape)
+  start, stop = block_box(block, job.shape)
   trail = 1 if stop[0] < job.shape[0] else 0  # the next block's first slice, for the pair across
   box = (
     slice(start[0], stop[0] + trail),
     *(slice(a, b) for a, b in zip(start[1:], stop[1:], strict=True)),
   )
-  frag = np.asarray(bw._volume(os.path.join(job.scratch, "fragments"))[box])
+  frag = np.asarray(cached_volume(os.path.join(job.scratch, "fragments"))[box])
   z_aff = None
   if job.settings.branch_merge.affinity_threshold > 0:
     rstop = (stop[0] + trail, stop[1], stop[2])
@@ -130,27 +149,29 @@ def overlaps(job, block) -> None:
   for k in range(len(job.settings.thresholds)):
     with np.load(_lut_path(job, k)) as lut:
       seg = labels.apply_lut(frag, lut["keys"], lut["values"], out_dtype=np.uint64)
-    table = branch_merge.slice_overlaps(seg, z_aff, z0=start[0], last_plane_is_context=bool(trail))
-    ids, first_z, last_z = branch_merge.id_ranges(seg[: seg.shape[0] - trail], z0=start[0])
+    table = branch_overlaps.slice_overlaps(
+      seg, z_aff, z0=start[0], last_plane_is_context=bool(trail)
+    )
+    ids, first_z, last_z = branch_overlaps.id_ranges(seg[: seg.shape[0] - trail], z0=start[0])
     for name, value in vars(table).items():
       out[f"{k}_{name}"] = np.asarray(value)
     out[f"{k}_ids"], out[f"{k}_first_z"], out[f"{k}_last_z"] = ids, first_z, last_z
-  bw._save_npz(os.path.join(job.scratch, "overlaps_npz", bw._block_name(start) + ".npz"), **out)
+  save_npz(os.path.join(job.scratch, "overlaps_npz", block_name(start) + ".npz"), **out)
 
 
 def _branch_merge_lut(job, k: int, keys: np.ndarray, values: np.ndarray):
   tables, ranges = [], []
-  fields = [f.name for f in branch_merge.OverlapTable.__dataclass_fields__.values()]
+  fields = [f.name for f in branch_overlaps.OverlapTable.__dataclass_fields__.values()]
   for path in sorted(glob.glob(os.path.join(job.scratch, "overlaps_npz", "*.npz"))):
     with np.load(path) as f:
       tables.append(
-        branch_merge.OverlapTable(
+        branch_overlaps.OverlapTable(
           **{n: (bool(f[f"{k}_{n}"]) if n == "has_affinity" else f[f"{k}_{n}"]) for n in fields}
         )
       )
       ranges.append((f[f"{k}_ids"], f[f"{k}_first_z"], f[f"{k}_last_z"]))
-  table = branch_merge.concat_overlaps(tables)
-  ids, first_z, last_z = branch_merge.merge_ranges(ranges)
+  table = branch_overlaps.concat_overlaps(tables)
+  ids, first_z, last_z = branch_overlaps.merge_ranges(ranges)
   a, b = branch_merge.branch_merge_pairs(
     table, ids, first_z, last_z, **job.settings.branch_merge.as_kwargs()
   )
@@ -166,7 +187,7 @@ def lookup_tables(job, run_stage, show_progress: bool, verbose: bool):
   del verbose  # waterz runs inside the block stages, always quietly
   s = job.settings
   run_stage(job, "edges", edges, show_progress)
-  node_ids, sizes = bw._load_nodes(job.scratch)
+  node_ids, sizes = load_nodes(job.scratch)
   # All thresholds in one pass, each equal to its own waterz call (region-graph extraction does
   # not disturb the next threshold here, unlike in waterz 0.10.1; see graph_agglomeration).
   levels = graph_agglomeration.agglomerate_graph(
@@ -195,7 +216,7 @@ def lookup_tables(job, run_stage, show_progress: bool, verbose: bool):
     luts.append(values.astype(np.int64))
   if s.branch_merge is not None:
     for k, values in enumerate(luts):
-      bw._save_npz(_lut_path(job, k), keys=node_ids, values=values)
+      save_npz(_lut_path(job, k), keys=node_ids, values=values)
     run_stage(job, "overlaps", overlaps, show_progress)
     luts = [_branch_merge_lut(job, k, node_ids, v) for k, v in enumerate(luts)]
   out = []

@@ -49,6 +49,7 @@ import itertools
 import numba
 import numpy as np
 
+from jaxseg.common.union_find import union
 from jaxseg.decoding import labels as labels_lib
 
 # Below this many voxels one slab is faster than starting threads.
@@ -184,28 +185,6 @@ def edge_bits(aff: np.ndarray, threshold: float, mask: np.ndarray | None = None)
 # Labelling.
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _find(eq, a):
-  while eq[a] != a:  # path halving
-    eq[a] = eq[eq[a]]
-    a = eq[a]
-  return a
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _union(eq, a, b):
-  # Returns the joint root; the larger root goes under the smaller, so the root of a set is its
-  # first-opened label.
-  a = _find(eq, a)
-  b = _find(eq, b)
-  if a < b:
-    eq[b] = a
-    return a
-  if b < a:
-    eq[a] = b
-  return b
-
-
 @numba.njit(cache=True, nogil=True)
 def _scan_slab(bits, prov, eq, z0, z1):
   """Pass 1 on planes ``[z0, z1)``: provisional labels, returns how many were opened.
@@ -228,13 +207,13 @@ def _scan_slab(bits, prov, eq, z0, z1):
           if label == 0:
             label = up
           elif up != label:
-            label = _union(eq, label, up)
+            label = union(eq, label, up)
         if z > z0 and (bits[z - 1, y, x] & 1):
           back = prov[z - 1, y, x]
           if label == 0:
             label = back
           elif back != label:
-            label = _union(eq, label, back)
+            label = union(eq, label, back)
         if label == 0 and (b & 15):
           label = nxt
           eq[nxt] = nxt
@@ -264,7 +243,7 @@ def _join_and_number(bits, prov, eq, bounds, counts):
             # Foreground only through this edge, so a leaf of the component behind it.
             prov[z, y, x] = back
           else:
-            _union(eq, back, here)
+            union(eq, back, here)
   # Every link points to a smaller label and labels are visited in increasing order, so a
   # non-root's parent already holds its final id when the label is reached.
   next_id = 0

@@ -1,14 +1,16 @@
 """Affinity zarr in, segmentation zarr out: the decoder behind ``python -m jaxseg.decode``.
 
 Owns:
-  * :func:`open_affinities`: an affinity volume ``[C, z, y, x]`` and which three stored channels
-    are the decoded edges, their offsets and storage convention (from the file's attributes, which
-    ``jaxseg.predict`` writes, else from ``config.decode``).
   * :func:`decode_array`: the whole-volume decoders on in-memory arrays (connected components, or
     waterz with dust / branch merges), returning one ``[z, y, x]`` segmentation per threshold.
   * :func:`decode`: the file-level job: checks, whole-volume or blockwise (``blockwise.py``),
     output arrays, preview PNG and a ``decode.json`` summary. What already exists in the output
     folder is reused, resumed, refused or replaced by :mod:`jaxseg.common.outputs`.
+
+Reading the affinities (:func:`open_affinities`: an affinity volume ``[C, z, y, x]`` and which
+three stored channels are the decoded edges) and the mask is ``affinity_io``'s; naming and creating
+the output arrays is ``segmentation_io``'s. Both are shared with ``blockwise``, which this module
+calls; the names this module uses from them stay importable from here.
 
 Output layout: ``<output>/segmentation`` (one threshold) or ``<output>/segmentation_t<thr>`` (one
 per waterz threshold), each a ``[z, y, x]`` zarr in the smallest unsigned dtype that holds its ids,
@@ -19,7 +21,6 @@ Never imports JAX.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -29,208 +30,30 @@ import numpy as np
 from absl import logging
 
 from jaxseg.common import outputs
-from jaxseg.common.errors import ConfigError
 from jaxseg.common.files import write_json
 from jaxseg.common.outputs import Decision, StageOutput, input_identity
 from jaxseg.data.affinity import convert_convention
 from jaxseg.decoding import cc
+from jaxseg.decoding.affinity_io import (
+  AffinitySource,
+  check_decoder_fits,
+  long_range_crop,
+  mask_affinities,
+  open_affinities,
+  open_mask,
+)
+from jaxseg.decoding.segmentation_io import create_output, output_names
 from jaxseg.decoding.settings import DecodeSettings
-from jaxseg.io import VolumeError, block_chunks, create_zarr, open_volume
+from jaxseg.io import VolumeError
 from jaxseg.io.volume import Volume
 
-ATTR_KEY = "jaxseg_decode"
 SUMMARY = "decode.json"
 PREVIEW = "preview.png"
 BLOCKWISE_SCRATCH = "_blockwise"
 MASK_SPEC_ATTR = "jaxseg_affinity_mask"  # what jaxseg.quality.mask records in a mask it builds
-_AXES = "zyx"
-
-
-@dataclasses.dataclass(frozen=True)
-class AffinitySource:
-  """The three decoded channels of an affinity volume.
-
-  Attributes:
-    volume: the lazy ``[C, z, y, x]`` volume.
-    positions: stored channel index of the z, y and x edge (in that order).
-    distances: edge length along z, y, x (1 = nearest neighbour; a long-range triple has more).
-    convention: ``source`` or ``target``.
-  """
-
-  volume: Volume
-  positions: tuple[int, int, int]
-  distances: tuple[int, int, int]
-  convention: str
-
-  @property
-  def offsets(self) -> tuple[tuple[int, int, int], ...]:
-    """Offsets of the decoded channels in z, y, x order."""
-    return tuple(
-      tuple(self.distances[a] if b == a else 0 for b in range(3)) for a in range(3)
-    )  # fmt: skip
-
-  @property
-  def spatial_shape(self) -> tuple[int, int, int]:
-    return tuple(self.volume.shape[1:])
-
-  def read(self, box: Sequence[slice] | None = None) -> np.ndarray:
-    """The z, y, x channels of a box as ``[3, z, y, x]`` in the stored dtype."""
-    box = tuple(box or ()) + (slice(None),) * (3 - len(box or ()))
-    return read_channels(self.volume, self.positions, box)
-
-
-def read_channels(volume: Volume, positions: Sequence[int], box: Sequence[slice]) -> np.ndarray:
-  """Stored channels ``positions`` of a spatial box, as ``[len(positions), z, y, x]``."""
-  return np.stack([np.asarray(volume[(p, *box)]) for p in positions])
-
-
-def open_affinities(
-  spec: str, settings: DecodeSettings, *, axis_order: str | None = None
-) -> AffinitySource:
-  """Opens an affinity volume and finds the decoded channels.
-
-  Args:
-    spec: an affinity array (``pred.zarr/affinities``, ``file.h5:dataset``, ...), or a predict
-      output folder holding an ``affinities`` array.
-    settings: ``config.decode``; its ``channels`` are the preset's channel numbers, mapped to
-      stored positions through the file's ``channels`` attribute when it has one.
-    axis_order: the on-disk axis order (``"cxyz"`` for PyTC's h5) of a file that names none;
-      default the file's ``axis_order`` attribute, else ``czyx``.
-
-  Raises:
-    VolumeError: not a ``[C, z, y, x]`` float volume, an ``axis_order`` that does not fit it or
-      contradicts the file's own, channels missing, offsets that are not one positive
-      axis-aligned edge per axis, or a convention that contradicts the config.
-  """
-  spec = os.fspath(spec)
-  if os.path.isdir(spec) and os.path.isdir(os.path.join(spec, "affinities")):
-    spec = os.path.join(spec, "affinities")
-  volume = open_volume(spec, axis_order=axis_order)
-  own = volume.attrs.get("axis_order")
-  if axis_order and own and str(own).lower() != volume.axis_order:
-    # The explicit order would win in open_volume: a wrong flag must not transpose the volume.
-    raise VolumeError(
-      f"{spec}: axis_order={axis_order!r} (--axis_order) contradicts the file's own axis_order "
-      f"attribute {own!r}; drop the flag"
-    )
-  if not volume.has_channels or len(volume.shape) != 4:
-    raise VolumeError(f"{spec}: expected affinities [C, z, y, x], got shape {volume.shape}")
-  if not np.issubdtype(volume.dtype, np.floating):
-    raise VolumeError(f"{spec}: affinities must be floating point, got {volume.dtype}")
-  stored = volume.attrs.get("channels")
-  if stored is not None:
-    try:
-      stored = [int(c) for c in stored]
-    except (TypeError, ValueError):
-      raise VolumeError(
-        f"{spec}: its 'channels' attribute must be a list of channel numbers, got {stored!r}"
-      ) from None
-    missing = [c for c in settings.channels if c not in stored]
-    if missing:
-      raise VolumeError(
-        f"{spec}: decode.channels {list(settings.channels)} asks for channel(s) {missing}, but "
-        f"the file holds channels {stored}"
-      )
-    positions = [stored.index(c) for c in settings.channels]
-  else:
-    positions = list(settings.channels)
-    if max(positions) >= volume.shape[0]:
-      raise VolumeError(
-        f"{spec}: decode.channels {positions} out of range for {volume.shape[0]} channels"
-      )
-  if "offsets" in volume.attrs:
-    try:
-      offsets = [tuple(int(v) for v in volume.attrs["offsets"][p]) for p in positions]
-    except (TypeError, ValueError, IndexError, KeyError):
-      raise VolumeError(
-        f"{spec}: its 'offsets' attribute must hold a (z, y, x) offset for each of the "
-        f"{volume.shape[0]} channels, got {volume.attrs['offsets']!r}"
-      ) from None
-    if any(len(o) != 3 for o in offsets):
-      raise VolumeError(
-        f"{spec}: its 'offsets' attribute must hold (z, y, x) offsets, got {offsets}"
-      )
-    where = f"{spec} (its 'offsets' attribute)"
-  else:
-    offsets = [tuple(1 if a == axis else 0 for a in _AXES) for axis in settings.channel_order]
-    where = f"{spec} (config.decode.channel_order={settings.channel_order!r})"
-  convention = volume.attrs.get("convention", settings.convention)
-  if convention != settings.convention:
-    raise VolumeError(
-      f"{spec}: stored in the {convention!r} convention but config.decode.convention is "
-      f"{settings.convention!r}; fix the config"
-    )
-  axes = []
-  for o in offsets:
-    nonzero = [a for a in range(3) if o[a] != 0]
-    if len(nonzero) != 1 or o[nonzero[0]] < 0:
-      raise VolumeError(f"{where}: each decoded channel must be one positive axis edge, got {o}")
-    axes.append(nonzero[0])
-  if sorted(axes) != [0, 1, 2]:
-    raise VolumeError(f"{where}: decoded channels must cover z, y and x once each, got {offsets}")
-  by_axis = sorted(range(3), key=lambda i: axes[i])
-  return AffinitySource(
-    volume=volume,
-    positions=tuple(positions[i] for i in by_axis),
-    distances=tuple(offsets[i][axes[i]] for i in by_axis),
-    convention=convention,
-  )
-
-
-def check_decoder_fits(source: AffinitySource, settings: DecodeSettings) -> None:
-  """Refuses a decoder that cannot decode these edges, before any output is prepared.
-
-  Raises:
-    ConfigError: ``decode.method='cc'`` on long-range edges (the file's ``offsets`` attribute).
-  """
-  if settings.method == "cc" and tuple(source.distances) != (1, 1, 1):
-    raise ConfigError(
-      f"{source.volume.path}: its 'offsets' attribute gives the decoded channels "
-      f"{list(source.positions)} long-range edges {tuple(source.distances)} (z, y, x), but "
-      "decode.method='cc' decodes nearest-neighbour edges only; use decode.method='waterz', "
-      "or set decode.channels to the nearest-neighbour channels"
-    )
-
-
-def open_mask(path: str, shape: Sequence[int]) -> Volume:
-  """Opens an affinity mask (integer or bool ``[z, y, x]``, non-zero = keep) lazily."""
-  mask = open_volume(path)
-  if mask.has_channels or tuple(mask.shape) != tuple(shape):
-    raise VolumeError(f"{path}: affinity mask must be [z, y, x] {tuple(shape)}, got {mask.shape}")
-  if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
-    raise VolumeError(f"{path}: affinity mask must be uint8 (1 = keep), got {mask.dtype}")
-  return mask
 
 
 # -- whole-volume decoding ------------------------------------------------------------------------
-
-
-def mask_affinities(aff: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-  """PyTC's mask step: the decoded channels are zeroed at masked voxels (stored convention)."""
-  if mask is None:
-    return aff
-  return np.where(mask.astype(bool)[None], aff, np.zeros((), aff.dtype))
-
-
-def long_range_crop(distances: Sequence[int], convention: str) -> tuple[slice, slice, slice]:
-  """The region where every decoded edge has its partner inside the volume.
-
-  Nearest-neighbour channels need no crop. A long-range triple (e.g. PyTC's ``[6, 9, 4]``) is
-  decoded as if its edges were unit edges, which is only meaningful where they exist: the
-  ``d - 1`` extra planes at the face that holds edges leaving the volume are cut (the leading
-  face for ``target``, the trailing one for ``source``), decoded without them, and come back as
-  background.
-  """
-  out = []
-  for d in distances:
-    extra = int(d) - 1
-    if extra <= 0:
-      out.append(slice(None))
-    elif convention == "target":
-      out.append(slice(extra, None))
-    else:
-      out.append(slice(None, -extra))
-  return tuple(out)
 
 
 def decode_array(
@@ -317,13 +140,6 @@ def _decode_waterz(aff, settings, distances, convention, mask, verbose):
 # -- the file-level job ---------------------------------------------------------------------------
 
 
-def output_names(settings: DecodeSettings) -> list[str]:
-  """Array names under the output folder, one per threshold."""
-  if len(settings.thresholds) == 1:
-    return ["segmentation"]
-  return [f"segmentation_t{t:g}" for t in settings.thresholds]
-
-
 def wants_blockwise(settings: DecodeSettings, shape: Sequence[int]) -> bool:
   """``auto``: blockwise exactly when the volume does not fit in one block."""
   if settings.blockwise != "auto":
@@ -354,23 +170,9 @@ def _job_fingerprint(
   return out
 
 
-def create_output(output, name, threshold, dtype, source: AffinitySource, settings, fingerprint):
-  """Creates one output array ``<output>/<name>`` (refuses to replace an existing one)."""
-  shape = source.spatial_shape
-  return create_zarr(
-    os.path.join(output, name),
-    shape,
-    dtype,
-    chunks=block_chunks([min(b, n) for b, n in zip(settings.block_shape, shape, strict=True)]),
-    resolution=source.volume.resolution,
-    source=source.volume.path,
-    attributes={ATTR_KEY: {**fingerprint, "threshold": threshold}},
-  )
-
-
 def write_preview(path: str, source: AffinitySource, segmentation: Volume) -> str:
   """A PNG of three z sections: the mean decoded affinity on top, the labels tinted below."""
-  from jaxseg.synthesis.preview import save_preview
+  from jaxseg.io.preview import save_preview
 
   nz = source.spatial_shape[0]
   zs = sorted({min(nz - 1, max(0, int(nz * f))) for f in (0.25, 0.5, 0.75)})

@@ -1,7 +1,7 @@
 """Dust merge: small segments join their best-connected neighbour, leftovers are removed.
 
-PyTC's SNEMI recipe runs this after waterz (its ``dust_merge_from_region_graph``, pytc_spec §5
-"Dust merge"), on waterz's surviving region graph:
+PyTC's SNEMI recipe runs this after waterz (its ``dust_merge_from_region_graph``;
+``docs/decoding.md``, "Dust merge"), on waterz's surviving region graph:
 
 1. take the region-graph edges whose score is >= the agglomeration threshold, with affinity
    ``a = 1 - score`` (float32, as waterz's scores are), strongest first;

@@ -2,7 +2,7 @@
 
 Owns:
   * :func:`smallest_uint_dtype`: the narrowest unsigned dtype that holds a maximum id.
-  * :func:`find_root`: the root of a node in a parent array, with path compression (numba).
+  * :func:`find_root` (from :mod:`jaxseg.common.union_find`): the root of a node (numba).
   * :func:`merge_components`: union-find over ``[E]`` pairs of node indices into ``[N]`` roots,
     each set represented by its smallest index (so results never depend on the pair order).
   * :func:`compact_roots`: roots to consecutive ids ``1..K`` in order of first appearance.
@@ -19,6 +19,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from jaxseg.common.union_find import find_root, union
+
 
 def smallest_uint_dtype(max_value: int) -> np.dtype:
   """The narrowest of uint8/16/32/64 that holds ``max_value`` (>= 0)."""
@@ -29,28 +31,9 @@ def smallest_uint_dtype(max_value: int) -> np.dtype:
 
 
 @numba.njit(cache=True, nogil=True)
-def find_root(parent, i):
-  """Root of node i in a union-find parent array, compressing the path (numba)."""
-  root = i
-  while parent[root] != root:
-    root = parent[root]
-  while parent[i] != root:  # path compression
-    nxt = parent[i]
-    parent[i] = root
-    i = nxt
-  return root
-
-
-@numba.njit(cache=True, nogil=True)
 def _merge_pairs(parent, a, b):
   for k in range(a.shape[0]):
-    ra = find_root(parent, a[k])
-    rb = find_root(parent, b[k])
-    # Link the larger root under the smaller one: every set is represented by its least index.
-    if ra < rb:
-      parent[rb] = ra
-    elif rb < ra:
-      parent[ra] = rb
+    union(parent, a[k], b[k])  # every set is represented by its least index
   for i in range(parent.shape[0]):
     parent[i] = find_root(parent, i)
 

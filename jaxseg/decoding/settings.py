@@ -35,7 +35,7 @@ _BRANCH_KEYS = {
 
 @dataclasses.dataclass(frozen=True)
 class DustSettings:
-  """Dust merge (``pytc_spec.md`` section 5): join while affinity > ``affinity`` when either
+  """Dust merge (``docs/decoding.md``, "Dust merge"): join while affinity > ``affinity`` when either
   region is under ``size`` voxels; then drop regions under ``remove_size``."""
 
   size: int
@@ -45,7 +45,7 @@ class DustSettings:
 
 @dataclasses.dataclass(frozen=True)
 class BranchMergeSettings:
-  """The three branch-merge stages over slice pairs (``pytc_spec.md`` section 5)."""
+  """The three branch-merge stages over slice pairs (``docs/decoding.md``, "Branch merge")."""
 
   iou_threshold: float
   size_ratio: tuple[float, float]

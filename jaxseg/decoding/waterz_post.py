@@ -10,7 +10,7 @@ three times:
    are small integers, so these are dense arrays indexed by id; other ids are compacted first);
 2. the dust merge on the region graph alone (:func:`dust.dust_merge_lut`), and, for the branch
    merge, one pass that measures the slice-overlap table of the *dust-merged* volume by reading
-   the waterz ids through the dust lookup table (:func:`branch_merge.slice_overlaps` with
+   the waterz ids through the dust lookup table (:func:`branch_overlaps.slice_overlaps` with
    ``lut``), so that volume is never made; the stages then run on the table as
    :func:`branch_merge.branch_merge` runs them;
 3. the lookup tables composed, the final size filter and the scan-order numbering worked out from
@@ -41,6 +41,7 @@ import numba
 import numpy as np
 
 from jaxseg.decoding import branch_merge as branch_lib
+from jaxseg.decoding import branch_overlaps
 from jaxseg.decoding import dust as dust_lib
 from jaxseg.decoding import labels as labels_lib
 from jaxseg.decoding.settings import BranchMergeSettings, DustSettings
@@ -99,7 +100,7 @@ def _apply_lut(flat, lut, out):
 
 def _chunks(size: int) -> list[tuple[int, int]]:
   """``[start, stop)`` ranges splitting ``size`` voxels over the threads worth starting."""
-  threads = max(1, min(numba.get_num_threads(), size // branch_lib.MIN_VOXELS_PER_THREAD))
+  threads = max(1, min(numba.get_num_threads(), size // branch_overlaps.MIN_VOXELS_PER_THREAD))
   bounds = [size * k // threads for k in range(threads + 1)]
   return list(itertools.pairwise(bounds))
 
@@ -110,7 +111,7 @@ def _threaded(fn, chunks: list[tuple[int, int]]) -> list:
   from several threads and after a fork)."""
   if len(chunks) == 1:
     return [fn(*chunks[0])]
-  return list(branch_lib.thread_pool(len(chunks)).map(lambda c: fn(*c), chunks))
+  return list(branch_overlaps.thread_pool(len(chunks)).map(lambda c: fn(*c), chunks))
 
 
 def _index(flat: np.ndarray):
@@ -195,7 +196,7 @@ def postprocess(
     ``[z, y, x]`` ids ``1..K`` in C-order scan order of first appearance, 0 = background, in the
     smallest unsigned dtype that holds K.
   """
-  segmentation = branch_lib.check_segmentation(segmentation)
+  segmentation = branch_overlaps.check_segmentation(segmentation)
   shape = segmentation.shape
   volume, keys, counts, first = _index(np.ascontiguousarray(segmentation).reshape(-1))
   present = np.flatnonzero(counts)
@@ -226,8 +227,8 @@ def postprocess(
   if branch_merge is not None and num_stage:
     lut = np.zeros(keys.size, np.int64)
     lut[present] = stage_id
-    table = branch_lib.slice_overlaps(volume.reshape(shape), z_affinity, lut=lut)
-    stage_ids, first_z, last_z = branch_lib.area_ranges(table)
+    table = branch_overlaps.slice_overlaps(volume.reshape(shape), z_affinity, lut=lut)
+    stage_ids, first_z, last_z = branch_overlaps.area_ranges(table)
     a, b = branch_lib.branch_merge_pairs(
       table, stage_ids, first_z, last_z, **branch_merge.as_kwargs()
     )

@@ -17,7 +17,7 @@ spatial axis (padded coord = volume coord + pad). Window starts and hulls are in
 The blended padded result is cropped by ``crop`` (``(lo, hi)`` voxels per axis) to the *output*;
 output coord = padded coord - crop lo. Blocks tile the output.
 
-Recipes (``pytc_spec.md`` section 4):
+Recipes (``docs/inference.md``, "Recipes"):
 
 * SNEMI: pad (8, 128, 128) reflect -> 116 x 1280 x 1280, window 16 x 224 x 224, overlap 0.5 ->
   stride (8, 112, 112), snapped starts (z: 0, 8, ..., 96, 100), ``bump`` weights, crop_pad
@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxseg.common.errors import ConfigError
-from jaxseg.data.pipeline import PAD_MODES, padded_indices, read_mapped
+from jaxseg.data.crop_io import PAD_MODES, padded_indices, read_mapped
 from jaxseg.io.volume import Volume
 
 BLEND_MODES = ("constant", "gaussian", "bump", "distance")

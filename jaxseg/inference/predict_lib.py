@@ -52,7 +52,7 @@ from jaxseg.common.outputs import (
   prepare_folder,
 )
 from jaxseg.common.progress import progress
-from jaxseg.data.pipeline import VolumeStats, needs_volume_stats, normalize_image, volume_stats
+from jaxseg.data.normalize import VolumeStats, needs_volume_stats, normalize_image, volume_stats
 from jaxseg.inference import engine as engine_lib
 from jaxseg.inference import layout
 from jaxseg.inference import tta as tta_lib
@@ -355,6 +355,179 @@ def _preview(job: _Job, settings: InferenceSettings, data_config, path: str) -> 
     Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(tmp)
 
 
+def _fingerprint(config, settings: InferenceSettings, source: PredictInput, views, model_info):
+  """What one input's output is made with: settings, views, weights and the input image."""
+  return {
+    "infer": settings.fingerprint(),
+    "views": [v.name for v in views],
+    "model": model_info,
+    "input": {
+      "path": str(source.volume.path),
+      "shape": list(source.volume.shape),
+      "dtype": np.dtype(source.volume.dtype).name,
+      "normalize": config.data.get("normalize", None),
+      "normalize_scope": config.data.get("normalize_scope", None),
+    },
+  }
+
+
+def _open_job(
+  config,
+  settings: InferenceSettings,
+  source: PredictInput,
+  output_dir: str,
+  *,
+  model_info: dict,
+  overwrite: bool,
+  process_index: int,
+  process_count: int,
+) -> _Job:
+  """Plans one input, opens (or creates) its outputs and lists this process's blocks to do."""
+  _check_input(source.volume, settings)
+  geometry = settings.plan(source.volume.spatial_shape, where=source.volume.path)
+  views = tta_lib.tta_views(settings.tta, settings.window, source.volume.resolution)
+  fingerprint = _fingerprint(config, settings, source, views, model_info)
+  stage = predict_output(output_dir, source, fingerprint)
+  group = stage.path(layout.group_name(source.name))
+  open_outputs = functools.partial(
+    _open_outputs,
+    source,
+    stage,
+    geometry,
+    settings,
+    fingerprint,
+    overwrite=overwrite,
+    process_index=process_index,
+    needs_stats=needs_volume_stats(config.data),
+  )
+  if jax.process_count() > 1:
+    # One jax.distributed job: process 0 creates (or replaces) the outputs before anyone opens
+    # them. Separate jobs splitting the blocks by hand wait for the files instead.
+    if process_index == 0:
+      opened = open_outputs()
+    multihost_utils.sync_global_devices(f"jaxseg.predict: outputs of {source.name}")
+    if process_index != 0:
+      opened = open_outputs()
+  else:
+    opened = open_outputs()
+  affinities, done, stats = opened
+  finished = done.read()
+  mine = [b for b in geometry.blocks() if b.flat % process_count == process_index]
+  todo = [b for b in mine if not finished[tuple(b.index)]]
+  return _Job(
+    source=source,
+    geometry=geometry,
+    views=views,
+    stats=stats,
+    group=group,
+    affinities=affinities,
+    done=done,
+    todo=todo,
+    skipped=len(mine) - len(todo),
+    stage=stage,
+  )
+
+
+def _stream_blocks(
+  work: list[tuple[_Job, BlockPlan]],
+  engines: dict[tuple, engine_lib.WindowEngine],
+  settings: InferenceSettings,
+  data_config,
+  show_progress: bool,
+) -> None:
+  """Predicts the blocks of ``work`` in order: reads ahead, computes, writes behind."""
+  with (
+    concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="read") as reader,
+    concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="write") as writer,
+  ):
+    reads = collections.deque()
+    writes: collections.deque = collections.deque()
+    ahead = 2  # hulls read ahead of the device
+    for i in range(min(ahead, len(work))):
+      reads.append(reader.submit(_read_hull, *work[i][:2], settings, data_config))
+    bar = progress(
+      range(len(work)), total=len(work), desc="predict", unit="block", disable=not show_progress
+    )
+    for i in bar:
+      job, block = work[i]
+      if job.started is None:
+        job.started = time.perf_counter()
+      hull = reads.popleft().result()
+      if i + ahead < len(work):
+        reads.append(reader.submit(_read_hull, *work[i + ahead][:2], settings, data_config))
+      engine = engines[job.views]
+      device_block = engine.predict_block(engine.put_hull(hull), block, job.geometry.block_shape)
+      del hull
+      writes.append(writer.submit(_write_block, job, block, device_block))
+      while len(writes) > 2:  # bounds the blocks held on the host and the device
+        writes.popleft().result()
+      job.blocks_written += 1
+      job.windows_computed += len(block.windows)
+    while writes:
+      writes.popleft().result()
+
+
+def _job_summary(
+  job: _Job, settings: InferenceSettings, devices: int, process_index: int, process_count: int
+) -> dict:
+  """One input's summary: output, shape, blocks written / already done, timing, completeness."""
+  complete = _all_done(job)
+  aff_path = os.path.join(job.group, AFFINITIES)
+  voxels = int(np.prod(job.geometry.output_shape))
+  # Wall time from the first dispatch to the last durable write (the first input's includes
+  # compilation); blocks of one input overlap with the neighbours' reads and writes.
+  seconds = job.finished - job.started if job.started and job.finished else 0.0
+  summary = {
+    "name": job.source.name,
+    "input": str(job.source.volume.path),
+    "output": aff_path,
+    "shape": [len(settings.output_channels), *job.geometry.output_shape],
+    "dtype": np.dtype(settings.output_dtype).name,
+    "offsets": [list(o) for o in settings.output_offsets],
+    "convention": settings.convention,
+    "blocks": job.geometry.num_blocks,
+    "blocks_written": job.blocks_written,
+    "blocks_already_done": job.skipped,
+    "windows": job.geometry.num_windows,
+    # Windows that straddle a block face are computed once per block they touch.
+    "windows_computed": job.windows_computed,
+    "views": len(job.views),
+    "devices": devices,
+    "process": [process_index, process_count],
+    "seconds": round(seconds, 3),
+    "complete": complete,
+  }
+  if job.blocks_written and seconds > 0:
+    share = job.blocks_written / max(1, job.geometry.num_blocks)
+    summary["voxels_per_second"] = round(voxels * share / seconds, 1)
+  return summary
+
+
+def _summarize_jobs(
+  jobs: list[_Job],
+  settings: InferenceSettings,
+  data_config,
+  output_dir: str,
+  *,
+  devices: int,
+  process_index: int,
+  process_count: int,
+) -> list[dict]:
+  """The summaries; a complete input also gets its preview, summary file and finished entry."""
+  writes_summary = jax.process_count() == 1 or process_index == 0
+  results = []
+  for job in jobs:
+    summary = _job_summary(job, settings, devices, process_index, process_count)
+    if summary["complete"] and writes_summary:
+      preview = os.path.join(output_dir, layout.preview_name(job.source.name))
+      _preview(job, settings, data_config, preview)
+      summary["preview"] = preview
+      write_json(os.path.join(output_dir, layout.summary_name(job.source.name)), summary)
+      job.stage.finish()
+    results.append(summary)
+  return results
+
+
 @outputs.writes_outputs
 def predict_volumes(
   config,
@@ -409,70 +582,26 @@ def predict_volumes(
 
   jobs: list[_Job] = []
   for source in inputs:
-    _check_input(source.volume, settings)
-    geometry = settings.plan(source.volume.spatial_shape, where=source.volume.path)
-    views = tta_lib.tta_views(settings.tta, settings.window, source.volume.resolution)
-    fingerprint = {
-      "infer": settings.fingerprint(),
-      "views": [v.name for v in views],
-      "model": model_info,
-      "input": {
-        "path": str(source.volume.path),
-        "shape": list(source.volume.shape),
-        "dtype": np.dtype(source.volume.dtype).name,
-        "normalize": config.data.get("normalize", None),
-        "normalize_scope": config.data.get("normalize_scope", None),
-      },
-    }
-    stage = predict_output(output_dir, source, fingerprint)
-    group = stage.path(layout.group_name(source.name))
-    open_outputs = functools.partial(
-      _open_outputs,
-      source,
-      stage,
-      geometry,
+    job = _open_job(
+      config,
       settings,
-      fingerprint,
+      source,
+      output_dir,
+      model_info=model_info,
       overwrite=overwrite,
       process_index=process_index,
-      needs_stats=needs_volume_stats(config.data),
+      process_count=process_count,
     )
-    if jax.process_count() > 1:
-      # One jax.distributed job: process 0 creates (or replaces) the outputs before anyone opens
-      # them. Separate jobs splitting the blocks by hand wait for the files instead.
-      if process_index == 0:
-        opened = open_outputs()
-      multihost_utils.sync_global_devices(f"jaxseg.predict: outputs of {source.name}")
-      if process_index != 0:
-        opened = open_outputs()
-    else:
-      opened = open_outputs()
-    affinities, done, stats = opened
-    finished = done.read()
-    mine = [b for b in geometry.blocks() if b.flat % process_count == process_index]
-    todo = [b for b in mine if not finished[tuple(b.index)]]
-    jobs.append(
-      _Job(
-        source=source,
-        geometry=geometry,
-        views=views,
-        stats=stats,
-        group=group,
-        affinities=affinities,
-        done=done,
-        todo=todo,
-        skipped=len(mine) - len(todo),
-        stage=stage,
-      )
-    )
+    jobs.append(job)
+    views, geometry = job.views, job.geometry
     if views not in engines:
       engines[views] = engine_lib.WindowEngine(apply, variables, settings, views, sharding)
     logging.info(
       "%s: %s -> %s, %d of %d blocks to do (%d windows in all)",
       source.name,
       source.volume.shape,
-      os.path.join(group, AFFINITIES),
-      len(todo),
+      os.path.join(job.group, AFFINITIES),
+      len(job.todo),
       geometry.num_blocks,
       geometry.num_windows,
     )
@@ -481,80 +610,21 @@ def predict_volumes(
   if max_blocks is not None:
     work = work[: int(max_blocks)]
   data_config = config.data
-  with (
-    concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="read") as reader,
-    concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="write") as writer,
-  ):
-    reads = collections.deque()
-    writes: collections.deque = collections.deque()
-    ahead = 2  # hulls read ahead of the device
-    for i in range(min(ahead, len(work))):
-      reads.append(reader.submit(_read_hull, *work[i][:2], settings, data_config))
-    bar = progress(
-      range(len(work)), total=len(work), desc="predict", unit="block", disable=not show_progress
-    )
-    for i in bar:
-      job, block = work[i]
-      if job.started is None:
-        job.started = time.perf_counter()
-      hull = reads.popleft().result()
-      if i + ahead < len(work):
-        reads.append(reader.submit(_read_hull, *work[i + ahead][:2], settings, data_config))
-      engine = engines[job.views]
-      device_block = engine.predict_block(engine.put_hull(hull), block, job.geometry.block_shape)
-      del hull
-      writes.append(writer.submit(_write_block, job, block, device_block))
-      while len(writes) > 2:  # bounds the blocks held on the host and the device
-        writes.popleft().result()
-      job.blocks_written += 1
-      job.windows_computed += len(block.windows)
-    while writes:
-      writes.popleft().result()
+  _stream_blocks(work, engines, settings, data_config, show_progress)
 
   for job in jobs:
     job.affinities.flush()
   if jax.process_count() > 1:  # every process's blocks are durable before process 0 checks
     multihost_utils.sync_global_devices("jaxseg.predict: blocks written")
-  writes_summary = jax.process_count() == 1 or process_index == 0
-  results = []
-  for job in jobs:
-    complete = _all_done(job)
-    aff_path = os.path.join(job.group, AFFINITIES)
-    voxels = int(np.prod(job.geometry.output_shape))
-    # Wall time from the first dispatch to the last durable write (the first input's includes
-    # compilation); blocks of one input overlap with the neighbours' reads and writes.
-    seconds = job.finished - job.started if job.started and job.finished else 0.0
-    summary = {
-      "name": job.source.name,
-      "input": str(job.source.volume.path),
-      "output": aff_path,
-      "shape": [len(settings.output_channels), *job.geometry.output_shape],
-      "dtype": np.dtype(settings.output_dtype).name,
-      "offsets": [list(o) for o in settings.output_offsets],
-      "convention": settings.convention,
-      "blocks": job.geometry.num_blocks,
-      "blocks_written": job.blocks_written,
-      "blocks_already_done": job.skipped,
-      "windows": job.geometry.num_windows,
-      # Windows that straddle a block face are computed once per block they touch.
-      "windows_computed": job.windows_computed,
-      "views": len(job.views),
-      "devices": sharding.num_devices,
-      "process": [process_index, process_count],
-      "seconds": round(seconds, 3),
-      "complete": complete,
-    }
-    if job.blocks_written and seconds > 0:
-      share = job.blocks_written / max(1, job.geometry.num_blocks)
-      summary["voxels_per_second"] = round(voxels * share / seconds, 1)
-    if complete and writes_summary:
-      preview = os.path.join(output_dir, layout.preview_name(job.source.name))
-      _preview(job, settings, data_config, preview)
-      summary["preview"] = preview
-      write_json(os.path.join(output_dir, layout.summary_name(job.source.name)), summary)
-      job.stage.finish()
-    results.append(summary)
-  return results
+  return _summarize_jobs(
+    jobs,
+    settings,
+    data_config,
+    output_dir,
+    devices=sharding.num_devices,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
 def predict(

@@ -364,8 +364,7 @@ def predict_with_tta(
     ``[b, z, y, x, C]`` float32 jax array. With only :data:`IDENTITY` this is exactly
     ``activation(apply(x))`` in float32.
   """
-  import jax  # Lazy: the module's view helpers stay usable without jax.
-  import jax.numpy as jnp
+  import jax.numpy as jnp  # Lazy: the module's view helpers stay usable without jax.
 
   views = tuple(views)
   if not views:
@@ -374,84 +373,112 @@ def predict_with_tta(
     raise ValueError(f"TTA ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
   offsets = normalize_offsets(offsets)
   all_moves = tuple(channel_moves(v, offsets, convention) for v in views)
-  act = activation if activation is not None else (lambda v: v)
+  run = _model_runner(apply, activation, len(offsets))
   x = jnp.asarray(x)
   if x.ndim != 5:
     raise ValueError(f"expected x [b, z, y, x, cin], got shape {x.shape}")
-
-  def run(xv):
-    y = jnp.asarray(apply(xv))
-    if y.ndim != 5 or y.shape[-1] != len(offsets):
-      raise ValueError(
-        f"model output must be [b, z, y, x, {len(offsets)}] for {len(offsets)} offsets, "
-        f"got shape {y.shape}"
-      )
-    return act(y.astype(jnp.float32)).astype(jnp.float32)
-
   if views == (IDENTITY,):
     return run(x)
 
   spatial = tuple(x.shape[1:4])
-  out_shape = (x.shape[0], *spatial, len(offsets))
-  count0 = jnp.zeros((*spatial, len(offsets)), jnp.float32)
-  if ensemble == "mean":
-    acc0 = jnp.zeros(out_shape, jnp.float32)
-  else:
-    acc0 = jnp.full(out_shape, jnp.inf if ensemble == "min" else -jnp.inf, jnp.float32)
-
-  def fold(carry, out, valid):
-    acc, count = carry
-    if ensemble == "mean":
-      acc = acc + jnp.where(valid, out, 0.0)
-    elif ensemble == "min":
-      acc = jnp.where(valid, jnp.minimum(acc, out), acc)
-    else:
-      acc = jnp.where(valid, jnp.maximum(acc, out), acc)
-    return acc, count + valid
-
+  carry = _ensemble_start(x.shape[0], spatial, len(offsets), ensemble)
   same_shape = all(v.spatial_shape(spatial) == spatial for v in views)
   if unroll or not same_shape:
-    carry = (acc0, count0)
     for view, moves in zip(views, all_moves, strict=True):
       out, valid = restore_output(run(transform_input(x, view)), view, moves)
-      carry = fold(carry, out, valid)
+      carry = _fold(ensemble, carry, out, valid)
   else:
-    # Only the flips / transposes differ per view (cheap branches of a switch). A re-anchored
-    # channel d is always shifted by the same -t_d ('source') or +t_d ('target'), whichever view
-    # asks for it, so the per-channel shifts are written once, outside the switch, and a per-view
-    # flag picks shifted or not: the compiled code does not grow with views x channels.
-    to_view = [functools.partial(transform_input, view=v) for v in views]
-    from_view = [functools.partial(_inverse_spatial, view=v) for v in views]
-    sources = jnp.asarray([[c for c, _ in m] for m in all_moves], jnp.int32)  # [V, C]
-    flags = np.asarray([[s is not None for _, s in m] for m in all_moves])  # [V, C]
-    # channel_moves gives channel d the same shift (sign * t_d) in every view that shifts it.
-    shifts = [
-      next((m[d][1] for m in all_moves if m[d][1] is not None), None) for d in range(len(offsets))
-    ]
-    shift_valid = np.stack(
-      [
-        np.ones(spatial, bool) if s is None else shift_volume(np.ones(spatial, bool), s)[1]
-        for s in shifts
-      ],
-      axis=-1,
-    )  # [z, y, x, C]
-    flags = jnp.asarray(flags)
-
-    def body(carry, i):
-      y = jax.lax.switch(i, from_view, run(jax.lax.switch(i, to_view, x)))
-      y = jnp.take(y, sources[i], axis=-1, mode="clip")
-      shifted = jnp.stack(
-        [y[..., d] if s is None else shift_volume(y[..., d], s)[0] for d, s in enumerate(shifts)],
-        axis=-1,
-      )
-      out = jnp.where(flags[i], shifted, y)
-      valid = jnp.where(flags[i], shift_valid, True)
-      return fold(carry, out, valid), None
-
-    carry, _ = jax.lax.scan(body, (acc0, count0), jnp.arange(len(views)))
+    carry = _scan_views(run, x, views, all_moves, ensemble, carry)
 
   acc, count = carry
   covered = count > 0
   if ensemble == "mean":
     acc = acc / jnp.maximum(count, 1.0)
   return jnp.where(covered, acc, 0.0)
+
+
+def _model_runner(apply: Callable[[Any], Any], activation, channels: int):
+  """``run(x') = activation(apply(x'))`` in float32, checking the model's output shape."""
+  import jax.numpy as jnp
+
+  act = activation if activation is not None else (lambda v: v)
+
+  def run(xv):
+    y = jnp.asarray(apply(xv))
+    if y.ndim != 5 or y.shape[-1] != channels:
+      raise ValueError(
+        f"model output must be [b, z, y, x, {channels}] for {channels} offsets, got shape {y.shape}"
+      )
+    return act(y.astype(jnp.float32)).astype(jnp.float32)
+
+  return run
+
+
+def _ensemble_start(batch: int, spatial: tuple, channels: int, ensemble: str):
+  """The empty ensemble ``(acc [b, z, y, x, C], count [z, y, x, C])``."""
+  import jax.numpy as jnp
+
+  out_shape = (batch, *spatial, channels)
+  count0 = jnp.zeros((*spatial, channels), jnp.float32)
+  if ensemble == "mean":
+    acc0 = jnp.zeros(out_shape, jnp.float32)
+  else:
+    acc0 = jnp.full(out_shape, jnp.inf if ensemble == "min" else -jnp.inf, jnp.float32)
+  return acc0, count0
+
+
+def _fold(ensemble: str, carry, out, valid):
+  """Folds one view's restored ``out`` into the ensemble where ``valid``."""
+  import jax.numpy as jnp
+
+  acc, count = carry
+  if ensemble == "mean":
+    acc = acc + jnp.where(valid, out, 0.0)
+  elif ensemble == "min":
+    acc = jnp.where(valid, jnp.minimum(acc, out), acc)
+  else:
+    acc = jnp.where(valid, jnp.maximum(acc, out), acc)
+  return acc, count + valid
+
+
+def _scan_views(run, x, views: tuple[View, ...], all_moves, ensemble: str, carry):
+  """Folds every view into ``carry`` in one ``lax.scan``: ``apply`` is compiled once."""
+  import jax
+  import jax.numpy as jnp
+
+  spatial = tuple(x.shape[1:4])
+  channels = len(all_moves[0])
+  # Only the flips / transposes differ per view (cheap branches of a switch). A re-anchored
+  # channel d is always shifted by the same -t_d ('source') or +t_d ('target'), whichever view
+  # asks for it, so the per-channel shifts are written once, outside the switch, and a per-view
+  # flag picks shifted or not: the compiled code does not grow with views x channels.
+  to_view = [functools.partial(transform_input, view=v) for v in views]
+  from_view = [functools.partial(_inverse_spatial, view=v) for v in views]
+  sources = jnp.asarray([[c for c, _ in m] for m in all_moves], jnp.int32)  # [V, C]
+  flags = np.asarray([[s is not None for _, s in m] for m in all_moves])  # [V, C]
+  # channel_moves gives channel d the same shift (sign * t_d) in every view that shifts it.
+  shifts = [
+    next((m[d][1] for m in all_moves if m[d][1] is not None), None) for d in range(channels)
+  ]
+  shift_valid = np.stack(
+    [
+      np.ones(spatial, bool) if s is None else shift_volume(np.ones(spatial, bool), s)[1]
+      for s in shifts
+    ],
+    axis=-1,
+  )  # [z, y, x, C]
+  flags = jnp.asarray(flags)
+
+  def body(carry, i):
+    y = jax.lax.switch(i, from_view, run(jax.lax.switch(i, to_view, x)))
+    y = jnp.take(y, sources[i], axis=-1, mode="clip")
+    shifted = jnp.stack(
+      [y[..., d] if s is None else shift_volume(y[..., d], s)[0] for d, s in enumerate(shifts)],
+      axis=-1,
+    )
+    out = jnp.where(flags[i], shifted, y)
+    valid = jnp.where(flags[i], shift_valid, True)
+    return _fold(ensemble, carry, out, valid), None
+
+  carry, _ = jax.lax.scan(body, carry, jnp.arange(len(views)))
+  return carry

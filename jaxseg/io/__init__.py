@@ -9,6 +9,10 @@ transpose is lazy, so reading a box touches only the chunks under it.
 Outputs are chunked, compressed zarr written through tensorstore with chunk-aligned writes and
 metadata (resolution, axis order, offset, source) in the attributes.
 
+Modules: ``backends`` (one reader per format, on-disk order), ``volume`` (:class:`Volume`,
+:func:`open_volume`), ``zarr_writer`` (:func:`create_zarr`, :func:`reopen_zarr`,
+:func:`block_chunks`), ``volume_writer`` (:func:`write_volume`).
+
 Public API::
 
   vol = open_volume("train-gt.lzf.h5:stack")              # or a dict / tensorstore spec
@@ -21,16 +25,9 @@ Public API::
 """
 
 from jaxseg.io.errors import VolumeError
-from jaxseg.io.volume import (
-  Volume,
-  WritableVolume,
-  block_chunks,
-  create_zarr,
-  open_volume,
-  read_volume,
-  reopen_zarr,
-  write_volume,
-)
+from jaxseg.io.volume import Volume, WritableVolume, open_volume, read_volume
+from jaxseg.io.volume_writer import write_volume
+from jaxseg.io.zarr_writer import block_chunks, create_zarr, reopen_zarr
 
 __all__ = [
   "Volume",

@@ -1,4 +1,4 @@
-"""RSUNet: the residual symmetric U-Net of DeepEM / PyTC (``pytc_spec.md`` section 2).
+"""RSUNet: the residual symmetric U-Net of DeepEM / PyTC (``docs/models.md``, "RSUNet").
 
 Input ``[b, z, y, x, in_channels]`` (float, any dtype), output ``[b, z, y, x, out_channels]``
 logits in the compute dtype. Each spatial size must be a multiple of ``input_multiple(pool,

@@ -1,6 +1,6 @@
 """The affinity mask: a uint8 ``[z, y, x]`` zarr, 1 = keep, built from a QC report.
 
-Rules (``pytc_spec.md`` section 7): sections outside ``[low_z, high_z)`` are dropped, and so are
+Rules (``docs/quality.md``, "Mask"): sections outside ``[low_z, high_z)`` are dropped, and so are
 pixels of the XY ring (``border_width`` wide) whose image is at or below ``bg_thresh`` (a dark
 padded margin the net reads as one huge cell). The spec travels in the array's attributes
 (``jaxseg_affinity_mask``: ``low_z``, ``high_z``, ``bg_thresh``, ``border_width``,
@@ -10,7 +10,7 @@ different one is refused unless ``overwrite``, and a path jaxseg did not make is
 
 The mask is written one chunk-deep z slab at a time (only the ring strips of the image are read)
 into ``<output>.partial``, renamed onto ``<output>`` when complete, so a killed build never leaves
-a half mask. The decoder (``decode.affinity_mask_path``, ``jaxseg.decoding.decode_lib.open_mask``)
+a half mask. The decoder (``decode.affinity_mask_path``, ``jaxseg.decoding.affinity_io.open_mask``)
 reads it box by box. Never imports JAX.
 """
 
@@ -25,7 +25,8 @@ from jaxseg.common import outputs
 from jaxseg.common.outputs import Decision, StageOutput, input_identity
 from jaxseg.common.progress import progress
 from jaxseg.io import Volume, VolumeError, block_chunks, create_zarr, open_volume
-from jaxseg.quality.affinity_qc import QcReport, image_box, read_report, stable_path
+from jaxseg.quality.report import QcReport, read_report, stable_path
+from jaxseg.quality.scan import image_box
 
 MASK_ATTR = "jaxseg_affinity_mask"
 # Chunks follow the decoder's default blocks (config.decode.block_shape), so a block read of the

@@ -11,7 +11,8 @@ of ``(config, seed)``:
 
 Modules: ``config`` (knobs and difficulty presets), ``neurites`` (random-walk growth and tube
 rasterisation), ``segmentation`` (packing, gaps, ids, skeleton graph), ``render`` (image),
-``preview`` (PNG), ``cube`` (cubes and datasets on disk in the NISB layout). Never imports JAX.
+``cube`` (cubes and datasets on disk in the NISB layout, with a ``jaxseg.io.preview`` PNG). Never
+imports JAX.
 
 Usage::
 

@@ -33,8 +33,8 @@ from jaxseg.common.errors import OutputError
 from jaxseg.common.files import write_json
 from jaxseg.common.outputs import Decision, StageOutput, is_jaxseg_folder
 from jaxseg.common.progress import progress
+from jaxseg.io.preview import save_preview
 from jaxseg.synthesis.config import SynthParams, resolve_config
-from jaxseg.synthesis.preview import save_preview
 from jaxseg.synthesis.render import membrane_mask, render_image
 from jaxseg.synthesis.segmentation import build_segmentation
 

@@ -184,6 +184,186 @@ def _random_unit(out):
 
 
 @numba.njit(cache=True)
+def _seed_neurite(labels, res, extent, floor_r, radii, thin_fraction, own, dirs, c):
+  """Draws a base radius and a free seed point (written into ``c``); returns ``(found, radius)``.
+
+  ``radii`` is ``(thick_lo, thick_hi, thin_lo, thin_hi)`` nm; the radius is log-uniform in the
+  thin range with probability ``thin_fraction``, else in the thick one.
+  """
+  thick_lo, thick_hi, thin_lo, thin_hi = radii
+  if np.random.random() < thin_fraction:
+    lo, hi = thin_lo, thin_hi
+  else:
+    lo, hi = thick_lo, thick_hi
+  r0 = math.exp(math.log(lo) + np.random.random() * (math.log(hi) - math.log(lo)))
+  r = r0
+  for attempt in range(_SEED_ATTEMPTS):
+    # Later attempts try thinner neurites: what still fits between the existing ones.
+    r = max(floor_r, r0 * 0.985**attempt)
+    for a in range(3):
+      c[a] = np.random.random() * extent[a]
+    if _label_at(labels, c[0], c[1], c[2], res[0], res[1], res[2]) != 0:
+      continue
+    if _ball_free(labels, c, r, res, own, dirs):
+      return True, r
+  return False, r
+
+
+@numba.njit(cache=True)
+def _squeezed_radius(labels, q, r_t, res, own, dirs, floor_r):
+  """The widest radius down to ``_MIN_SQUEEZE * r_t`` whose ball at ``q`` is free; -1 if none."""
+  r_eff = r_t
+  r_min = max(floor_r, _MIN_SQUEEZE * r_t)
+  while r_eff > r_min and not _ball_free(labels, q, r_eff, res, own, dirs):
+    r_eff = max(r_min, 0.8 * r_eff)
+  if not _ball_free(labels, q, r_eff, res, own, dirs):
+    return -1.0
+  return r_eff
+
+
+@numba.njit(cache=True)
+def _choose_step(labels, res, own, dirs, p, d, r_t, walk, cand, q, best_dir):
+  """Tries up to ``_N_CANDIDATES`` headings from ``p`` (current heading ``d``, radius ``r_t``).
+
+  Writes the widest-passing heading into ``best_dir``; returns ``(radius, leaves_cube)``, radius
+  -1 when every candidate is blocked. ``cand`` and ``q`` are scratch.
+  """
+  step_nm, sig_dir, spacing, floor_r = walk[0], walk[1], walk[2], walk[3]
+  best_r = -1.0
+  best_exit = False
+  for k in range(_N_CANDIDATES):
+    if k < _N_CANDIDATES // 2:
+      s = sig_dir * (1.0 + 2.0 * k)  # widening cone around the current heading
+      for a in range(3):
+        cand[a] = d[a] + s * np.random.normal()
+      _normalize(cand)
+    else:
+      _random_unit(cand)  # any forward direction
+      dot = cand[0] * d[0] + cand[1] * d[1] + cand[2] * d[2]
+      if dot < 0.0:
+        for a in range(3):
+          cand[a] = -cand[a]
+    for a in range(3):
+      q[a] = p[a] + step_nm * cand[a]
+    lab_q = _label_at(labels, q[0], q[1], q[2], res[0], res[1], res[2])
+    if lab_q > 0 and lab_q != own:
+      continue
+    if not _segment_free(labels, p, q, res, own, spacing):
+      continue
+    leaving = lab_q == -1
+    if leaving:
+      r_eff = r_t
+    else:
+      r_eff = _squeezed_radius(labels, q, r_t, res, own, dirs, floor_r)
+      if r_eff < 0.0:
+        continue
+    if r_eff > best_r + 1e-9:
+      best_r = r_eff
+      best_exit = leaving
+      for a in range(3):
+        best_dir[a] = cand[a]
+    if k == 0 and r_eff >= r_t * 0.999:
+      break  # the natural step is unobstructed: keep the walk unbiased
+  return best_r, best_exit
+
+
+@numba.njit(cache=True)
+def _record_node(nodes, n, point, parent_node, own, r):
+  """Stores node ``n``: position, parent, neurite label and radius."""
+  pos, parent, neurite, radius = nodes
+  pos[n] = point
+  parent[n] = parent_node
+  neurite[n] = own
+  radius[n] = r
+
+
+@numba.njit(cache=True)
+def _claim_voxel(labels, res, q, own):
+  """Gives the voxel under ``q`` to ``own`` if it is free; returns the voxels newly filled."""
+  iz = math.floor(q[0] / res[0] + 0.5)
+  iy = math.floor(q[1] / res[1] + 0.5)
+  ix = math.floor(q[2] / res[2] + 0.5)
+  if labels[iz, iy, ix] == 0:  # a node's own voxel is always its own
+    labels[iz, iy, ix] = own
+    return 1
+  return 0
+
+
+@numba.njit(cache=True)
+def _push_branch(stack, top, cur, d, lr0, u):
+  """Pushes a child of node ``cur`` heading 30-80 degrees off ``d``, in a random plane."""
+  stack_node, stack_dir, stack_lr = stack
+  _random_unit(u)
+  dot = u[0] * d[0] + u[1] * d[1] + u[2] * d[2]
+  for a in range(3):
+    u[a] -= dot * d[a]
+  _normalize(u)
+  angle = math.radians(30.0 + 50.0 * np.random.random())
+  stack_node[top] = cur
+  for a in range(3):
+    stack_dir[top, a] = math.cos(angle) * d[a] + math.sin(angle) * u[a]
+  stack_lr[top] = lr0 + math.log(0.55 + 0.3 * np.random.random())
+
+
+@numba.njit(cache=True)
+def _walk_branch(labels, res, own, dirs, walk, nodes, stack, top, scratch, bbox, state):
+  """Walks the branch at ``stack[top]`` until it is blocked, leaves the cube or the node budget
+  ends, pushing the branches it sprouts.
+
+  ``walk`` holds the step constants (see :func:`_grow`); ``state`` is ``(n, filled, length,
+  max_nodes)``. Returns the updated ``(n, filled, length, top)``.
+  """
+  step_nm, floor_r, theta, lr_noise = walk[0], walk[3], walk[4], walk[5]
+  lr_min, lr_max, p_branch = walk[6], walk[7], walk[8]
+  n, filled, length, max_nodes = state
+  pos, radius = nodes[0], nodes[3]
+  stack_node, stack_dir, stack_lr = stack
+  d, cand, best_dir, q, u = scratch
+  cur = stack_node[top]
+  for a in range(3):
+    d[a] = stack_dir[top, a]
+  lr0 = stack_lr[top]
+  lr = lr0
+  r_prev = radius[cur]
+  p = pos[cur].copy()
+  while n < max_nodes - 16:
+    r_t = max(floor_r, math.exp(lr))
+    best_r, best_exit = _choose_step(labels, res, own, dirs, p, d, r_t, walk, cand, q, best_dir)
+    if best_r < 0.0:
+      break  # blocked on every side: the neurite ends here
+    for a in range(3):
+      q[a] = p[a] + step_nm * best_dir[a]
+    filled += _raster_capsule(labels, p, q, r_prev, best_r, res, own, bbox)
+    length += step_nm
+    if best_exit:
+      break  # left the cube through a face
+    _record_node(nodes, n, q, cur, own, best_r)
+    filled += _claim_voxel(labels, res, q, own)
+    cur = n
+    n += 1
+    for a in range(3):
+      p[a] = q[a]
+      d[a] = best_dir[a]
+    r_prev = best_r
+    lr += theta * (lr0 - lr) + lr_noise * np.random.normal()
+    lr = min(lr_max, max(lr_min, lr))
+    if np.random.random() < p_branch and top < _MAX_BRANCH_STACK:
+      _push_branch(stack, top, cur, d, lr0, u)
+      top += 1
+  return n, filled, length, top
+
+
+@numba.njit(cache=True)
+def _erase_neurite(labels, bbox, own):
+  """Frees every voxel of ``own`` inside ``bbox`` (zmin, ymin, xmin, zmax, ymax, xmax)."""
+  for iz in range(bbox[0], bbox[3] + 1):
+    for iy in range(bbox[1], bbox[4] + 1):
+      for ix in range(bbox[2], bbox[5] + 1):
+        if labels[iz, iy, ix] == own:
+          labels[iz, iy, ix] = 0
+
+
+@numba.njit(cache=True)
 def _grow(
   labels,
   res,
@@ -214,22 +394,23 @@ def _grow(
   parent = np.empty(max_nodes, np.int64)
   neurite = np.empty(max_nodes, np.int32)
   radius = np.empty(max_nodes)
+  nodes = (pos, parent, neurite, radius)
   stack_node = np.empty(_MAX_BRANCH_STACK, np.int64)
   stack_dir = np.empty((_MAX_BRANCH_STACK, 3))
   stack_lr = np.empty(_MAX_BRANCH_STACK)
+  stack = (stack_node, stack_dir, stack_lr)
   bbox = np.empty(6, np.int64)
   c = np.empty(3)
   d = np.empty(3)
-  cand = np.empty(3)
-  best_dir = np.empty(3)
-  q = np.empty(3)
-  u = np.empty(3)
+  scratch = (d, np.empty(3), np.empty(3), np.empty(3), np.empty(3))  # d, cand, best_dir, q, u
+  radii = (thick_lo, thick_hi, thin_lo, thin_hi)
   sig_dir = math.sqrt(step_nm / persistence_nm)
   p_branch = branch_rate_per_um * step_nm / 1000.0
   theta = min(1.0, step_nm / _RADIUS_CORRELATION_NM)
   lr_noise = radius_sigma * math.sqrt(2.0 * theta)
   lr_min = math.log(floor_r)
   lr_max = math.log(2.0 * thick_hi)
+  walk = (step_nm, sig_dir, spacing, floor_r, theta, lr_noise, lr_min, lr_max, p_branch)
   n = 0
   filled = 0
   n_neurites = 0
@@ -238,23 +419,7 @@ def _grow(
     if max_neurites > 0 and n_neurites >= max_neurites:
       break
     own = n_neurites + 1
-    if np.random.random() < thin_fraction:
-      lo, hi = thin_lo, thin_hi
-    else:
-      lo, hi = thick_lo, thick_hi
-    r0 = math.exp(math.log(lo) + np.random.random() * (math.log(hi) - math.log(lo)))
-    found = False
-    r = r0
-    for attempt in range(_SEED_ATTEMPTS):
-      # Later attempts try thinner neurites: what still fits between the existing ones.
-      r = max(floor_r, r0 * 0.985**attempt)
-      for a in range(3):
-        c[a] = np.random.random() * extent[a]
-      if _label_at(labels, c[0], c[1], c[2], res[0], res[1], res[2]) != 0:
-        continue
-      if _ball_free(labels, c, r, res, own, dirs):
-        found = True
-        break
+    found, r = _seed_neurite(labels, res, extent, floor_r, radii, thin_fraction, own, dirs, c)
     if not found:
       failures += 1
       continue
@@ -263,10 +428,7 @@ def _grow(
     for a in range(3):
       bbox[a] = labels.shape[a]
       bbox[3 + a] = -1
-    pos[n] = c
-    parent[n] = -1
-    neurite[n] = own
-    radius[n] = r
+    _record_node(nodes, n, c, -1, own, r)
     n += 1
     filled += _raster_capsule(labels, c, c, r, r, res, own, bbox)
     lr_base = math.log(r)
@@ -281,99 +443,13 @@ def _grow(
     length = 0.0
     while top > 0 and n < max_nodes - 16:
       top -= 1
-      cur = stack_node[top]
-      for a in range(3):
-        d[a] = stack_dir[top, a]
-      lr0 = stack_lr[top]
-      lr = lr0
-      r_prev = radius[cur]
-      p = pos[cur].copy()
-      while n < max_nodes - 16:
-        r_t = max(floor_r, math.exp(lr))
-        best_r = -1.0
-        best_exit = False
-        for k in range(_N_CANDIDATES):
-          if k < _N_CANDIDATES // 2:
-            s = sig_dir * (1.0 + 2.0 * k)  # widening cone around the current heading
-            for a in range(3):
-              cand[a] = d[a] + s * np.random.normal()
-            _normalize(cand)
-          else:
-            _random_unit(cand)  # any forward direction
-            dot = cand[0] * d[0] + cand[1] * d[1] + cand[2] * d[2]
-            if dot < 0.0:
-              for a in range(3):
-                cand[a] = -cand[a]
-          for a in range(3):
-            q[a] = p[a] + step_nm * cand[a]
-          lab_q = _label_at(labels, q[0], q[1], q[2], res[0], res[1], res[2])
-          if lab_q > 0 and lab_q != own:
-            continue
-          if not _segment_free(labels, p, q, res, own, spacing):
-            continue
-          leaving = lab_q == -1
-          if leaving:
-            r_eff = r_t
-          else:
-            r_eff = r_t
-            r_min = max(floor_r, _MIN_SQUEEZE * r_t)
-            while r_eff > r_min and not _ball_free(labels, q, r_eff, res, own, dirs):
-              r_eff = max(r_min, 0.8 * r_eff)
-            if not _ball_free(labels, q, r_eff, res, own, dirs):
-              continue
-          if r_eff > best_r + 1e-9:
-            best_r = r_eff
-            best_exit = leaving
-            for a in range(3):
-              best_dir[a] = cand[a]
-          if k == 0 and r_eff >= r_t * 0.999:
-            break  # the natural step is unobstructed: keep the walk unbiased
-        if best_r < 0.0:
-          break  # blocked on every side: the neurite ends here
-        for a in range(3):
-          q[a] = p[a] + step_nm * best_dir[a]
-        filled += _raster_capsule(labels, p, q, r_prev, best_r, res, own, bbox)
-        length += step_nm
-        if best_exit:
-          break  # left the cube through a face
-        pos[n] = q
-        parent[n] = cur
-        neurite[n] = own
-        radius[n] = best_r
-        iz = math.floor(q[0] / res[0] + 0.5)
-        iy = math.floor(q[1] / res[1] + 0.5)
-        ix = math.floor(q[2] / res[2] + 0.5)
-        if labels[iz, iy, ix] == 0:  # a node's own voxel is always its own
-          labels[iz, iy, ix] = own
-          filled += 1
-        cur = n
-        n += 1
-        for a in range(3):
-          p[a] = q[a]
-          d[a] = best_dir[a]
-        r_prev = best_r
-        lr += theta * (lr0 - lr) + lr_noise * np.random.normal()
-        lr = min(lr_max, max(lr_min, lr))
-        if np.random.random() < p_branch and top < _MAX_BRANCH_STACK:
-          # Child heading: 30-80 degrees off the parent's, in a random plane.
-          _random_unit(u)
-          dot = u[0] * d[0] + u[1] * d[1] + u[2] * d[2]
-          for a in range(3):
-            u[a] -= dot * d[a]
-          _normalize(u)
-          angle = math.radians(30.0 + 50.0 * np.random.random())
-          stack_node[top] = cur
-          for a in range(3):
-            stack_dir[top, a] = math.cos(angle) * d[a] + math.sin(angle) * u[a]
-          stack_lr[top] = lr0 + math.log(0.55 + 0.3 * np.random.random())
-          top += 1
+      state = (n, filled, length, max_nodes)
+      n, filled, length, top = _walk_branch(
+        labels, res, own, dirs, walk, nodes, stack, top, scratch, bbox, state
+      )
     if length < min_length_nm:
       # Discard stubs that were blocked right away: undo their voxels and nodes.
-      for iz in range(bbox[0], bbox[3] + 1):
-        for iy in range(bbox[1], bbox[4] + 1):
-          for ix in range(bbox[2], bbox[5] + 1):
-            if labels[iz, iy, ix] == own:
-              labels[iz, iy, ix] = 0
+      _erase_neurite(labels, bbox, own)
       n = start_n
       filled = start_filled
       failures += 1

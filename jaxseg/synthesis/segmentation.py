@@ -41,6 +41,7 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
 
+from jaxseg.common.union_find import find_root, union
 from jaxseg.synthesis.neurites import Neurites, grow_neurites
 
 
@@ -150,14 +151,6 @@ def _separated_contacts(labels, touch_probability, salt):
   return out
 
 
-@numba.njit(cache=True, inline="always")
-def _find(parent, i):
-  while parent[i] != i:
-    parent[i] = parent[parent[i]]
-    i = parent[i]
-  return i
-
-
 @numba.njit(cache=True)
 def label_components(labels):
   """6-connected components of equal nonzero labels.
@@ -181,19 +174,13 @@ def label_components(labels):
           continue
         for j in (i - 1 if x > 0 else -1, i - nx_ if y > 0 else -1, i - nx_ * ny if z > 0 else -1):
           if j >= 0 and flat[j] == lab:
-            a = _find(parent, i)
-            b = _find(parent, j)
-            if a != b:
-              if a < b:
-                parent[b] = a
-              else:
-                parent[a] = b
+            union(parent, i, j)
   out = np.zeros(flat.shape[0], np.int32)
   n = 0
   for i in range(flat.shape[0]):
     if flat[i] == 0:
       continue
-    root = _find(parent, i)
+    root = find_root(parent, i)
     if root == i:
       n += 1
       out[i] = n

@@ -345,3 +345,46 @@ class CheckpointManager:
     }
     restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
     return {k: restored[k] for k in wanted}
+
+  def restore_model(
+    self, step: int, *, params: Any, rest: Any = None, use_ema: bool = True
+  ) -> dict[str, Any]:
+    """The model of ``step`` for inference: its weights and non-parameter state, no optimizer.
+
+    Args:
+      step: the step to restore.
+      params: template of the parameters (concrete or abstract), for the EMA as well.
+      rest: template of the non-parameter model state, or ``None`` / an empty tree (RSUNet,
+        MedNeXt): then it is returned as given and the ``train`` item is not read.
+      use_ema: the EMA weights when the checkpoint has them, else the raw parameters.
+
+    Returns:
+      ``{"weights": "ema" or "params", "params": ..., "rest": ...}``, the arrays on the default
+      device.
+    """
+    weights = "ema" if use_ema and self.meta(step).get("ema") else "params"
+    restored = self.restore(step, **{weights: params})[weights]
+    if rest is not None and jax.tree.leaves(rest):
+      rest = self._restore_rest(step, rest)
+    return {"weights": weights, "params": restored, "rest": rest}
+
+  def _restore_rest(self, step: int, rest: Any) -> Any:
+    """The ``rest`` entry of the ``train`` item alone.
+
+    That item holds the optimizer state too, whose structure only the optimizer can describe: a
+    partial restore reads just ``rest``, so inference needs no optimizer (nor the memory for its
+    moments).
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    template = {"rest": abstract_like(to_pure(rest), device)}
+    args = ocp.args.PyTreeRestore(
+      item=template,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(template),
+      partial_restore=True,
+    )
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+      restored = checkpointer.restore(os.path.join(self.directory, str(step), "train"), args=args)
+    finally:
+      checkpointer.close()
+    return restored["rest"]

@@ -39,7 +39,7 @@ def _bce_terms(x, y):
 
 
 def per_channel_bce(logits, target, mask, max_pos_weight: float = 10.0, logit_clamp: float = 20.0):
-  """PyTC's per-channel BCE with automatic positive weight (``pytc_spec.md`` section 1).
+  """PyTC's per-channel BCE with automatic positive weight (``docs/targets_and_losses.md``).
 
   1. Logits are clamped to ``[-logit_clamp, logit_clamp]``.
   2. Per channel ``c``, over the whole batch and only valid voxels:

@@ -299,6 +299,268 @@ def _restore_state(manager, step: int, state: dict, sharding) -> dict:
 # -- the loop ------------------------------------------------------------------------------------
 
 
+class _TrainingRun:
+  """What one :func:`train_and_evaluate` call's steps share: settings, state, data and counters.
+
+  Built in the order the run needs them (settings, checkpoints, train state, data and writers);
+  :meth:`run` then trains from ``step`` to ``end`` and :meth:`result` reports. The contexts it
+  opens (checkpoint manager, metric writer, batch stream) are closed by the caller's ``stack``.
+  """
+
+  def __init__(self, config, workdir: str, stack: contextlib.ExitStack, *, stop_at: int | None):
+    self.config, self.workdir, self.stack = config, workdir, stack
+    train_cfg = config.train
+    self.num_steps = int(train_cfg.num_steps)
+    self.is_main = jax.process_index() == 0
+    self.sharding = sharding_lib.create_sharding(int(train_cfg.get("mesh_devices", 0)))
+    self.per_device = int(train_cfg.batch_size)
+    self.global_batch = sharding_lib.global_batch_size(self.per_device, self.sharding)
+    self.local_batch = sharding_lib.local_batch_size(self.per_device, self.sharding)
+    self.monitor = str(train_cfg.get("monitor", "val_loss"))
+    if self.monitor.startswith("val_") and not _eval_enabled(config):
+      logging.warning(
+        "train.monitor=%r but validation is off (train.eval_every / train.eval_batches): only the "
+        "latest checkpoint (and train.keep_every milestones) will be kept",
+        self.monitor,
+      )
+    self._open_checkpoints()
+    self._init_state(stop_at)
+    self._build_steps()
+    self._init_counters()
+
+  # -- setup ---------------------------------------------------------------------------------------
+
+  def _open_checkpoints(self) -> None:
+    """The checkpoint manager and optimizer; refuses another model's checkpoints, saves config."""
+    config, train_cfg = self.config, self.config.train
+    self.manager = ckpt_lib.CheckpointManager(
+      os.path.join(self.workdir, paths.CHECKPOINT_DIR),
+      keep_top_k=int(train_cfg.get("keep_top_k", 3)),
+      monitor=self.monitor,
+      monitor_mode=str(train_cfg.get("monitor_mode", "min")),
+      keep_every=int(train_cfg.get("keep_every", 0)),
+    )
+    self.stack.callback(self.manager.close)
+    self.tx = optim.create_optimizer(config.optim, self.num_steps)
+    _, abstract_params, _ = model_graphdef(config, compute_dtype(config))
+    self.start = self.manager.latest_step()
+    if self.start is not None:
+      # Before anything is written: a different model in this workdir is a user error to report,
+      # not a shape mismatch deep inside orbax.
+      self.manager.check_model(self.start, config.model, abstract_params)
+    if self.is_main:
+      config_util.save_config(config, self.workdir)
+
+  def _init_state(self, stop_at: int | None) -> None:
+    """The train state: fresh, or the latest checkpoint's; ``step`` and ``end`` of this call."""
+    self.graphdef, self.state = create_train_state(self.config, self.tx, self.sharding)
+    if self.start is not None:
+      self.state = _restore_state(self.manager, self.start, self.state, self.sharding)
+      logging.info("resumed from %s at step %d", self.manager.directory, self.start)
+    self.step = int(self.start or 0)
+    self.end = self.num_steps if stop_at is None else min(int(stop_at), self.num_steps)
+
+  def _build_steps(self) -> None:
+    """The train data and step, the evaluator, the metric writer and the loop's cadences."""
+    config, train_cfg = self.config, self.config.train
+    self.train_data = pipeline.TrainData(
+      config, "train", process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    self.train_step = make_train_step(
+      config, self.graphdef, self.tx, self.sharding, self.train_data.read_shape
+    )
+    self.evaluator = (
+      _Evaluator(config, self.graphdef, self.sharding, self.local_batch)
+      if _eval_enabled(config)
+      else None
+    )
+    self.writer = summary.MetricWriter(self.workdir, enabled=self.is_main)
+    self.stack.callback(self.writer.close)
+    self.voxels_per_step = self.global_batch * math.prod(int(p) for p in config.data.patch_size)
+    self.log_every = max(1, int(train_cfg.get("log_every", 50)))
+    self.eval_every = int(train_cfg.get("eval_every", 0))
+    self.ckpt_every = int(train_cfg.get("checkpoint_every", 0))
+    self.monitor_on_val = self.monitor.startswith("val_")
+    logging.info(
+      "training %s: %d steps from step %d, global batch %d (%d per device x %d devices), "
+      "patch %s, workdir %s",
+      config.get("name", "?"),
+      self.num_steps,
+      self.step,
+      self.global_batch,
+      self.per_device,
+      self.sharding.num_devices,
+      tuple(config.data.patch_size),
+      self.workdir,
+    )
+
+  def _init_counters(self) -> None:
+    self.pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet read back
+    self.window: list[dict] = []  # host metrics since the last log line
+    self.since_save: list[float] = []  # train losses since the last checkpoint
+    self.last_train_loss = None
+    self.last_val: dict[str, Any] | None = None
+    self.t_window = time.perf_counter()
+    self.steps_window = 0
+    self.overhead = 0.0  # seconds spent on validation / checkpoints inside the current window
+
+  # -- the step loop -------------------------------------------------------------------------------
+
+  def run(self) -> None:
+    """Trains from ``step`` to ``end``, logging, validating and checkpointing on the way."""
+    if self.step < self.end:
+      batches = self.stack.enter_context(self.train_data.iterate(self.step, self.local_batch))
+    if self.evaluator is not None and self.step == 0:
+      # The starting point of the validation curve (not checkpointed).
+      self.last_val = self._evaluate(0)
+    while self.step < self.end:
+      batch_step, host_batch = next(batches)
+      assert batch_step == self.step, (batch_step, self.step)
+      batch = sharding_lib.to_global(host_batch, self.sharding)
+      self.state, metrics = self.train_step(self.state, batch["image"], batch["labels"])
+      self.pending.append((self.step, metrics))
+      self.step += 1
+      self.steps_window += 1
+      is_stop = self.step == self.end
+      if self.step % self.log_every == 0 or is_stop:
+        self._log_window()
+      self._evaluate_and_save(is_stop)
+
+  def _drain(self) -> None:
+    """Reads back the pending step metrics; raises on the first non-finite one."""
+    if not self.pending:
+      return
+    fetched = jax.device_get([m for _, m in self.pending])
+    steps = [s for s, _ in self.pending]
+    self.pending.clear()
+    for s, m in zip(steps, fetched, strict=True):
+      if not bool(m["finite"]):
+        raise self._non_finite(s, m)
+      self.window.append(m)
+      self.since_save.append(float(m["loss"]))
+      self.last_train_loss = float(m["loss"])
+
+  def _non_finite(self, step: int, metrics: dict) -> NonFiniteLossError:
+    latest = self.manager.latest_step()
+    kept = (
+      f"the last good checkpoint is step {latest} in {self.manager.directory}"
+      if latest is not None
+      else "no checkpoint had been saved yet"
+    )
+    return NonFiniteLossError(
+      f"non-finite training loss at step {step} (loss {float(metrics['loss'])}, gradient norm "
+      f"{float(metrics['grad_norm'])}); the update was not applied and {kept}. Try a lower "
+      "optim.lr or a smaller optim.grad_clip, train.mixed_precision=False, and check the "
+      "input data (NaN / Inf image values, labels) of this step's crops."
+    )
+
+  # -- logging window ------------------------------------------------------------------------------
+
+  def _log_window(self) -> None:
+    """The progress line and train scalars of the steps since the last one; opens a new window."""
+    self._drain()
+    step, num_steps, window = self.step, self.num_steps, self.window
+    elapsed = max(time.perf_counter() - self.t_window - self.overhead, 1e-9)
+    rate = self.steps_window / elapsed
+    mean = {k: float(np.mean([m[k] for m in window])) for k in ("loss", "grad_norm")}
+    self.last_train_loss = mean["loss"]  # one augmented batch is too noisy to report alone
+    scalars = {
+      **mean,
+      "lr": float(window[-1]["lr"]),
+      "steps_per_s": rate,
+      "voxels_per_s": rate * self.voxels_per_step,
+    }
+    scalars.update(
+      _channel_scalars("loss", np.mean([m["loss_per_channel"] for m in window], axis=0))
+    )
+    self.writer.write_scalars(step, scalars, kind="train")
+    logging.info(
+      "step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  %.3g voxels/s  ETA %s",
+      step,
+      num_steps,
+      mean["loss"],
+      scalars["lr"],
+      rate,
+      scalars["voxels_per_s"],
+      _format_duration((num_steps - step) / rate),
+    )
+    window.clear()
+    self.steps_window, self.overhead, self.t_window = 0, 0.0, time.perf_counter()
+
+  # -- evaluation and checkpoints ------------------------------------------------------------------
+
+  def _evaluate_and_save(self, is_stop: bool) -> None:
+    """Validation and a checkpoint where due after this step; their time is kept off the rate."""
+    step = self.step
+    is_last = step == self.num_steps
+    t0 = time.perf_counter()
+    evaluated = None
+    if self.evaluator is not None and (step % self.eval_every == 0 or is_last):
+      self._drain()
+      evaluated = self.last_val = self._evaluate(step)
+    periodic = self.ckpt_every > 0 and step % self.ckpt_every == 0
+    if periodic or is_stop or (evaluated is not None and self.monitor_on_val):
+      self._save(step, evaluated)
+    self.overhead += time.perf_counter() - t0
+
+  def _evaluate(self, at: int) -> dict:
+    state = self.state
+    params = state["ema"] if state["ema"] is not None else state["params"]
+    t0 = time.perf_counter()
+    metrics, preview = self.evaluator(params, state["rest"])
+    self.writer.write_scalars(at, metrics, kind="val")
+    self.writer.write_image(
+      at, "val/preview", summary.preview_grid(preview["image"], preview["target"],
+                                              preview["prediction"])
+    )  # fmt: skip
+    if self.is_main:
+      summary.plot_training_curves(self.workdir)
+    logging.info(
+      "step %d: val loss %.4f, accuracy %.4f (%d batches, %.1fs)",
+      at,
+      metrics["loss"],
+      metrics["accuracy"],
+      self.evaluator.n_batches,
+      time.perf_counter() - t0,
+    )
+    return metrics
+
+  def _save(self, at: int, val_metrics: dict | None) -> None:
+    self._drain()  # never checkpoint past an unchecked (possibly NaN) step
+    metrics = {}
+    if self.since_save:
+      metrics["train_loss"] = float(np.mean(self.since_save))
+    if val_metrics is not None:
+      metrics["val_loss"] = val_metrics["loss"]
+      metrics["val_accuracy"] = val_metrics["accuracy"]
+    state = self.state
+    self.manager.save(
+      at,
+      params=state["params"],
+      train={"step": state["step"], "opt_state": state["opt_state"], "rest": state["rest"]},
+      ema=state["ema"],
+      metrics=metrics,
+      model_config=self.config.model,
+    )
+    self.since_save.clear()
+
+  # -- the result ----------------------------------------------------------------------------------
+
+  def result(self) -> dict[str, Any]:
+    manager, monitor = self.manager, self.monitor
+    best = manager.best_step()
+    return {
+      "step": self.step,
+      "train_loss": self.last_train_loss,
+      "val_loss": self.last_val["loss"] if self.last_val else None,
+      "monitor": monitor,
+      "best_step": best,
+      "best_value": manager.meta(best)["metrics"].get(monitor) if best is not None else None,
+      "checkpoint_dir": manager.directory,
+      "resumed_from": self.start,
+    }
+
+
 @outputs.writes_outputs
 def train_and_evaluate(
   config, workdir: str, *, stop_at: int | None = None, overwrite: bool = False
@@ -333,8 +595,7 @@ def train_and_evaluate(
       settings (unless ``overwrite``).
     ValueError: bad settings or data (messages from the data pipeline name volume and shapes).
   """
-  train_cfg = config.train
-  num_steps = int(train_cfg.num_steps)
+  num_steps = int(config.train.num_steps)
   if num_steps < 1:
     raise ConfigError(f"train.num_steps must be >= 1, got {num_steps}")
   _check_batch_geometry(config)  # the model and batch settings, before anything is written
@@ -348,216 +609,16 @@ def train_and_evaluate(
   else:
     os.makedirs(workdir, exist_ok=True)
 
-  sharding = sharding_lib.create_sharding(int(train_cfg.get("mesh_devices", 0)))
-  per_device = int(train_cfg.batch_size)
-  global_batch = sharding_lib.global_batch_size(per_device, sharding)
-  local_batch = sharding_lib.local_batch_size(per_device, sharding)
-
-  monitor = str(train_cfg.get("monitor", "val_loss"))
-  if monitor.startswith("val_") and not _eval_enabled(config):
-    logging.warning(
-      "train.monitor=%r but validation is off (train.eval_every / train.eval_batches): only the "
-      "latest checkpoint (and train.keep_every milestones) will be kept",
-      monitor,
-    )
   with contextlib.ExitStack() as stack:
-    manager = ckpt_lib.CheckpointManager(
-      os.path.join(workdir, paths.CHECKPOINT_DIR),
-      keep_top_k=int(train_cfg.get("keep_top_k", 3)),
-      monitor=monitor,
-      monitor_mode=str(train_cfg.get("monitor_mode", "min")),
-      keep_every=int(train_cfg.get("keep_every", 0)),
-    )
-    stack.callback(manager.close)
-    tx = optim.create_optimizer(config.optim, num_steps)
-    graphdef, abstract_params, _ = model_graphdef(config, compute_dtype(config))
-    start = manager.latest_step()
-    if start is not None:
-      # Before anything is written: a different model in this workdir is a user error to report,
-      # not a shape mismatch deep inside orbax.
-      manager.check_model(start, config.model, abstract_params)
-    if is_main:
-      config_util.save_config(config, workdir)
-
-    graphdef, state = create_train_state(config, tx, sharding)
-    if start is not None:
-      state = _restore_state(manager, start, state, sharding)
-      logging.info("resumed from %s at step %d", manager.directory, start)
-    step = int(start or 0)
-    end = num_steps if stop_at is None else min(int(stop_at), num_steps)
-
-    train_data = pipeline.TrainData(
-      config, "train", process_index=jax.process_index(), process_count=jax.process_count()
-    )
-    train_step = make_train_step(config, graphdef, tx, sharding, train_data.read_shape)
-    evaluator = (
-      _Evaluator(config, graphdef, sharding, local_batch) if _eval_enabled(config) else None
-    )
-    writer = summary.MetricWriter(workdir, enabled=is_main)
-    stack.callback(writer.close)
-    voxels_per_step = global_batch * math.prod(int(p) for p in config.data.patch_size)
-
-    log_every = max(1, int(train_cfg.get("log_every", 50)))
-    eval_every = int(train_cfg.get("eval_every", 0))
-    ckpt_every = int(train_cfg.get("checkpoint_every", 0))
-    monitor_on_val = monitor.startswith("val_")
-    logging.info(
-      "training %s: %d steps from step %d, global batch %d (%d per device x %d devices), "
-      "patch %s, workdir %s",
-      config.get("name", "?"),
-      num_steps,
-      step,
-      global_batch,
-      per_device,
-      sharding.num_devices,
-      tuple(config.data.patch_size),
-      workdir,
-    )
-
-    pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet read back
-    window: list[dict] = []  # host metrics since the last log line
-    since_save: list[float] = []  # train losses since the last checkpoint
-    last_train_loss = None
-    last_val: dict[str, Any] | None = None
-    t_window = time.perf_counter()
-    steps_window = 0
-    overhead = 0.0  # seconds spent on validation / checkpoints inside the current window
-
-    def drain():
-      """Reads back the pending step metrics; raises on the first non-finite one."""
-      nonlocal last_train_loss
-      if not pending:
-        return
-      fetched = jax.device_get([m for _, m in pending])
-      steps = [s for s, _ in pending]
-      pending.clear()
-      for s, m in zip(steps, fetched, strict=True):
-        if not bool(m["finite"]):
-          latest = manager.latest_step()
-          kept = (
-            f"the last good checkpoint is step {latest} in {manager.directory}"
-            if latest is not None
-            else "no checkpoint had been saved yet"
-          )
-          raise NonFiniteLossError(
-            f"non-finite training loss at step {s} (loss {float(m['loss'])}, gradient norm "
-            f"{float(m['grad_norm'])}); the update was not applied and {kept}. Try a lower "
-            "optim.lr or a smaller optim.grad_clip, train.mixed_precision=False, and check the "
-            "input data (NaN / Inf image values, labels) of this step's crops."
-          )
-        window.append(m)
-        since_save.append(float(m["loss"]))
-        last_train_loss = float(m["loss"])
-
-    def save(at: int, val_metrics: dict | None) -> None:
-      drain()  # never checkpoint past an unchecked (possibly NaN) step
-      metrics = {}
-      if since_save:
-        metrics["train_loss"] = float(np.mean(since_save))
-      if val_metrics is not None:
-        metrics["val_loss"] = val_metrics["loss"]
-        metrics["val_accuracy"] = val_metrics["accuracy"]
-      manager.save(
-        at,
-        params=state["params"],
-        train={"step": state["step"], "opt_state": state["opt_state"], "rest": state["rest"]},
-        ema=state["ema"],
-        metrics=metrics,
-        model_config=config.model,
-      )
-      since_save.clear()
-
-    def run_eval(at: int) -> dict:
-      params = state["ema"] if state["ema"] is not None else state["params"]
-      t0 = time.perf_counter()
-      metrics, preview = evaluator(params, state["rest"])
-      writer.write_scalars(at, metrics, kind="val")
-      writer.write_image(
-        at, "val/preview", summary.preview_grid(preview["image"], preview["target"],
-                                                preview["prediction"])
-      )  # fmt: skip
-      if is_main:
-        summary.plot_training_curves(workdir)
-      logging.info(
-        "step %d: val loss %.4f, accuracy %.4f (%d batches, %.1fs)",
-        at,
-        metrics["loss"],
-        metrics["accuracy"],
-        evaluator.n_batches,
-        time.perf_counter() - t0,
-      )
-      return metrics
-
-    if step < end:
-      batches = stack.enter_context(train_data.iterate(step, local_batch))
-    if evaluator is not None and step == 0:
-      last_val = run_eval(0)  # the starting point of the validation curve (not checkpointed)
-    while step < end:
-      batch_step, host_batch = next(batches)
-      assert batch_step == step, (batch_step, step)
-      batch = sharding_lib.to_global(host_batch, sharding)
-      state, metrics = train_step(state, batch["image"], batch["labels"])
-      pending.append((step, metrics))
-      step += 1
-      steps_window += 1
-      is_last = step == num_steps
-      is_stop = step == end
-
-      if step % log_every == 0 or is_stop:
-        drain()
-        elapsed = max(time.perf_counter() - t_window - overhead, 1e-9)
-        rate = steps_window / elapsed
-        mean = {k: float(np.mean([m[k] for m in window])) for k in ("loss", "grad_norm")}
-        last_train_loss = mean["loss"]  # one augmented batch is too noisy to report alone
-        scalars = {
-          **mean,
-          "lr": float(window[-1]["lr"]),
-          "steps_per_s": rate,
-          "voxels_per_s": rate * voxels_per_step,
-        }
-        scalars.update(
-          _channel_scalars("loss", np.mean([m["loss_per_channel"] for m in window], axis=0))
-        )
-        writer.write_scalars(step, scalars, kind="train")
-        logging.info(
-          "step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  %.3g voxels/s  ETA %s",
-          step,
-          num_steps,
-          mean["loss"],
-          scalars["lr"],
-          rate,
-          scalars["voxels_per_s"],
-          _format_duration((num_steps - step) / rate),
-        )
-        window.clear()
-        steps_window, overhead, t_window = 0, 0.0, time.perf_counter()
-
-      t0 = time.perf_counter()
-      evaluated = None
-      if evaluator is not None and (step % eval_every == 0 or is_last):
-        drain()
-        evaluated = last_val = run_eval(step)
-      periodic = ckpt_every > 0 and step % ckpt_every == 0
-      if periodic or is_stop or (evaluated is not None and monitor_on_val):
-        save(step, evaluated)
-      overhead += time.perf_counter() - t0
-    manager.wait()
-    manager.prune()
+    run = _TrainingRun(config, workdir, stack, stop_at=stop_at)
+    run.run()
+    run.manager.wait()
+    run.manager.prune()
     if is_main:
       summary.plot_training_curves(workdir)
-      if step >= num_steps:
+      if run.step >= num_steps:
         stage.finish()
-    best = manager.best_step()
-    result = {
-      "step": step,
-      "train_loss": last_train_loss,
-      "val_loss": last_val["loss"] if last_val else None,
-      "monitor": monitor,
-      "best_step": best,
-      "best_value": manager.meta(best)["metrics"].get(monitor) if best is not None else None,
-      "checkpoint_dir": manager.directory,
-      "resumed_from": start,
-    }
+    result = run.result()
   logging.info("training done: %s", result)
   return result
 
@@ -600,21 +661,13 @@ def restore_inference_model(
     found = manager.resolve_step(step)
     graphdef, abstract_params, abstract_rest = model_graphdef(config, dtype)
     manager.check_model(found, config.model, abstract_params)
-    weights = "ema" if use_ema and manager.meta(found).get("ema") else "params"
-    restored = manager.restore(found, **{weights: abstract_params})[weights]
-    rest = abstract_rest
-    if jax.tree.leaves(abstract_rest):  # non-parameter model state lives in the "train" item
-      tx = optim.create_optimizer(config.optim, int(config.train.num_steps))
-      train = {
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "opt_state": jax.eval_shape(tx.init, abstract_params),
-        "rest": abstract_rest,
-      }
-      rest = manager.restore(found, train=train)["train"]["rest"]
-    model = nnx.merge(graphdef, restored, rest)
+    restored = manager.restore_model(
+      found, params=abstract_params, rest=abstract_rest, use_ema=use_ema
+    )
+    model = nnx.merge(graphdef, restored["params"], restored["rest"])
     info = {
       "step": found,
-      "weights": weights,
+      "weights": restored["weights"],
       "metrics": manager.meta(found).get("metrics", {}),
       "checkpoint_dir": manager.directory,
     }

@@ -12,16 +12,18 @@ the step spec (``run.checkpoint_step``), ``run.use_ema``, every input (path, z r
 input normalisation and the ``infer`` fingerprint: a new checkpoint or input gets a new folder, an
 identical one is reused. When every volume's predict entry is complete nothing is
 predicted and JAX is never imported; otherwise :func:`jaxseg.inference.predict_lib.predict`
-(imported only then) fills in what is missing (finished blocks are kept).
+(imported only then), or the ``predict`` function the caller passes, fills in what is missing
+(finished blocks are kept).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 from jaxseg.common import config_util, outputs
 from jaxseg.common.files import local_abspath, write_json
@@ -132,7 +134,13 @@ def _complete(out_dir: str, name: str) -> bool:
 
 @outputs.writes_outputs
 def cached_predictions(
-  config, checkpoint: str, split: str, cache_root: str, *, show_progress: bool = True
+  config,
+  checkpoint: str,
+  split: str,
+  cache_root: str,
+  *,
+  show_progress: bool = True,
+  predict: Callable[..., Any] | None = None,
 ) -> list[CachedAffinities]:
   """The split's affinities, predicted now only if not cached; QC'd when ``config.qc.enabled``.
 
@@ -143,6 +151,9 @@ def cached_predictions(
     split: ``train`` / ``val`` / ``test``.
     cache_root: folder holding the ``<key>`` folders.
     show_progress: progress bars while predicting.
+    predict: fills in missing predictions, called as :func:`jaxseg.inference.predict_lib.predict`
+      is (default: that function, imported only when something must be predicted; tests pass a
+      fake one that needs no JAX).
 
   Returns:
     One :class:`CachedAffinities` per volume of the split, in the split's order.
@@ -162,9 +173,10 @@ def cached_predictions(
       out_dir, name="cache", stage="affinity cache", fingerprint=ingredients, paths=(CACHE_FILE,)
     ).open()
     write_json(os.path.join(out_dir, CACHE_FILE), ingredients)
-    # Imported here: JAX is loaded only when something must be predicted.
-    predict_lib = importlib.import_module("jaxseg.inference.predict_lib")
-    predict_lib.predict(
+    if predict is None:
+      # Imported here: JAX is loaded only when something must be predicted.
+      from jaxseg.inference.predict_lib import predict
+    predict(
       config,
       checkpoint,
       [f"split:{split}"],

@@ -3,8 +3,9 @@
 Owns:
   * :func:`decoder_config`: a config copy whose ``decode`` section runs one decoder with tuned
     parameters (``best_params.json``'s ``params``).
-  * :func:`score` / :func:`evaluate_loaded`: the metrics of :func:`jaxseg.evaluate.evaluate` for a
-    ``[z, y, x]`` segmentation against a volume's dense labels and / or skeletons.
+  * :func:`score` / :func:`evaluate_loaded`: the metrics of
+    :func:`jaxseg.metrics.evaluation.evaluate` for a ``[z, y, x]`` segmentation against a volume's
+    dense labels and / or skeletons.
   * :func:`decode_and_evaluate`: decode one cached affinity volume to disk
     (:func:`jaxseg.decoding.decode_lib.decode`), score every output segmentation and write
     ``metrics.json`` beside them; a finished identical job is reused.
@@ -145,7 +146,7 @@ def evaluate_loaded(
   *,
   erl_cache_dir: str | None = None,
 ) -> dict:
-  """:func:`jaxseg.evaluate.evaluate` with the ground truth already opened or loaded.
+  """:func:`jaxseg.metrics.evaluation.evaluate` with the ground truth already opened or loaded.
 
   Args:
     segmentation: ``[z, y, x]`` labels (array or lazy volume).
@@ -155,7 +156,7 @@ def evaluate_loaded(
     eval_config: ``config.eval`` or :func:`eval_settings`'s dict.
     erl_cache_dir: the cache folder of a skeleton path's parsed arrays (default jaxseg's).
   """
-  from jaxseg.evaluate import evaluate
+  from jaxseg.metrics.evaluation import evaluate
 
   settings = dict(eval_config) if isinstance(eval_config, Mapping) else eval_config.to_dict()
   return evaluate(
@@ -176,8 +177,9 @@ def score(
   """Metrics of a ``[z, y, x]`` segmentation against a (windowed) volume's ground truth.
 
   Dense metrics (adapted Rand, VOI) when the volume has labels, NERL / ERL when it has a
-  skeleton: the dict of :func:`jaxseg.evaluate.evaluate`. ``erl_cache_dir``: where the skeleton's
-  parsed arrays are cached (the run's or tuner's ``<workdir>/cache/erl``; default jaxseg's).
+  skeleton: the dict of :func:`jaxseg.metrics.evaluation.evaluate`. ``erl_cache_dir``: where the
+  skeleton's parsed arrays are cached (the run's or tuner's ``<workdir>/cache/erl``; default
+  jaxseg's).
 
   Raises:
     ValueError: the volume has neither labels nor a skeleton.
@@ -241,7 +243,6 @@ def decode_and_evaluate(
   """
   from jaxseg.decoding.decode_lib import decode
   from jaxseg.decoding.settings import decode_settings
-  from jaxseg.io import open_volume
 
   start = time.perf_counter()
   config = _with_mask(config, cached.mask)
@@ -249,28 +250,9 @@ def decode_and_evaluate(
   volume = cached.volume
   has_gt = volume.labels is not None or volume.skeleton is not None
   objective = str(config.tune[settings.method].objective) if "tune" in config else None
-  fingerprint = json.loads(
-    json.dumps(
-      {
-        "decode": settings.fingerprint(),
-        "affinities": os.path.abspath(cached.affinities),
-        # The mask's rules, not just its path (the QC's or the user's): a mask rebuilt in place
-        # must not reuse scores.
-        "mask_spec": mask_spec(settings.affinity_mask_path or None),
-        "eval": eval_settings(config),
-        "labels": local_abspath(volume.labels.path) if volume.labels is not None else None,
-        "skeleton": local_abspath(volume.skeleton) if volume.skeleton else None,
-        "objective": objective,
-      }
-    )
-  )
+  fingerprint = _scores_fingerprint(config, settings, cached, objective)
   metrics_path = os.path.join(output_dir, METRICS_FILE)
-  inputs = {
-    "affinities": input_identity(cached.affinities),
-    "mask": input_identity(settings.affinity_mask_path) if settings.affinity_mask_path else None,
-    "labels": input_identity(volume.labels.path) if volume.labels is not None else None,
-    "skeleton": input_identity(volume.skeleton) if volume.skeleton else None,
-  }
+  inputs = _scores_inputs(settings, cached)
   scores = StageOutput(
     output_dir,
     name="scores",
@@ -290,23 +272,8 @@ def decode_and_evaluate(
     return {**_read_json(metrics_path), "reused": True}
   if decision is Decision.REUSE:
     scores.invalidate()
-  results = []
-  for path, threshold, count in zip(
-    summary["arrays"], summary["thresholds"], summary["segments"], strict=True
-  ):
-    row = {"threshold": float(threshold), "segmentation": path, "segments": int(count)}
-    if has_gt:
-      metrics = score(open_volume(path), volume, config.eval, erl_cache_dir=erl_cache_dir)
-      metrics["eval_seconds"] = metrics.pop("seconds")
-      row.update(metrics)
-    results.append(row)
-  best = None
-  if has_gt and objective is not None and objective in results[0]:
-    best_direction = direction(objective)
-    values = [objective_value(r, objective) for r in results]
-    for i, value in enumerate(values):
-      if math.isfinite(value) and (best is None or better(value, values[best], best_direction)):
-        best = i
+  results = _score_rows(summary, volume, config.eval, has_gt, erl_cache_dir)
+  best = _best_row(results, objective) if has_gt else None
   out = {
     "volume": cached.name,
     "decoder": settings.method,
@@ -326,6 +293,69 @@ def decode_and_evaluate(
   write_json(metrics_path, out)
   scores.finish()
   return {**out, "reused": False}
+
+
+def _scores_fingerprint(config, settings, cached: CachedAffinities, objective: str | None) -> dict:
+  """What the scores are made with: decode and eval settings, affinities, mask, ground truth."""
+  volume = cached.volume
+  return json.loads(
+    json.dumps(
+      {
+        "decode": settings.fingerprint(),
+        "affinities": os.path.abspath(cached.affinities),
+        # The mask's rules, not just its path (the QC's or the user's): a mask rebuilt in place
+        # must not reuse scores.
+        "mask_spec": mask_spec(settings.affinity_mask_path or None),
+        "eval": eval_settings(config),
+        "labels": local_abspath(volume.labels.path) if volume.labels is not None else None,
+        "skeleton": local_abspath(volume.skeleton) if volume.skeleton else None,
+        "objective": objective,
+      }
+    )
+  )
+
+
+def _scores_inputs(settings, cached: CachedAffinities) -> dict:
+  """The identities of the files the scores are made from (changed in place: scored again)."""
+  volume = cached.volume
+  return {
+    "affinities": input_identity(cached.affinities),
+    "mask": input_identity(settings.affinity_mask_path) if settings.affinity_mask_path else None,
+    "labels": input_identity(volume.labels.path) if volume.labels is not None else None,
+    "skeleton": input_identity(volume.skeleton) if volume.skeleton else None,
+  }
+
+
+def _score_rows(
+  summary: dict, volume: LabeledVolume, eval_config, has_gt: bool, erl_cache_dir: str | None
+) -> list[dict]:
+  """One row per decoded segmentation: threshold, path, segments and (with GT) its metrics."""
+  from jaxseg.io import open_volume
+
+  results = []
+  for path, threshold, count in zip(
+    summary["arrays"], summary["thresholds"], summary["segments"], strict=True
+  ):
+    row = {"threshold": float(threshold), "segmentation": path, "segments": int(count)}
+    if has_gt:
+      metrics = score(open_volume(path), volume, eval_config, erl_cache_dir=erl_cache_dir)
+      metrics["eval_seconds"] = metrics.pop("seconds")
+      row.update(metrics)
+    results.append(row)
+  return results
+
+
+def _best_row(results: list[dict], objective: str | None) -> int | None:
+  """The index of the row with the best finite ``objective`` (the first of ties), else None."""
+  if objective is None or objective not in results[0]:
+    return None
+  best = None
+  best_direction = direction(objective)
+  values = [objective_value(r, objective) for r in results]
+  for i, value in enumerate(values):
+    if math.isfinite(value) and (best is None or better(value, values[best], best_direction)):
+      best = i
+  return best
 
 
 def _read_json(path: str) -> dict:

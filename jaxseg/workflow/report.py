@@ -131,7 +131,7 @@ def write_preview(
     path: the PNG to write (atomically).
     image: lazy ``[c, z, y, x]`` / ``[z, y, x]`` image (``jaxseg.io.Volume`` or array).
     segmentation: lazy ``[z, y, x]`` segmentation.
-    affinity_source: a ``decode_lib.AffinitySource`` (its ``read(box)`` gives ``[3, z, y, x]``),
+    affinity_source: an ``affinity_io.AffinitySource`` (its ``read(box)`` gives ``[3, z, y, x]``),
       or None.
     labels: lazy ``[z, y, x]`` ground truth, or None.
     sections: how many z sections (``run.preview_slices``).

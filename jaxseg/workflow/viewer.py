@@ -181,7 +181,7 @@ def affinity_display(affinity_source, output: str) -> str:
   """Writes ``[3, z, y, x]`` uint8 (affinity x 255) of the decoded edges into ``output``.
 
   Args:
-    affinity_source: a ``jaxseg.decoding.decode_lib.AffinitySource`` (its ``read(box)`` gives
+    affinity_source: a ``jaxseg.decoding.affinity_io.AffinitySource`` (its ``read(box)`` gives
       the z, y, x edges).
     output: the zarr array folder to write; a complete copy of the same, unchanged source is
       reused, any other copy jaxseg made is replaced.

@@ -1,9 +1,11 @@
-"""PNG previews of a generated cube: xy slices of the image and of the image with a label overlay.
+"""PNG previews of a volume and its labels: xy slices of the image and of the image with a label
+overlay, for every stage that writes one (a generated cube's ``preview.png``, a decode's).
 
 Owns :func:`preview_image` and :func:`save_preview`. Inputs are canonical ``[z, y, x]``: ``img``
-uint8, ``seg`` integer ids (0 = extracellular space). Output: an RGB uint8 [H, W, 3] mosaic with
-three xy slices (at 1/4, 1/2, 3/4 of z) in columns; top row the image, bottom row the image with
-each neuron tinted in a stable colour (extracellular space untinted).
+uint8, ``seg`` integer ids (0 = extracellular space / background). Output: an RGB uint8
+[H, W, 3] mosaic with three xy slices (at 1/4, 1/2, 3/4 of z) in columns; top row the image,
+bottom row the image with each label tinted in a stable colour (0 untinted). Needs only numpy and
+PIL, so any layer may use it; never imports JAX.
 """
 
 from __future__ import annotations
