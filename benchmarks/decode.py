@@ -194,7 +194,7 @@ def voronoi_labels(shape, mean_cell: float = 2000.0, seed: int = 0) -> np.ndarra
   seeds = np.zeros(shape, np.uint32)
   flat = rng.choice(int(np.prod(shape)), n, replace=False)
   seeds.reshape(-1)[flat] = np.arange(1, n + 1, dtype=np.uint32)
-  _, index = ndimage.distance_transform_edt(
+  index = ndimage.distance_transform_edt(
     seeds == 0, sampling=(1.25, 1.0, 1.0), return_distances=False, return_indices=True
   )
   return seeds[tuple(index)]

@@ -2,65 +2,19 @@
 
 import ml_collections
 
+from jaxseg.decoding.settings import default_config as decode_config
+from jaxseg.quality.settings import default_config as qc_config
+
 
 def qc_defaults(enabled: bool) -> ml_collections.ConfigDict:
-  """Affinity QC parameters (``docs/quality.md``, "Parameters"), identical in every PyTC recipe."""
-  qc = ml_collections.ConfigDict()
-  qc.enabled = enabled
-  qc.z_stride = 10  # sample every 10th z slice
-  qc.k_edge = 20  # samples excluded at each end when computing the interior mean
-  qc.refine_window = 30  # low_z / high_z are searched within 30 slices of each end
-  qc.drift_thresh = 0.05  # a slice is bad when a channel mean drops below interior - 0.05
-  qc.border_width = 32  # XY ring (pixels) checked for background
-  qc.bg_thresh = 30  # image intensity at or below this is background
-  qc.n_z_border = 8  # z samples for the XY-border diagnostic
-  return qc
+  """Affinity QC parameters (``docs/quality.md``, "Parameters"), identical in every PyTC recipe;
+  their one copy is :class:`jaxseg.quality.settings.QcSettings`."""
+  return qc_config(enabled)
 
 
 def decode_defaults() -> ml_collections.ConfigDict:
-  """Every decoder key (``docs/decoding.md``), for both methods, with PyTC's numbers.
-
-  A recipe picks ``method`` and sets its own storage convention and block shape. Both methods'
-  keys are always present so ``--config.decode.method=waterz`` works on any recipe; a key that is
-  not listed here is an error (``jaxseg.decoding.settings``), never silently ignored.
-  """
-  decode = ml_collections.ConfigDict()
-  decode.method = "cc"  # "cc" (NISB: thresholded connected components) or "waterz" (SNEMI)
-  decode.channels = (0, 1, 2)  # the preset's channel numbers of the three decoded edges
-  decode.channel_order = "xyz"  # axis of each channel, used when the file records no offsets
-  decode.convention = "source"  # used when the file records no convention
-  # -- connected components
-  decode.threshold = 0.75  # strict >; tuned values: about 0.66 (base), 0.70 (LICONN)
-  # -- waterz
-  decode.thresholds = (0.5,)  # all decoded in one pass, one segmentation each
-  decode.merge_function = "aff85_his256"
-  decode.discretize_queue = 256  # waterz's binned priority queue (0 = exact float queue)
-  decode.aff_threshold_low = 0.1
-  decode.aff_threshold_high = 0.999
-  decode.dust = ml_collections.ConfigDict()
-  decode.dust.enabled = True
-  decode.dust.size = 800
-  decode.dust.affinity = 0.3
-  decode.dust.remove_size = 600
-  # PyTC silently drops these keys in decode_waterz; we apply every configured stage.
-  decode.branch_merge = ml_collections.ConfigDict()
-  decode.branch_merge.enabled = True
-  decode.branch_merge.iou_threshold = 0.5
-  decode.branch_merge.size_ratio = (0.5, 2.0)
-  decode.branch_merge.best_buddy = True
-  decode.branch_merge.one_sided_threshold = 0.8
-  decode.branch_merge.one_sided_min_size = 100
-  decode.branch_merge.affinity_threshold = 0.0  # 0 disables the mean z-affinity gate
-  # -- both
-  decode.affinity_mask_path = ""  # uint8 volume, 1 = keep (jaxseg.qc writes one)
-  decode.min_size = 0  # segments below this many voxels become 0 (PyTC: no size filter)
-  # -- blockwise (volumes larger than memory)
-  decode.blockwise = "auto"  # "auto": when the volume exceeds one block; "always"; "never"
-  decode.block_shape = (256, 512, 512)
-  decode.context = (8, 32, 32)  # waterz only: voxels read around each block for its watershed
-  decode.num_workers = 1  # daisy worker processes (1 = in this process)
-  decode.worker_command = ""  # e.g. "srun -N1 -n1 -c4": how a cluster starts each worker
-  return decode
+  """Every decoder key with PyTC's numbers: the one copy lives with the decoder's settings."""
+  return decode_config()
 
 
 def tune_defaults() -> ml_collections.ConfigDict:

@@ -23,8 +23,26 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+# The test being set up or run, so ``require_shared`` can check that it carries its marker.
+_current_test: pytest.Item | None = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  global _current_test
+  _current_test = item
+
+
 def require_shared(path: Path) -> Path:
-  """Returns ``path`` (inside ``SHARED_DATA``), skipping the test when it is not staged here."""
+  """Returns ``path`` (inside ``SHARED_DATA``), skipping the test when it is not staged here.
+
+  A test that reads ``SHARED_DATA`` must be marked ``@pytest.mark.realdata`` (so ``-m realdata``
+  selects it); one that is not fails here, on every machine, whether or not the data is staged.
+  """
+  if _current_test is not None and _current_test.get_closest_marker("realdata") is None:
+    pytest.fail(
+      f"{_current_test.nodeid} reads ../shared/data: mark it @pytest.mark.realdata", pytrace=False
+    )
   if not path.exists():
     pytest.skip(f"real EM test data not found at {path} (see the README, 'Development')")
   return path
@@ -32,7 +50,10 @@ def require_shared(path: Path) -> Path:
 
 @pytest.fixture
 def shared_data():
-  """The folder of real EM volumes; skips the test when it is not staged on this machine."""
+  """The folder of real EM volumes; skips the test when it is not staged on this machine.
+
+  Tests that use it are marked ``@pytest.mark.realdata`` (``require_shared`` checks).
+  """
   return require_shared(SHARED_DATA)
 
 

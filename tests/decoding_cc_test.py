@@ -299,6 +299,7 @@ def _same_partition(a, b):
   return pairs.shape[1] == np.unique(a).size == np.unique(b).size
 
 
+@pytest.mark.realdata
 def test_gt_affinities_decode_to_gt(gala_gt):
   cc3d = pytest.importorskip("cc3d")
   gt = gala_gt
@@ -320,6 +321,7 @@ def test_gt_affinities_decode_to_gt(gala_gt):
   assert adapted_rand(gt, labels).error < 1e-3
 
 
+@pytest.mark.realdata
 def test_noisy_affinities_behave_monotonically(gala_gt):
   gt = gala_gt[:16, :64, :64]
   aff, _ = compute_affinities(gt, UNIT_OFFSETS, "source")

@@ -151,6 +151,7 @@ def test_lut_works_without_a_volume():
     dust.dust_merge_lut(np.array([3, 2]), np.array([1, 1]), [], [], [], 0.5)
 
 
+@pytest.mark.realdata
 def test_after_waterz_on_real_data(shared_data):
   tifffile = pytest.importorskip("tifffile")
   pytest.importorskip("waterz")

@@ -232,6 +232,7 @@ def test_edge_statistics_without_histograms_and_small_dtypes():
   assert table.mean.tolist() == [0.5, 0.25]
 
 
+@pytest.mark.realdata
 def test_blockwise_tables_reduce_to_the_whole_volume(snemi):
   fragments, prob = snemi
   aff = _affinities_from_probability(prob, noise=0.1)
@@ -299,6 +300,7 @@ def test_parallel_edges_join_their_histograms():
       np.testing.assert_array_equal(mine.rg_score, score)
 
 
+@pytest.mark.realdata
 @pytest.mark.parametrize(
   ("function", "queue", "noise", "region_graph"),
   [
@@ -331,6 +333,7 @@ def test_matches_waterz_whole_volume(snemi, function, queue, noise, region_graph
   assert segment_counts[0] > segment_counts[-1]  # the thresholds really merge something
 
 
+@pytest.mark.realdata
 @pytest.mark.parametrize(("function", "queue"), [(HIS85, 256), (MEAN, 0)])
 def test_default_equals_one_waterz_call_per_threshold(snemi, function, queue):
   fragments, prob = snemi
@@ -344,6 +347,7 @@ def test_default_equals_one_waterz_call_per_threshold(snemi, function, queue):
     np.testing.assert_array_equal(mine.rg_score, score)
 
 
+@pytest.mark.realdata
 def test_region_graph_extraction_changes_waterz_results(snemi):
   """waterz's getRegionGraph re-queues stale edges: later thresholds merge less."""
   fragments, prob = snemi
@@ -358,6 +362,7 @@ def test_region_graph_extraction_changes_waterz_results(snemi):
   )
 
 
+@pytest.mark.realdata
 @pytest.mark.parametrize("function", [HIS85, HIS50_ALL, MEAN])
 def test_blockwise_statistics_reproduce_waterz(snemi, function):
   fragments, prob = snemi

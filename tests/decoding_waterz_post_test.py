@@ -284,6 +284,7 @@ def test_waterz_on_a_voronoi_volume():
   _waterz_cases(np.clip(aff + noise, 0.0, 1.0).astype(np.float32), [0.3, 0.6])
 
 
+@pytest.mark.realdata
 def test_waterz_on_snemi_probabilities(shared_data):
   tifffile = pytest.importorskip("tifffile")
   path = shared_data / "gala_snemi_mini" / "train-probabilities.tif"

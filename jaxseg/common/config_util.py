@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -130,6 +131,37 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, value: Any) -
     node[leaf] = value  # a locked ConfigDict still type-checks the new value
   except TypeError as e:
     raise ConfigError(f"config key {dotted!r}: {e}") from e
+
+
+def triple(value: Any, key: str, minimum: int = 1, *, scalar: bool = False) -> tuple[int, int, int]:
+  """``value`` as three ints ``(z, y, x)``: whole numbers, each ``>= minimum``.
+
+  The one check of every shape-like setting (windows, pads, block shapes, kernel sizes).
+
+  Args:
+    value: three whole numbers (``(16, 224, 224)``, ``[8.0, 32, 32]``); with ``scalar``, also one
+      integer, used on every axis. ``2.5``, ``'3'`` or two numbers are refused, not rounded.
+    key: what ``value`` is, for the message: the dotted config key (``'infer.window'``,
+      ``'config.decode.block_shape'``), or a function's argument (``'blend_weights: window'``).
+    minimum: the smallest value allowed on each axis (1 for sizes, 0 for pads).
+    scalar: accept one integer for all three axes.
+
+  Returns:
+    ``(z, y, x)`` as Python ints.
+
+  Raises:
+    ConfigError: anything else; the message starts with ``key`` (also a ``ValueError``).
+  """
+  try:
+    values = (value,) * 3 if scalar and isinstance(value, numbers.Integral) else tuple(value)
+    out = tuple(int(v) for v in values)
+    whole = all(o == v for o, v in zip(out, values, strict=True))  # 2.5 and '3' are not
+  except (TypeError, ValueError, OverflowError):  # not a sequence, 'abc', NaN, inf
+    out, whole = (), False
+  if len(out) != 3 or not whole or min(out) < minimum:
+    expected = "one integer or three integers" if scalar else "three integers"
+    raise ConfigError(f"{key} must be {expected} >= {minimum} (z, y, x), not {value!r}")
+  return out  # type: ignore[return-value]
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:

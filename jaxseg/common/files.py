@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxseg.common.errors import InputError, MissingInputError
+
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[str]:
@@ -41,6 +43,43 @@ def write_json(path: str | os.PathLike, data: Any, *, sort_keys: bool = True) ->
   with atomic_output(path) as tmp, open(tmp, "w") as f:
     json.dump(data, f, indent=2, sort_keys=sort_keys)
     f.write("\n")
+
+
+def read_json(
+  path: str | os.PathLike,
+  *,
+  missing_ok: bool = False,
+  what: str = "file",
+  hint: str = "",
+  error: type[InputError] = InputError,
+) -> Any:
+  """The value stored in the JSON file ``path``; a file that is not valid JSON names itself.
+
+  The one JSON reader of jaxseg's own small files (metrics, summaries, volume metadata).
+
+  Args:
+    path: the file.
+    missing_ok: return None when ``path`` does not exist (else :class:`MissingInputError`).
+    what: what the file is, for the message (``"metadata"``; default ``"file"``).
+    hint: appended to the message of an unreadable file, e.g. ``"; delete it to redo the job"``.
+    error: the :class:`InputError` subclass raised for an unreadable file (``VolumeError``).
+
+  Raises:
+    MissingInputError: ``path`` does not exist and not ``missing_ok`` (a ``FileNotFoundError``).
+    InputError: (or ``error``) ``path`` cannot be read or is not valid JSON (e.g. half written).
+  """
+  path = os.fspath(path)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    if missing_ok:
+      return None
+    raise MissingInputError(f"{path}: no such file") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise error(f"{path}: corrupt {what}, not valid JSON ({e}){hint}") from None
+  except OSError as e:
+    raise error(f"{path}: unreadable {what} ({e}){hint}") from e
 
 
 def json_ready(value: Any) -> Any:

@@ -200,6 +200,15 @@ def _grown(tab, tot, current, need):
 
 
 @numba.njit(cache=True, nogil=True)
+def _through_lut(value, lut, lut_size, state):
+  # The id a stored id stands for: lut[value], or 0 (and state[2] = 1) beyond the table.
+  if value >= lut_size:
+    state[2] = 1
+    return np.uint64(0)
+  return np.uint64(lut[value])
+
+
+@numba.njit(cache=True, nogil=True)
 def _scan_rows(
   labels, lut, use_lut, z_affinity, has_affinity, z, y, pairs, areas, current, ptab, ptot, atab,
   atot, state,
@@ -234,13 +243,7 @@ def _scan_rows(
       value = np.uint64(labels[z, y, x])
       if x == 0 or value != raw_a:
         raw_a = value
-        a = value
-        if use_lut:
-          if value >= lut_size:
-            state[2] = 1
-            a = zero
-          else:
-            a = np.uint64(lut[value])
+        a = _through_lut(value, lut, lut_size, state) if use_lut else value
         if areas and a != zero and (area_slot < 0 or a != atab[area_slot, 0]):
           if area_slot >= 0:
             atab[area_slot, 2] += area_run
@@ -261,13 +264,7 @@ def _scan_rows(
       if not have_b or value != raw_b:
         have_b = True
         raw_b = value
-        b = value
-        if use_lut:
-          if value >= lut_size:
-            state[2] = 1
-            b = zero
-          else:
-            b = np.uint64(lut[value])
+        b = _through_lut(value, lut, lut_size, state) if use_lut else value
       if b == zero or a == b:
         continue
       if pair_slot < 0 or a != last_a or b != last_b:

@@ -227,20 +227,32 @@ def edge_scores(edges, function: MergeFunction) -> EdgeScores:
 
 
 @numba.njit(cache=True, nogil=True)
+def _add_items(dense, d, head, item_bin, item_cnt, item_next):
+  # Adds the circular item list starting at `head` into dense histogram row d.
+  i = head
+  while True:
+    dense[d, item_bin[i]] += item_cnt[i]
+    i = item_next[i]
+    if i == head:
+      break
+
+
+@numba.njit(cache=True, nogil=True)
+def _new_dense(head, item_bin, item_cnt, item_next, dense, dense_free, dense_state):
+  # Takes a free dense row and fills it from the item list at `head`; returns the row.
+  dense_state[0] -= 1
+  d = dense_free[dense_state[0]]
+  _add_items(dense, d, head, item_bin, item_cnt, item_next)
+  return d
+
+
+@numba.njit(cache=True, nogil=True)
 def _init_dense(g_head, g_items, g_dense, item_bin, item_cnt, item_next, dense, dense_free,
                 dense_state):  # fmt: skip
   for e in range(g_head.shape[0]):
     if g_items[e] >= DENSE_MIN:
-      dense_state[0] -= 1
-      d = dense_free[dense_state[0]]
-      h = g_head[e]
-      i = h
-      while True:
-        dense[d, item_bin[i]] += item_cnt[i]
-        i = item_next[i]
-        if i == h:
-          break
-      g_dense[e] = d
+      g_dense[e] = _new_dense(g_head[e], item_bin, item_cnt, item_next, dense, dense_free,
+                              dense_state)  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True)
@@ -317,13 +329,8 @@ def merge_stats(src, dst, scores):
     dense_state[0] += 1
   elif dd >= 0 or ds >= 0:
     target = dd if dd >= 0 else ds
-    h = g_head[src] if dd >= 0 else g_head[dst]
-    i = h
-    while True:
-      dense[target, item_bin[i]] += item_cnt[i]
-      i = item_next[i]
-      if i == h:
-        break
+    head = g_head[src] if dd >= 0 else g_head[dst]  # the list of the side without a row
+    _add_items(dense, target, head, item_bin, item_cnt, item_next)
     g_dense[dst] = target
   else:
     hs = g_head[src]
@@ -333,15 +340,7 @@ def merge_stats(src, dst, scores):
     item_next[hs] = item_next[hd]
     item_next[hd] = nxt
     if g_items[dst] >= DENSE_MIN:
-      dense_state[0] -= 1
-      d = dense_free[dense_state[0]]
-      i = hd
-      while True:
-        dense[d, item_bin[i]] += item_cnt[i]
-        i = item_next[i]
-        if i == hd:
-          break
-      g_dense[dst] = d
+      g_dense[dst] = _new_dense(hd, item_bin, item_cnt, item_next, dense, dense_free, dense_state)
   g_dense[src] = -1
   g_head[src] = -1
   g_total[src] = 0

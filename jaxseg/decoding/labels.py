@@ -10,12 +10,17 @@ Owns:
     (labels not in the table map to 0), block by block if need be.
   * :func:`relabel_sequential`: ``1..K`` in scan order of first appearance, optional size filter.
 
+The volume passes of :func:`apply_lut` and :func:`relabel_sequential` run on fastremap's hash
+tables (3-33x faster than sorting with numpy: ``benchmarks/RESULTS.md``, "Label renumbering");
+the ids, their order and the dtypes are jaxseg's own.
+
 Arrays are plain numpy; label volumes are ``[z, y, x]`` (any shape works), 0 is background.
 This module never imports JAX.
 """
 
 from __future__ import annotations
 
+import fastremap
 import numba
 import numpy as np
 
@@ -86,6 +91,10 @@ def apply_lut(
 ) -> np.ndarray:
   """Maps labels through a sparse table; labels absent from ``keys`` (and 0) map to 0.
 
+  One hash-table pass (``fastremap.remap``) when every label is in the table (or is 0), as after
+  an agglomeration; else the others are masked to 0 first (``benchmarks/RESULTS.md``, "Label
+  renumbering").
+
   Args:
     labels: integer array of any shape.
     keys: ``[K]`` label values, sorted ascending, unique.
@@ -97,33 +106,22 @@ def apply_lut(
   out_dtype = np.dtype(out_dtype or values.dtype)
   if keys.size == 0:
     return np.zeros(labels.shape, out_dtype)
-  flat = labels.ravel()
-  pos = np.searchsorted(keys, flat)
-  np.minimum(pos, keys.size - 1, out=pos)
-  found = keys[pos] == flat
-  out = np.where(found, values[pos], 0).astype(out_dtype, copy=False)
-  return out.reshape(labels.shape)
-
-
-@numba.njit(cache=True, nogil=True)
-def _first_appearance_ids(flat, keys, out_ids):
-  # out_ids[k] = rank of key k by first appearance in `flat` (1-based), 0 for label 0.
-  next_id = 1
-  for i in range(flat.shape[0]):
-    v = flat[i]
-    if v == 0:
-      continue
-    lo = 0
-    hi = keys.shape[0]
-    while lo < hi:  # binary search: keys are sorted
-      mid = (lo + hi) >> 1
-      if keys[mid] < v:
-        lo = mid + 1
-      else:
-        hi = mid
-    if out_ids[lo] == 0:
-      out_ids[lo] = next_id
-      next_id += 1
+  table = dict(zip(keys.tolist(), values.tolist(), strict=True))
+  table.setdefault(0, 0)
+  # C order: fastremap 1.21 scrambles a strided input whose values need a wider dtype.
+  labels = np.ascontiguousarray(labels)
+  try:
+    out = fastremap.remap(labels, table, preserve_missing_labels=False)
+  except KeyError:  # some labels are not in the table: they map to 0
+    if table[0] == 0:
+      out = fastremap.remap(fastremap.mask_except(labels, list(table)), table)
+    else:  # 0 has a new id of its own, so absent labels cannot pass through 0
+      flat = labels.ravel()
+      pos = np.searchsorted(keys, flat)
+      np.minimum(pos, keys.size - 1, out=pos)
+      found = keys[pos] == flat
+      out = np.where(found, values[pos], 0).reshape(labels.shape)
+  return out.astype(out_dtype, copy=False)
 
 
 def relabel_sequential(labels: np.ndarray, min_size: int = 0) -> tuple[np.ndarray, int]:
@@ -136,18 +134,12 @@ def relabel_sequential(labels: np.ndarray, min_size: int = 0) -> tuple[np.ndarra
   Returns:
     ``(relabelled array in the smallest unsigned dtype, K)``.
   """
-  flat = np.ascontiguousarray(labels).ravel()
-  keys, counts = np.unique(flat, return_counts=True)
-  if keys.size and keys[0] == 0:
-    keys, counts = keys[1:], counts[1:]
+  flat = np.ascontiguousarray(labels)  # fastremap scans in memory order
   if min_size > 1:
-    small = counts < min_size
-    if small.any():
-      flat = apply_lut(flat, keys, np.where(small, 0, keys), out_dtype=flat.dtype)
-      keys = keys[~small]
-  ids = np.zeros(keys.size, np.int64)
-  if keys.size:
-    _first_appearance_ids(flat, keys, ids)
-  count = int(keys.size)
-  dtype = smallest_uint_dtype(count)
-  return apply_lut(flat, keys, ids, out_dtype=dtype).reshape(labels.shape), count
+    ids, counts = fastremap.unique(flat, return_counts=True)
+    small = ids[(counts < min_size) & (ids != 0)]
+    if small.size:
+      flat = fastremap.mask(flat, small.tolist())
+  out, mapping = fastremap.renumber(flat, start=1, preserve_zero=True)
+  count = len(mapping) - (0 in mapping)
+  return out.astype(smallest_uint_dtype(count), copy=False), count

@@ -14,23 +14,13 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import ml_collections
+
 from jaxseg.common.errors import ConfigError
 
 METHODS = ("cc", "waterz")
 BLOCKWISE = ("auto", "always", "never")
 CONVENTIONS = ("source", "target")
-
-_TOP_KEYS = {
-  "method", "channels", "channel_order", "convention", "threshold", "thresholds",
-  "merge_function", "discretize_queue", "aff_threshold_low", "aff_threshold_high", "dust",
-  "branch_merge", "affinity_mask_path", "min_size", "blockwise", "block_shape", "context",
-  "num_workers", "worker_command",
-}  # fmt: skip
-_DUST_KEYS = {"enabled", "size", "affinity", "remove_size"}
-_BRANCH_KEYS = {
-  "enabled", "iou_threshold", "size_ratio", "best_buddy", "one_sided_threshold",
-  "one_sided_min_size", "affinity_threshold",
-}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,13 +127,25 @@ def _as_dict(section: Any) -> dict:
   return dict(section)
 
 
-def _check_keys(given: Mapping, known: set, where: str) -> None:
-  unknown = sorted(set(given) - known)
+def _with_defaults(given: Mapping, defaults: Mapping, where: str) -> dict:
+  """``given`` over :func:`default_config` (nested sections merged key by key).
+
+  Raises:
+    ConfigError: a key the defaults do not have (refusing rather than silently ignoring it).
+  """
+  unknown = sorted(set(given) - set(defaults))
   if unknown:
     raise ConfigError(
-      f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)} (refusing rather than "
+      f"{where}: unknown key(s) {unknown}; known keys: {sorted(defaults)} (refusing rather than "
       "silently ignoring them)"
     )
+  out = dict(defaults)
+  for key, value in given.items():
+    if isinstance(defaults[key], Mapping):
+      out[key] = _with_defaults(_as_dict(value), defaults[key], f"{where}.{key}")
+    else:
+      out[key] = value
+  return out
 
 
 def _triple(value, name: str, minimum: int) -> tuple[int, int, int]:
@@ -177,6 +179,54 @@ def _fraction(value, name: str) -> float:
   return value
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """Every decoder key (``docs/decoding.md``), for both methods, with PyTC's numbers.
+
+  A recipe picks ``method`` and sets its own storage convention and block shape. Both methods'
+  keys are always present so ``--config.decode.method=waterz`` works on any recipe; a key that is
+  not listed here is an error, never silently ignored. This is the only place these defaults are
+  written: recipes start from it (``configs/common.py``) and :func:`decode_settings` fills a
+  partial section (a trial's parameters, a test's dict) from it.
+  """
+  decode = ml_collections.ConfigDict()
+  decode.method = "cc"  # "cc" (NISB: thresholded connected components) or "waterz" (SNEMI)
+  decode.channels = (0, 1, 2)  # the preset's channel numbers of the three decoded edges
+  decode.channel_order = "xyz"  # axis of each channel, used when the file records no offsets
+  decode.convention = "source"  # used when the file records no convention
+  # -- connected components
+  decode.threshold = 0.75  # strict >; tuned values: about 0.66 (base), 0.70 (LICONN)
+  # -- waterz
+  decode.thresholds = (0.5,)  # all decoded in one pass, one segmentation each
+  decode.merge_function = "aff85_his256"
+  decode.discretize_queue = 256  # waterz's binned priority queue (0 = exact float queue)
+  decode.aff_threshold_low = 0.1
+  decode.aff_threshold_high = 0.999
+  decode.dust = ml_collections.ConfigDict()
+  decode.dust.enabled = True
+  decode.dust.size = 800
+  decode.dust.affinity = 0.3
+  decode.dust.remove_size = 600
+  # PyTC silently drops these keys in decode_waterz; we apply every configured stage.
+  decode.branch_merge = ml_collections.ConfigDict()
+  decode.branch_merge.enabled = True
+  decode.branch_merge.iou_threshold = 0.5
+  decode.branch_merge.size_ratio = (0.5, 2.0)
+  decode.branch_merge.best_buddy = True
+  decode.branch_merge.one_sided_threshold = 0.8
+  decode.branch_merge.one_sided_min_size = 100
+  decode.branch_merge.affinity_threshold = 0.0  # 0 disables the mean z-affinity gate
+  # -- both
+  decode.affinity_mask_path = ""  # uint8 volume, 1 = keep (jaxseg.qc writes one)
+  decode.min_size = 0  # segments below this many voxels become 0 (PyTC: no size filter)
+  # -- blockwise (volumes larger than memory)
+  decode.blockwise = "auto"  # "auto": when the volume exceeds one block; "always"; "never"
+  decode.block_shape = (256, 512, 512)
+  decode.context = (8, 32, 32)  # waterz only: voxels read around each block for its watershed
+  decode.num_workers = 1  # daisy worker processes (1 = in this process)
+  decode.worker_command = ""  # e.g. "srun -N1 -n1 -c4": how a cluster starts each worker
+  return decode
+
+
 def decode_settings(config_or_section: Any) -> DecodeSettings:
   """Checks ``config.decode`` (or the section itself) and resolves it.
 
@@ -186,30 +236,29 @@ def decode_settings(config_or_section: Any) -> DecodeSettings:
       ``ValueError`` too).
   """
   section = getattr(config_or_section, "decode", config_or_section)
-  d = _as_dict(section)
-  _check_keys(d, _TOP_KEYS, "config.decode")
-  method = d.get("method", "cc")
+  d = _with_defaults(_as_dict(section), default_config().to_dict(), "config.decode")
+  method = d["method"]
   if method not in METHODS:
     raise ConfigError(f"config.decode.method must be one of {METHODS}, not {method!r}")
   try:
-    channels = tuple(int(c) for c in d.get("channels", (0, 1, 2)))
+    channels = tuple(int(c) for c in d["channels"])
   except (TypeError, ValueError):
     channels = ()
   if len(channels) != 3 or len(set(channels)) != 3 or min(channels) < 0:
     raise ConfigError(
       f"config.decode.channels must be three distinct channel numbers, not {channels}"
     )
-  order = str(d.get("channel_order", "xyz"))
+  order = str(d["channel_order"])
   if sorted(order) != ["x", "y", "z"]:
     raise ConfigError(f"config.decode.channel_order must be a permutation of 'zyx', not {order!r}")
-  convention = d.get("convention", "source")
+  convention = d["convention"]
   if convention not in CONVENTIONS:
     raise ConfigError(f"config.decode.convention must be one of {CONVENTIONS}, not {convention!r}")
 
   if method == "cc":
-    thresholds = (_fraction(d.get("threshold", 0.75), "threshold"),)
+    thresholds = (_fraction(d["threshold"], "threshold"),)
   else:
-    raw = d.get("thresholds", (0.5,))
+    raw = d["thresholds"]
     raw = (raw,) if isinstance(raw, (int, float)) else tuple(raw)
     if not raw:
       raise ConfigError("config.decode.thresholds is empty")
@@ -217,31 +266,29 @@ def decode_settings(config_or_section: Any) -> DecodeSettings:
     if len(set(thresholds)) != len(thresholds):
       raise ConfigError(f"config.decode.thresholds has repeats: {raw}")
 
-  low = _fraction(d.get("aff_threshold_low", 0.1), "aff_threshold_low")
-  high = _fraction(d.get("aff_threshold_high", 0.999), "aff_threshold_high")
+  low = _fraction(d["aff_threshold_low"], "aff_threshold_low")
+  high = _fraction(d["aff_threshold_high"], "aff_threshold_high")
   if method == "waterz" and not low < high:
     raise ConfigError(
       f"config.decode.aff_threshold_low ({low}) must be below aff_threshold_high ({high})"
     )
-  queue = _number(d.get("discretize_queue", 256), "discretize_queue", int)
+  queue = _number(d["discretize_queue"], "discretize_queue", int)
   if not 0 <= queue <= 65536:
     raise ConfigError(f"config.decode.discretize_queue must lie in [0, 65536], not {queue}")
 
-  dust = _as_dict(d.get("dust", {"enabled": False}))
-  _check_keys(dust, _DUST_KEYS, "config.decode.dust")
+  dust = d["dust"]
   dust_settings = None
-  if method == "waterz" and dust.get("enabled", False):
+  if method == "waterz" and dust["enabled"]:
     dust_settings = DustSettings(
-      size=_number(dust.get("size", 800), "dust.size", int),
-      affinity=_fraction(dust.get("affinity", 0.3), "dust.affinity"),
-      remove_size=_number(dust.get("remove_size", 600), "dust.remove_size", int),
+      size=_number(dust["size"], "dust.size", int),
+      affinity=_fraction(dust["affinity"], "dust.affinity"),
+      remove_size=_number(dust["remove_size"], "dust.remove_size", int),
     )
-  branch = _as_dict(d.get("branch_merge", {"enabled": False}))
-  _check_keys(branch, _BRANCH_KEYS, "config.decode.branch_merge")
+  branch = d["branch_merge"]
   branch_settings = None
-  if method == "waterz" and branch.get("enabled", False):
+  if method == "waterz" and branch["enabled"]:
     try:
-      ratio = tuple(float(r) for r in branch.get("size_ratio", (0.5, 2.0)))
+      ratio = tuple(float(r) for r in branch["size_ratio"])
     except (TypeError, ValueError):
       ratio = ()
     if len(ratio) != 2 or not 0 <= ratio[0] <= 1 or abs(ratio[0] * ratio[1] - 1) > 1e-6:
@@ -250,27 +297,25 @@ def decode_settings(config_or_section: Any) -> DecodeSettings:
         f"to disable the size-ratio merge), not {ratio}"
       )
     branch_settings = BranchMergeSettings(
-      iou_threshold=_fraction(branch.get("iou_threshold", 0.5), "branch_merge.iou_threshold"),
+      iou_threshold=_fraction(branch["iou_threshold"], "branch_merge.iou_threshold"),
       size_ratio=ratio,
-      best_buddy=bool(branch.get("best_buddy", True)),
+      best_buddy=bool(branch["best_buddy"]),
       one_sided_threshold=_fraction(
-        branch.get("one_sided_threshold", 0.8), "branch_merge.one_sided_threshold"
+        branch["one_sided_threshold"], "branch_merge.one_sided_threshold"
       ),
       one_sided_min_size=_number(
-        branch.get("one_sided_min_size", 100), "branch_merge.one_sided_min_size", int
+        branch["one_sided_min_size"], "branch_merge.one_sided_min_size", int
       ),
-      affinity_threshold=_fraction(
-        branch.get("affinity_threshold", 0.0), "branch_merge.affinity_threshold"
-      ),
+      affinity_threshold=_fraction(branch["affinity_threshold"], "branch_merge.affinity_threshold"),
     )
 
-  blockwise = d.get("blockwise", "auto")
+  blockwise = d["blockwise"]
   if blockwise not in BLOCKWISE:
     raise ConfigError(f"config.decode.blockwise must be one of {BLOCKWISE}, not {blockwise!r}")
-  num_workers = _number(d.get("num_workers", 1), "num_workers", int)
+  num_workers = _number(d["num_workers"], "num_workers", int)
   if num_workers < 1:
     raise ConfigError(f"config.decode.num_workers must be >= 1, not {num_workers}")
-  min_size = _number(d.get("min_size", 0), "min_size", int)
+  min_size = _number(d["min_size"], "min_size", int)
   if min_size < 0:
     raise ConfigError(f"config.decode.min_size must be >= 0, not {min_size}")
   return DecodeSettings(
@@ -279,17 +324,17 @@ def decode_settings(config_or_section: Any) -> DecodeSettings:
     channel_order=order,
     convention=convention,
     thresholds=thresholds,
-    merge_function=str(d.get("merge_function", "aff85_his256")),
+    merge_function=str(d["merge_function"]),
     discretize_queue=queue,
     aff_threshold_low=low,
     aff_threshold_high=high,
     dust=dust_settings,
     branch_merge=branch_settings,
-    affinity_mask_path=str(d.get("affinity_mask_path", "") or ""),
+    affinity_mask_path=str(d["affinity_mask_path"] or ""),
     min_size=min_size,
     blockwise=blockwise,
-    block_shape=_triple(d.get("block_shape", (256, 512, 512)), "block_shape", 1),
-    context=_triple(d.get("context", (8, 32, 32)), "context", 0),
+    block_shape=_triple(d["block_shape"], "block_shape", 1),
+    context=_triple(d["context"], "context", 0),
     num_workers=num_workers,
-    worker_command=str(d.get("worker_command", "") or ""),
+    worker_command=str(d["worker_command"] or ""),
   )

@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxseg.common.config_util import triple
 from jaxseg.common.errors import ConfigError
 from jaxseg.data.crop_io import PAD_MODES, padded_indices, read_mapped
 from jaxseg.io.volume import Volume
@@ -56,14 +57,6 @@ Triple = tuple[int, int, int]
 # Windows along one axis.
 
 
-def _int_triple(value, name: str, where: str, minimum: int) -> Triple:
-  """An int or 3 ints (z, y, x), each >= ``minimum``."""
-  values = (value,) * 3 if isinstance(value, (int, np.integer)) else tuple(value)
-  if len(values) != 3 or any(int(v) != v or v < minimum for v in values):
-    raise ValueError(f"{where}: {name} must be 3 ints (z, y, x) >= {minimum}, got {value!r}")
-  return tuple(int(v) for v in values)
-
-
 def stride_for(window: Sequence[int], overlap: float | Sequence[float]) -> Triple:
   """Window stride per axis: ``max(1, round(w * (1 - overlap)))`` (Python rounding).
 
@@ -77,7 +70,7 @@ def stride_for(window: Sequence[int], overlap: float | Sequence[float]) -> Tripl
   Raises:
     ValueError: for a bad window or an overlap outside ``[0, 1)``.
   """
-  window = _int_triple(window, "window", "stride_for", 1)
+  window = triple(window, "stride_for: window", 1, scalar=True)
   overlaps = (overlap,) * 3 if np.ndim(overlap) == 0 else tuple(overlap)
   if len(overlaps) != 3 or not all(0.0 <= float(o) < 1.0 for o in overlaps):
     raise ValueError(f"overlap must be in [0, 1) (one value or 3), got {overlap!r}")
@@ -134,7 +127,7 @@ def blend_weights(window: Sequence[int], mode: str) -> np.ndarray:
   Raises:
     ValueError: for an unknown mode or a bad window.
   """
-  window = _int_triple(window, "window", "blend_weights", 1)
+  window = triple(window, "blend_weights: window", 1, scalar=True)
   if mode not in BLEND_MODES:
     raise ValueError(f"blend mode must be one of {BLEND_MODES}, got {mode!r}")
   if mode == "constant":
@@ -325,9 +318,9 @@ def plan_geometry(
   shape = tuple(volume_shape)
   if len(shape) not in (3, 4):
     raise ValueError(f"{where}: volume shape must be (z, y, x) or (c, z, y, x), got {shape}")
-  volume = _int_triple(shape[-3:], "volume shape", where, 1)
-  window = _int_triple(window, "window", where, 1)
-  pad = _int_triple(pad, "pad", where, 0)
+  volume = triple(shape[-3:], f"{where}: volume shape", 1, scalar=True)
+  window = triple(window, f"{where}: window", 1, scalar=True)
+  pad = triple(pad, f"{where}: pad", 0, scalar=True)
   try:
     stride = stride_for(window, overlap)
   except ValueError as e:
@@ -357,7 +350,7 @@ def plan_geometry(
   if block_shape is None:
     block = output
   else:
-    block = _int_triple(block_shape, "block_shape", where, 1)
+    block = triple(block_shape, f"{where}: block_shape", 1, scalar=True)
     block = tuple(min(b, n) for b, n in zip(block, output, strict=True))
   starts = tuple(
     window_starts(n, w, s, snap_to_edge) for n, w, s in zip(padded, window, stride, strict=True)
@@ -434,7 +427,7 @@ def read_padded(
   stop = tuple(int(s) for s in stop)
   if len(start) != 3 or len(stop) != 3 or any(e <= s for s, e in zip(start, stop, strict=True)):
     raise ValueError(f"{where}: bad box {start}..{stop}; need 3 ints each with stop > start")
-  pad = _int_triple(pad, "pad", where, 0)
+  pad = triple(pad, f"{where}: pad", 0, scalar=True)
   spatial = shape[-3:]
   lead = (slice(None),) * (len(shape) - 3)
   # Volume coords of the box.

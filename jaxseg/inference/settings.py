@@ -165,9 +165,9 @@ def inference_settings(config) -> InferenceSettings:
   overlap = _number(infer.overlap, "overlap", float)
   if not 0.0 <= overlap < 1.0:
     raise ConfigError(f"infer.overlap must be in [0, 1), got {overlap}")
-  pad = _triple(infer.get("pad", (0, 0, 0)), "pad", 0)
+  pad = _triple(infer.pad, "pad", 0)
   try:
-    crop_pad = tuple(int(v) for v in (infer.get("crop_pad", ()) or ()))
+    crop_pad = tuple(int(v) for v in (infer.crop_pad or ()))
   except (TypeError, ValueError):
     crop_pad = (-1,)
   if crop_pad and (len(crop_pad) != 6 or min(crop_pad) < 0):
@@ -177,7 +177,7 @@ def inference_settings(config) -> InferenceSettings:
   batch_size = _number(infer.sw_batch_size, "sw_batch_size", int)
   if batch_size < 1:
     raise ConfigError(f"infer.sw_batch_size must be >= 1, got {batch_size}")
-  temperature = _number(infer.get("temperature", 1.0), "temperature", float)
+  temperature = _number(infer.temperature, "temperature", float)
   if temperature <= 0:
     raise ConfigError(f"infer.temperature must be > 0, got {temperature}")
 
@@ -196,7 +196,7 @@ def inference_settings(config) -> InferenceSettings:
       f"{spec.num_channels} affinity channels"
     )
   try:
-    channels = tuple(int(c) for c in (infer.get("output_channels", ()) or range(out_channels)))
+    channels = tuple(int(c) for c in (infer.output_channels or range(out_channels)))
   except (TypeError, ValueError):
     channels = ()
   if not channels or any(c < 0 or c >= out_channels for c in channels):
@@ -207,7 +207,7 @@ def inference_settings(config) -> InferenceSettings:
     raise ConfigError(f"infer.output_channels {channels} repeats a channel")
 
   block_shape = _triple(infer.block_shape, "block_shape", 1)
-  chunk_shape = tuple(infer.get("chunk_shape", ()) or ())
+  chunk_shape = tuple(infer.chunk_shape or ())
   if chunk_shape:
     chunk_shape = _triple(chunk_shape, "chunk_shape", 1)
     if any(b % c for b, c in zip(block_shape, chunk_shape, strict=True)):
@@ -218,18 +218,18 @@ def inference_settings(config) -> InferenceSettings:
 
   tta = infer.tta
   tta_dict = {
-    "enabled": bool(tta.get("enabled", False)),
-    "flip_axes": tuple(str(a) for a in tta.get("flip_axes", ())),
-    "rot90_yx": bool(tta.get("rot90_yx", False)),
-    "permute_axes": bool(tta.get("permute_axes", False)),
-    "ensemble": _choice(tta.get("ensemble", "mean"), "tta.ensemble", ENSEMBLES),
+    "enabled": bool(tta.enabled),
+    "flip_axes": tuple(str(a) for a in tta.flip_axes),
+    "rot90_yx": bool(tta.rot90_yx),
+    "permute_axes": bool(tta.permute_axes),
+    "ensemble": _choice(tta.ensemble, "tta.ensemble", ENSEMBLES),
   }
   return InferenceSettings(
     window=window,
     overlap=overlap,
-    snap_to_edge=bool(infer.get("snap_to_edge", True)),
+    snap_to_edge=bool(infer.snap_to_edge),
     pad=pad,
-    pad_mode=_choice(infer.get("pad_mode", "reflect"), "pad_mode", PAD_MODES),
+    pad_mode=_choice(infer.pad_mode, "pad_mode", PAD_MODES),
     crop_pad=crop_pad,
     batch_size=batch_size,
     blending=_choice(infer.blending, "blending", BLEND_MODES),

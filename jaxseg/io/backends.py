@@ -19,7 +19,6 @@ JSON metadata files, tensorstore opening and file kvstores.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ import tensorstore as ts
 import tifffile
 from PIL import Image
 
+from jaxseg.common import files as common_files
 from jaxseg.io.errors import VolumeError
 
 H5_PATTERN = re.compile(r"^(?P<file>.+?\.(?:h5|hdf5|hdf))(?::(?P<dataset>.*))?$", re.IGNORECASE)
@@ -196,11 +196,7 @@ def _plain(value):
 
 def read_json(path: str) -> dict:
   """A metadata file's object; a corrupt one (a half-written ``.zattrs``) names the file."""
-  with open(path) as f:
-    try:
-      meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise VolumeError(f"{path}: corrupt metadata, not valid JSON ({e})") from None
+  meta = common_files.read_json(path, what="metadata", error=VolumeError)
   if not isinstance(meta, dict):
     raise VolumeError(
       f"{path}: corrupt metadata, expected a JSON object, got {type(meta).__name__}"

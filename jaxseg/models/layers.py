@@ -32,6 +32,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from jaxseg.common.config_util import triple
+
 # Channels-last volumes and DHWIO kernels, for lax.conv_general_dilated.
 _DIMENSION_NUMBERS = ("NDHWC", "DHWIO", "NDHWC")
 
@@ -221,15 +223,6 @@ def initialize(construct: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> n
 # -- layers ---------------------------------------------------------------------------------------
 
 
-def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
-  if isinstance(value, int):
-    value = (value,) * 3
-  value = tuple(int(v) for v in value)
-  if len(value) != 3 or any(v < 1 for v in value):
-    raise ValueError(f"{name} must be a positive int or 3 positive ints, got {value!r}")
-  return value
-
-
 class Conv(nnx.Module):
   """3D convolution, PyTorch ``Conv3d`` semantics (cross-correlation, symmetric zero padding).
 
@@ -253,11 +246,11 @@ class Conv(nnx.Module):
     param_dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
   ):
-    kernel_size = _triple(kernel_size, "kernel_size")
+    kernel_size = triple(kernel_size, "kernel_size", scalar=True)
     if in_features % groups or out_features % groups:
       raise ValueError(f"groups={groups} must divide in ({in_features}) and out ({out_features})")
     self.kernel_size = kernel_size
-    self.strides = _triple(strides, "strides")
+    self.strides = triple(strides, "strides", scalar=True)
     self.padding = tuple(k // 2 for k in kernel_size) if padding is None else tuple(padding)
     self.groups = groups
     self.dtype = dtype
@@ -339,14 +332,14 @@ class ConvTranspose(nnx.Module):
     param_dtype: jnp.dtype = jnp.float32,
     rngs: nnx.Rngs,
   ):
-    kernel_size = _triple(kernel_size, "kernel_size")
+    kernel_size = triple(kernel_size, "kernel_size", scalar=True)
     padding = (0, 0, 0) if padding is None else tuple(padding)
     if any(p > k - 1 for p, k in zip(padding, kernel_size, strict=True)):
       raise ValueError(f"padding {padding} must be < kernel_size {kernel_size}")
     if in_features % groups or out_features % groups:
       raise ValueError(f"groups={groups} must divide in ({in_features}) and out ({out_features})")
     self.kernel_size = kernel_size
-    self.strides = _triple(strides, "strides")
+    self.strides = triple(strides, "strides", scalar=True)
     self.padding = padding
     self.groups = groups
     self.dtype = dtype

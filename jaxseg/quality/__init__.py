@@ -9,11 +9,31 @@ keep-mask built from a report, which the decoder reads through ``decode.affinity
 and reuses a finished identical result. Never imports JAX.
 """
 
-from jaxseg.quality.affinity_qc import QcResult, run_qc
-from jaxseg.quality.mask import MASK_ATTR, build_affinity_mask, mask_spec
-from jaxseg.quality.report import QcReport, read_report, write_report
-from jaxseg.quality.scan import scan_affinities
-from jaxseg.quality.settings import QcSettings, qc_settings
+import importlib
+
+# Where each public name lives. Loaded on first use (PEP 562), so importing the light
+# ``jaxseg.quality.settings`` (as every recipe does for its defaults) does not pull in the
+# volume I/O stack.
+_EXPORTS = {
+  "MASK_ATTR": "mask",
+  "QcReport": "report",
+  "QcResult": "affinity_qc",
+  "QcSettings": "settings",
+  "build_affinity_mask": "mask",
+  "mask_spec": "mask",
+  "qc_settings": "settings",
+  "read_report": "report",
+  "run_qc": "affinity_qc",
+  "scan_affinities": "scan",
+  "write_report": "report",
+}
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'jaxseg.quality' has no attribute {name!r}")
+  return getattr(importlib.import_module(f"jaxseg.quality.{_EXPORTS[name]}"), name)
+
 
 __all__ = [
   "MASK_ATTR",

@@ -13,6 +13,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import ml_collections
+
 from jaxseg.common.errors import ConfigError
 
 _KEYS = {
@@ -50,6 +52,11 @@ class QcSettings:
     out = dataclasses.asdict(self)
     del out["enabled"]
     return out
+
+
+def default_config(enabled: bool) -> ml_collections.ConfigDict:
+  """A recipe's ``config.qc`` section: :class:`QcSettings`' defaults, their only copy."""
+  return ml_collections.ConfigDict(dataclasses.asdict(QcSettings(enabled=enabled)))
 
 
 def _int(value: Any, name: str, minimum: int) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxseg.common.config_util import triple
 from jaxseg.common.errors import ConfigError
 
 # Values every preset shares; a preset below overrides some of them.
@@ -185,13 +186,6 @@ def _number(value, name: str, kind=float):
     raise ConfigError(f"data.synth.{name} must be {what}, got {value!r}") from None
 
 
-def _triplet(value, name: str, kind) -> tuple:
-  value = _numbers(value, name, kind)
-  if len(value) != 3:
-    raise ConfigError(f"data.synth.{name} must have 3 entries (z, y, x), got {value}")
-  return value
-
-
 def resolve_config(config: ml_collections.ConfigDict | SynthParams) -> SynthParams:
   """Fills preset-controlled knobs from ``config.difficulty`` and validates everything.
 
@@ -220,8 +214,8 @@ def resolve_config(config: ml_collections.ConfigDict | SynthParams) -> SynthPara
   for name in set(_COMMON) - set(_TUPLE_KNOBS):
     values[name] = _number(values[name], name)
   params = SynthParams(
-    shape=_triplet(config.shape, "shape", int),
-    resolution=_triplet(config.resolution, "resolution", float),
+    shape=triple(config.shape, "data.synth.shape", 8),
+    resolution=_numbers(config.resolution, "resolution"),
     difficulty=difficulty,
     max_neurites=_number(config.max_neurites, "max_neurites", int),
     persistence_nm=_number(config.persistence_nm, "persistence_nm"),
@@ -230,7 +224,7 @@ def resolve_config(config: ml_collections.ConfigDict | SynthParams) -> SynthPara
     shifted_slice_max_voxels=_number(
       config.shifted_slice_max_voxels, "shifted_slice_max_voxels", int
     ),
-    chunks=_triplet(config.chunks, "chunks", int),
+    chunks=triple(config.chunks, "data.synth.chunks", 1),
     **values,
   )
   _validate(params)
@@ -242,8 +236,11 @@ def _validate(p: SynthParams) -> None:
     if not ok:
       raise ConfigError(f"data.synth.{name} must be {expected}, got {getattr(p, name)}")
 
-  need(all(s >= 8 for s in p.shape), "shape", ">= 8 voxels per axis")
-  need(all(r > 0 for r in p.resolution), "resolution", "positive")
+  need(
+    len(p.resolution) == 3 and min(p.resolution) > 0,
+    "resolution",
+    "three positive numbers (z, y, x)",
+  )
   need(0.0 < p.fill_fraction <= 0.9, "fill_fraction", "in (0, 0.9]")
   for name in ("radius_thick_nm", "radius_thin_nm"):
     lo_hi = getattr(p, name)
@@ -253,4 +250,3 @@ def _validate(p: SynthParams) -> None:
     need(0.0 <= getattr(p, name) <= 1.0, name, "in [0, 1]")
   need(p.node_spacing_nm > 0, "node_spacing_nm", "> 0")
   need(p.persistence_nm > 0, "persistence_nm", "> 0")
-  need(all(c > 0 for c in p.chunks), "chunks", "positive")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from jaxseg.common import outputs
 from jaxseg.common.errors import ConfigError, InputError
-from jaxseg.common.files import json_ready, local_abspath, write_json
+from jaxseg.common.files import json_ready, local_abspath, read_json, write_json
 from jaxseg.common.outputs import Decision, StageOutput, input_identity
 
 if TYPE_CHECKING:
@@ -269,7 +269,7 @@ def decode_and_evaluate(
     settings, cached.affinities, output_dir, overwrite=overwrite, show_progress=show_progress
   )
   if decision is Decision.REUSE and summary.get("already_done"):
-    return {**_read_json(metrics_path), "reused": True}
+    return {**read_json(metrics_path, hint="; delete it to redo the job"), "reused": True}
   if decision is Decision.REUSE:
     scores.invalidate()
   results = _score_rows(summary, volume, config.eval, has_gt, erl_cache_dir)
@@ -356,11 +356,3 @@ def _best_row(results: list[dict], objective: str | None) -> int | None:
     if math.isfinite(value) and (best is None or better(value, values[best], best_direction)):
       best = i
   return best
-
-
-def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise InputError(f"{path}: unreadable JSON ({e}); delete it to redo the job") from e

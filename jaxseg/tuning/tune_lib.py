@@ -37,8 +37,8 @@ from absl import logging
 from optuna import logging as optuna_logging
 
 from jaxseg.common import config_util, outputs
-from jaxseg.common.errors import ConfigError, InputError, MissingInputError, OutputError
-from jaxseg.common.files import atomic_output, json_ready, write_json
+from jaxseg.common.errors import ConfigError, MissingInputError, OutputError
+from jaxseg.common.files import atomic_output, json_ready, read_json, write_json
 from jaxseg.common.outputs import Decision, StageOutput
 from jaxseg.decoding.settings import decode_settings
 from jaxseg.io.datasets import LabeledVolume, dataset_volumes
@@ -86,16 +86,10 @@ def load_best_params(workdir: str, decoder: str) -> dict | None:
   """The saved ``best_params.json`` of a decoder's tuning, or None when it was not tuned.
 
   Raises:
-    ValueError: the file exists but is not valid JSON (names it).
+    InputError: the file exists but is not valid JSON (names it; also a ``ValueError``).
   """
   path = os.path.join(tune_folder(workdir, decoder), BEST_PARAMS)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise InputError(f"{path}: unreadable ({e}); delete it to tune again") from e
+  return read_json(path, missing_ok=True, hint="; delete it to tune again")
 
 
 def _check_split(split: str, force_test: bool) -> None:

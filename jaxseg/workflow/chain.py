@@ -75,11 +75,9 @@ class StageResult:
   computed_seconds: float | None = None
 
 
-def _read_json(path: str) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+def _read_if_any(path: str) -> Any:
+  """``path``'s JSON, or None when it does not exist (a stage not run yet)."""
+  return files.read_json(path, missing_ok=True)
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -194,7 +192,7 @@ class Chain:
   def _record(self, result: StageResult) -> None:
     """Keeps the latest call of each stage, and the time of the call that last did its work."""
     path = os.path.join(self.results_dir, STAGES_NAME)
-    stages = _read_json(path) or {}
+    stages = _read_if_any(path) or {}
     previous = stages.get(result.stage, {})
     if result.status == "ran":
       result.computed_seconds = result.seconds
@@ -213,7 +211,7 @@ class Chain:
 
   def recorded_stages(self) -> list[dict]:
     """The ``stages.json`` entries in chain order."""
-    stages = _read_json(os.path.join(self.results_dir, STAGES_NAME)) or {}
+    stages = _read_if_any(os.path.join(self.results_dir, STAGES_NAME)) or {}
     return [stages[s] for s in STAGES if s in stages]
 
   # -- stages ------------------------------------------------------------------------------------
@@ -411,7 +409,7 @@ def _decode_dirs(root: str, volumes=None) -> dict[str, str]:
 
 
 def _metrics_of(dirs: dict[str, str]) -> dict[str, dict]:
-  return {name: _read_json(os.path.join(folder, "metrics.json")) for name, folder in dirs.items()}
+  return {name: _read_if_any(os.path.join(folder, "metrics.json")) for name, folder in dirs.items()}
 
 
 def _segmentation_of(metrics: dict) -> str | None:
@@ -428,7 +426,7 @@ def _affinities_of(folder: str, metrics: dict) -> str | None:
   """The affinities a decode read (its ``metrics.json``, else its ``decode.json``)."""
   if metrics.get("affinities"):
     return metrics["affinities"]
-  summary = _read_json(os.path.join(folder, "decode.json")) or {}
+  summary = _read_if_any(os.path.join(folder, "decode.json")) or {}
   return summary.get("affinities")
 
 
@@ -483,7 +481,7 @@ def collect_results(chain: Chain) -> dict:
   if os.path.isdir(base_dir):
     for name in sorted(os.listdir(base_dir)):
       scores = name.endswith(".json") and not name.startswith(".")  # not the manifest
-      saved = _read_json(os.path.join(base_dir, name)) if scores else None
+      saved = _read_if_any(os.path.join(base_dir, name)) if scores else None
       if saved and saved["volume"] in current:
         results["baselines"][saved["volume"]] = saved["baselines"]
   return results
@@ -527,7 +525,7 @@ def write_results(chain: Chain) -> dict[str, str]:
       else:
         root = os.path.join(chain.workdir, "tune", decoder, "test")
       for name, folder in _decode_dirs(root, volumes).items():
-        metrics = _read_json(os.path.join(folder, "metrics.json")) or {}
+        metrics = _read_if_any(os.path.join(folder, "metrics.json")) or {}
         seg_path, aff_path = _segmentation_of(metrics), _affinities_of(folder, metrics)
         volume = volumes.get(name)
         if seg_path is None or volume is None or not os.path.exists(seg_path):

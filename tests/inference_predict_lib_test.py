@@ -375,6 +375,7 @@ def trained(tmp_path_factory):
   return overrides, workdir
 
 
+@pytest.mark.slow
 def test_predict_command_on_a_split_and_a_mismatched_checkpoint(trained, tmp_path):
   overrides, workdir = trained
   out = str(tmp_path / "pred")

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import scipy.sparse
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, require_shared
 
 from jaxseg.metrics import (
   adapted_rand,
@@ -26,9 +26,8 @@ GALA = DATA / "gala_fibsem_example"
 @pytest.fixture(scope="module")
 def gala():
   """(gt, watershed) of the gala FIB-SEM test crop, (50, 100, 200) int32."""
+  require_shared(GALA / "test-gt.lzf.h5")
   h5py = pytest.importorskip("h5py")
-  if not (GALA / "test-gt.lzf.h5").exists():
-    pytest.skip(f"gala_fibsem_example not found at {GALA}")
   with h5py.File(GALA / "test-gt.lzf.h5") as f:
     gt = f["stack"][...]
   with h5py.File(GALA / "test-ws.lzf.h5") as f:
@@ -67,6 +66,7 @@ def _snemi_reference(gt, seg):
   return 1 - 2 * precision * recall / (precision + recall), precision, recall
 
 
+@pytest.mark.realdata
 def test_snemi_matches_direct_formula(gala):
   gt, ws = gala
   for seg in (ws, _perturbed(gt, ws)):
@@ -77,6 +77,7 @@ def test_snemi_matches_direct_formula(gala):
     assert got.recall == pytest.approx(want[2], rel=1e-12)
 
 
+@pytest.mark.realdata
 def test_pairs_matches_skimage(gala):
   skm = pytest.importorskip("skimage.metrics")
   gt, ws = gala
@@ -89,6 +90,7 @@ def test_pairs_matches_skimage(gala):
     assert got.precision == pytest.approx(sk_rec, rel=1e-12)
 
 
+@pytest.mark.realdata
 def test_voi_matches_skimage_in_split_merge_order(gala):
   skm = pytest.importorskip("skimage.metrics")
   gt, ws = gala
@@ -238,6 +240,7 @@ def test_centered_crop():
     centered_crop((10, 10, 10), 0.0)
 
 
+@pytest.mark.realdata
 def test_crop_changes_only_the_scored_region(gala):
   gt, ws = gala
   crop = centered_crop(gt.shape, 0.33)

@@ -34,6 +34,7 @@ def test_evaluate_does_not_import_jax():
   subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.realdata
 def test_library_call_on_arrays_and_volumes(monkeypatch):
   require_shared(GALA / "test-gt.lzf.h5")
   h5py = pytest.importorskip("h5py")
@@ -61,6 +62,8 @@ def test_library_call_on_arrays_and_volumes(monkeypatch):
     evaluate(ws, gt[:10])
 
 
+@pytest.mark.realdata
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
   require_shared(EM_ERL / "gt_graph.npz")
   out = tmp_path / "metrics.json"
@@ -101,6 +104,7 @@ def test_cli_end_to_end(tmp_path):
   assert json.loads(out.read_text())["merge_threshold"] == 2
 
 
+@pytest.mark.realdata
 def test_cli_skeleton_only_and_errors(tmp_path):
   require_shared(EM_ERL / "gt_graph.npz")
   require_shared(GALA / "test-gt.lzf.h5")
@@ -138,6 +142,7 @@ def test_json_has_no_nan(tmp_path):
   assert json.loads(path.read_text())["adapted_rand"] is None
 
 
+@pytest.mark.realdata
 def test_cli_takes_defaults_from_a_config(tmp_path):
   """--config supplies eval defaults and the resolution; explicit flags win; config is saved."""
   require_shared(EM_ERL / "gt_graph.npz")

@@ -7,7 +7,7 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, require_shared
 
 from jaxseg.io import skeleton as skeleton_lib
 from jaxseg.io.skeleton import (
@@ -203,10 +203,9 @@ def test_check_bounds_message():
     named.check_bounds((4, 6, 6), volume_name="seg.zarr")
 
 
+@pytest.mark.realdata
 def test_em_erl_npz():
-  path = EM_ERL / "gt_graph.npz"
-  if not path.exists():
-    pytest.skip(f"em_erl test case not found at {path}")
+  path = require_shared(EM_ERL / "gt_graph.npz")
   with pytest.raises(SkeletonError, match="resolution"):
     load_skeletons(path)
   sk = load_skeletons(path, resolution=(30, 30, 30))

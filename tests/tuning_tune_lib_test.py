@@ -528,9 +528,9 @@ def test_killing_the_tuner_ends_its_trial_process():
   script = f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-import tune_test
+import tuning_tune_lib_test as this_test
 from jaxseg.tuning import trials
-worker = trials.TrialWorker({{}}, 600, load=tune_test._load_nothing, trial=tune_test._sleepy_trial)
+worker = trials.TrialWorker({{}}, 600, load=this_test._load_nothing, trial=this_test._sleepy_trial)
 print(worker.run({{}})["pid"], flush=True)
 worker.run({{"sleep": 600}})
 """

@@ -410,7 +410,7 @@ def test_device_transform_identity_aug_when_none(demo):
 
 def test_device_transform_with_augmentation(demo):
   """The demo recipe end to end with its real augmentation suite (aug_banis). One suite only: the
-  suites themselves are tested in augment_test.py, and each costs many seconds to compile."""
+  suites themselves are tested in data_augment_test.py, and each costs many seconds to compile."""
   pytest.importorskip("jaxseg.data.augment")
   data = pipeline.TrainData(demo, "train")
   batch = data.batch(0, 2)

@@ -460,6 +460,7 @@ E2E = {
 MARGINS = {"adapted_rand": 0.2, "voi": 1.0, "nerl": 0.1}
 
 
+@pytest.mark.slow
 def test_end_to_end_beats_baselines_and_a_rerun_reuses_everything(tmp_path):
   overrides = {**E2E, "data.root": str(tmp_path / "data")}
   config = load_config(DEMO, overrides)

@@ -93,6 +93,7 @@ def straight_run(data_root, tmp_path_factory):
   return workdir, config, result
 
 
+@pytest.mark.slow
 def test_straight_run_outputs(straight_run):
   workdir, config, result = straight_run
   assert result["step"] == 4 and result["resumed_from"] is None
@@ -114,6 +115,7 @@ def test_straight_run_outputs(straight_run):
   assert max(jax.tree.leaves(diff)) > 0
 
 
+@pytest.mark.slow
 def test_resume_in_fresh_process_matches_straight_run(straight_run, data_root, tmp_path):
   ref_dir, config, _ = straight_run
   workdir = str(tmp_path / "resumed")
@@ -141,6 +143,7 @@ def test_resume_in_fresh_process_matches_straight_run(straight_run, data_root, t
   assert [r["step"] for r in summary.read_metrics(workdir, "train")] == [2, 4]
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device(straight_run, data_root, tmp_path):
   ref_dir, config, ref = straight_run
   assert len(jax.devices()) >= 2, "conftest sets 2 simulated CPU devices"
@@ -155,6 +158,7 @@ def test_two_devices_match_one_device(straight_run, data_root, tmp_path):
   _assert_trees_close(a["ema"], b["ema"], atol=2e-5)
 
 
+@pytest.mark.slow
 def test_restore_inference_model_carries_ema_weights(straight_run):
   workdir, config, _ = straight_run
   model, info = train_lib.restore_inference_model(config, workdir)
@@ -170,6 +174,7 @@ def test_restore_inference_model_carries_ema_weights(straight_run):
   assert logits.shape == (1, 8, 24, 24, 6) and bool(jnp.all(jnp.isfinite(logits)))
 
 
+@pytest.mark.slow
 def test_different_model_in_workdir_is_refused(straight_run, data_root):
   workdir, _, _ = straight_run
   with open(os.path.join(workdir, "config.json")) as f:
@@ -185,6 +190,7 @@ def test_different_model_in_workdir_is_refused(straight_run, data_root):
   manager.close()
 
 
+@pytest.mark.slow
 def test_overwrite_starts_afresh_and_keeps_what_jaxseg_did_not_write(data_root, tmp_path):
   """Case 5 of the safe outputs: --overwrite in a work dir of other training settings removes only
   that run's own files (config, checkpoints, logs) and trains from step 0."""
@@ -204,6 +210,7 @@ def test_overwrite_starts_afresh_and_keeps_what_jaxseg_did_not_write(data_root, 
     assert f.read() == "lr sweep, run 3\n"
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monkeypatch):
   original = pipeline.TrainData.batch
 
@@ -224,6 +231,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monk
   manager.close()
 
 
+@pytest.mark.slow
 def test_demo_training_lowers_validation_loss(data_root, tmp_path):
   config = _config(
     data_root,

@@ -158,6 +158,7 @@ def test_agglomerate_is_silent_unless_verbose(capfd):
   assert "merging until" in capfd.readouterr().out
 
 
+@pytest.mark.realdata
 def test_gt_affinities_give_back_the_labels(shared_data):
   labels = _snemi_labels(shared_data)
   aff, _ = compute_affinities(labels, UNIT_ZYX, "target")
@@ -176,6 +177,7 @@ def test_gt_affinities_give_back_the_labels(shared_data):
   assert result.rg_u.size == result.rg_v.size == result.rg_score.size > 0
 
 
+@pytest.mark.realdata
 def test_noisy_affinities_merge_monotonically_and_match_single_runs(shared_data):
   labels = _snemi_labels(shared_data, (slice(0, 16), slice(0, 96), slice(0, 96)))
   aff = _noisy_affinities(labels)
@@ -206,6 +208,7 @@ def test_noisy_affinities_merge_monotonically_and_match_single_runs(shared_data)
     assert quick.rg_u is None and quick.rg_score is None
 
 
+@pytest.mark.realdata
 def test_given_fragments_are_not_modified(shared_data):
   tifffile = pytest.importorskip("tifffile")
   crop = (slice(0, 8), slice(0, 64), slice(0, 64))

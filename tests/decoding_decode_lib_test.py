@@ -123,6 +123,7 @@ def test_blockwise_cc_equals_whole_volume_bit_for_bit(volume, tmp_path):
   assert whole["segments"][0] < int(read_seg(tmp_path / "w").max())
 
 
+@pytest.mark.slow
 def test_blockwise_cc_with_mask_and_two_workers(volume, tmp_path):
   path, labels, _ = volume
   mask = np.ones(labels.shape, np.uint8)
@@ -160,6 +161,7 @@ def test_blockwise_cc_of_target_convention_affinities(tmp_path):
   assert np.array_equal(read_seg(tmp_path / "w"), read_seg(tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_blockwise_cc_through_a_cluster_worker_command(volume, tmp_path):
   path, _, _ = volume
   marks = tmp_path / "marks"
@@ -349,6 +351,7 @@ def test_pytc_cxyz_affinities_are_decoded_in_their_own_axis_order(tmp_path):
   assert ok.returncode == 0, ok.stderr
 
 
+@pytest.mark.realdata
 def test_gala_ground_truth_decodes_back_to_itself_blockwise(tmp_path):
   import h5py
 

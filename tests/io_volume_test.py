@@ -154,6 +154,7 @@ def test_foreign_files_with_explicit_axis_order_and_resolution(tmp_path):
   np.testing.assert_array_equal(open_volume(tmp_path / "s.tif")[2:4], LABELS[2:4].astype(np.uint16))
 
 
+@pytest.mark.realdata
 def test_real_gala_h5_reads_lazily(shared_data):
   vol = open_volume(shared_data / "gala_fibsem_example" / "train-gt.lzf.h5")
   assert vol.shape == (50, 100, 200) and vol.dtype == np.int32

@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, require_shared
 
 from jaxseg.io.skeleton import SkeletonError, Skeletons, load_skeletons
 from jaxseg.metrics import (
@@ -20,9 +20,8 @@ EM_ERL = DATA / "em_erl_testcase"
 
 
 def _em_erl():
+  require_shared(EM_ERL / "gt_graph.npz")
   h5py = pytest.importorskip("h5py")
-  if not (EM_ERL / "gt_graph.npz").exists():
-    pytest.skip(f"em_erl test case not found at {EM_ERL}")
   skeletons = load_skeletons(EM_ERL / "gt_graph.npz", resolution=(30, 30, 30))
   vols = {}
   for name in ("vol_gt", "vol_pred", "vol_no-mask"):
@@ -31,6 +30,7 @@ def _em_erl():
   return skeletons, vols
 
 
+@pytest.mark.realdata
 def test_em_erl_funlib_values_and_published_figures():
   skeletons, vols = _em_erl()
   lengths = np.load(EM_ERL / "gt_graph.npz")["skeleton_len"]
@@ -55,6 +55,7 @@ def test_em_erl_funlib_values_and_published_figures():
   assert masked.n_merged_edges > 0
 
 
+@pytest.mark.realdata
 def test_em_erl_lazy_volume_lookup_matches_numpy():
   skeletons, vols = _em_erl()
   io = pytest.importorskip("jaxseg.io")
