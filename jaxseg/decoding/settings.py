@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxseg.common import config_util
 from jaxseg.common.errors import ConfigError
 
 METHODS = ("cc", "waterz")
@@ -145,17 +146,6 @@ def _with_defaults(given: Mapping, defaults: Mapping, where: str) -> dict:
       out[key] = _with_defaults(_as_dict(value), defaults[key], f"{where}.{key}")
     else:
       out[key] = value
-  return out
-
-
-def _triple(value, name: str, minimum: int) -> tuple[int, int, int]:
-  try:
-    out = tuple(int(v) for v in value)
-    whole = all(float(v) == v for v in value)
-  except (TypeError, ValueError):  # not a sequence, or 'abc' from --config.decode.x=abc
-    out, whole = (), False
-  if len(out) != 3 or any(v < minimum for v in out) or not whole:
-    raise ConfigError(f"config.decode.{name} must be three integers >= {minimum}, not {value!r}")
   return out
 
 
@@ -333,8 +323,8 @@ def decode_settings(config_or_section: Any) -> DecodeSettings:
     affinity_mask_path=str(d["affinity_mask_path"] or ""),
     min_size=min_size,
     blockwise=blockwise,
-    block_shape=_triple(d["block_shape"], "block_shape", 1),
-    context=_triple(d["context"], "context", 0),
+    block_shape=config_util.triple(d["block_shape"], "config.decode.block_shape", 1),
+    context=config_util.triple(d["context"], "config.decode.context", 0),
     num_workers=num_workers,
     worker_command=str(d["worker_command"] or ""),
   )

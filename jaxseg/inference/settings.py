@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxseg.common import config_util
 from jaxseg.common.errors import ConfigError
 from jaxseg.data.affinity import Offsets, check_convention, get_preset
 from jaxseg.inference.geometry import BLEND_MODES, Geometry, plan_geometry
@@ -117,16 +118,6 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def _triple(value: Any, name: str, minimum: int) -> tuple[int, int, int]:
-  try:
-    out = tuple(int(v) for v in value)
-  except (TypeError, ValueError):
-    raise ConfigError(f"infer.{name} must be three ints (z, y, x), got {value!r}") from None
-  if len(out) != 3 or min(out) < minimum or any(int(v) != v for v in value):
-    raise ConfigError(f"infer.{name} must be three ints >= {minimum} (z, y, x), got {value!r}")
-  return out  # type: ignore[return-value]
-
-
 def _number(value: Any, name: str, kind):
   """``kind(value)`` (int or float), or a ConfigError naming ``infer.<name>``."""
   try:
@@ -154,7 +145,7 @@ def inference_settings(config) -> InferenceSettings:
   from jaxseg.models import input_multiple
 
   infer, model = config.infer, config.model
-  window = _triple(infer.window, "window", 1)
+  window = config_util.triple(infer.window, "infer.window", 1)
   multiple = input_multiple(model)
   if any(w % m for w, m in zip(window, multiple, strict=True)):
     raise ConfigError(
@@ -165,7 +156,7 @@ def inference_settings(config) -> InferenceSettings:
   overlap = _number(infer.overlap, "overlap", float)
   if not 0.0 <= overlap < 1.0:
     raise ConfigError(f"infer.overlap must be in [0, 1), got {overlap}")
-  pad = _triple(infer.pad, "pad", 0)
+  pad = config_util.triple(infer.pad, "infer.pad", 0)
   try:
     crop_pad = tuple(int(v) for v in (infer.crop_pad or ()))
   except (TypeError, ValueError):
@@ -206,10 +197,10 @@ def inference_settings(config) -> InferenceSettings:
   if len(set(channels)) != len(channels):
     raise ConfigError(f"infer.output_channels {channels} repeats a channel")
 
-  block_shape = _triple(infer.block_shape, "block_shape", 1)
+  block_shape = config_util.triple(infer.block_shape, "infer.block_shape", 1)
   chunk_shape = tuple(infer.chunk_shape or ())
   if chunk_shape:
-    chunk_shape = _triple(chunk_shape, "chunk_shape", 1)
+    chunk_shape = config_util.triple(chunk_shape, "infer.chunk_shape", 1)
     if any(b % c for b, c in zip(block_shape, chunk_shape, strict=True)):
       raise ConfigError(
         f"infer.block_shape {block_shape} must be a multiple of infer.chunk_shape {chunk_shape}: "
