@@ -1,25 +1,12 @@
 """Training augmentations of one sample: PyTC's ``aug_em_neuron`` (SNEMI) and ``aug_banis`` (NISB).
 
-This module owns every random transform applied to a training crop before label erosion and
-affinity targets (``docs/recipes.md``, the two "Augmentation" sections). It takes ONE sample:
-
-- ``image``: ``[z, y, x, c]`` float32, nominally in ``[0, 1]``. Intensity ops act on every channel,
-  geometric ops move all channels together.
-- ``labels``: ``[z, y, x]`` int32: 0 background, -1 unlabeled, > 0 object id. Geometric ops move
-  labels exactly like the image (nearest neighbour when resampling, so -1 stays -1 and no new ids
-  appear); image-only ops (noise, intensity, slice drop/shift, EM defects) return the labels
-  untouched.
-
-Every public transform has the signature ``fn(key, image, labels, *, params) -> (image, labels)``,
-is pure jax (jittable, vmappable over keys and samples) and keeps shapes and dtypes, so tests can
-run each one alone. ``make_augment(aug_config, shape)`` composes them in the recipe order with the
-probabilities of the config; the data pipeline vmaps the result over the batch with split keys.
-
-The transforms live in ``jaxseg.data.augment_ops`` (random stream, flips / rot90 / permutations,
-elastic and affine resampling, intensity) and ``jaxseg.data.augment_sections`` (slice
-perturbations, EM section defects); this module owns the two recipes and re-exports the
-transforms, so ``augment.flip`` and friends stay the public names. Static shapes, the one-draw
-random stream and the MONAI semantics are described in ``augment_ops``.
+This module owns the recipes: every random transform applied to a training crop before label
+erosion and affinity targets (``docs/recipes.md``, the two "Augmentation" sections), composed by
+``make_augment(aug_config, shape)`` in the recipe order with the probabilities of the config; the
+data pipeline vmaps the result over the batch with split keys. The transforms themselves, and the
+one-sample contract they share (``image`` ``[z, y, x, c]`` float32, ``labels`` ``[z, y, x]``
+int32, ``fn(key, image, labels, *, params) -> (image, labels)``), are in
+``jaxseg.data.augment_ops`` and ``jaxseg.data.augment_sections``.
 """
 
 from __future__ import annotations

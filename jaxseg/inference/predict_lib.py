@@ -189,25 +189,29 @@ def _wait_for(path: str, what: str) -> None:
     time.sleep(1.0)
 
 
-def predict_output(output_dir: str, source: PredictInput, fingerprint: dict) -> StageOutput:
+def predict_output(output_dir: str, source: PredictInput, fingerprint: dict | None) -> StageOutput:
   """One input's entry in the output folder's manifest: its zarr group, summary and preview.
 
   The fingerprint gains the identity of the image and of the checkpoint's step folder (their
   files' sizes and times), so an image changed in place, or a model retrained into the same work
-  dir, is predicted again instead of being taken as done.
+  dir, is predicted again instead of being taken as done. ``fingerprint=None`` describes the
+  place alone (for :meth:`StageOutput.check_free` before the model is read): no input's files
+  are walked for it.
   """
   name = source.name
-  inputs = {"image": input_identity(source.volume.path)}
-  model = fingerprint.get("model") or {}
-  if model.get("checkpoint_dir") and model.get("step") is not None:
-    # Retraining into the same work dir writes the same step numbers: their files tell.
-    step_folder = os.path.join(model["checkpoint_dir"], str(model["step"]))
-    inputs["checkpoint"] = input_identity(step_folder)
+  inputs = {}
+  if fingerprint is not None:
+    inputs["image"] = input_identity(source.volume.path)
+    model = fingerprint.get("model") or {}
+    if model.get("checkpoint_dir") and model.get("step") is not None:
+      # Retraining into the same work dir writes the same step numbers: their files tell.
+      step_folder = os.path.join(model["checkpoint_dir"], str(model["step"]))
+      inputs["checkpoint"] = input_identity(step_folder)
   return StageOutput(
     output_dir,
     name=layout.entry_name(name),
     stage="predict",
-    fingerprint={**fingerprint, "inputs": inputs},
+    fingerprint={**(fingerprint or {}), "inputs": inputs},
     paths=[layout.group_name(name), layout.summary_name(name), layout.preview_name(name)],
     inputs=[source.volume.path],
     what="--output folder",
@@ -650,7 +654,7 @@ def predict(
   # The output folder is checked before the checkpoint is read: refused at once, not after it.
   check_outside_inputs(output_dir, [checkpoint_dir(checkpoint)], what="--output folder")
   for source in sources:
-    predict_output(output_dir, source, {}).check_free()
+    predict_output(output_dir, source, None).check_free()
   model, info = restore_inference_model(config, checkpoint, step, use_ema=use_ema)
   apply, variables = engine_lib.model_apply(model)
   model_info = {
