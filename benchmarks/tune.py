@@ -182,8 +182,8 @@ def timed_load(setup):
 
 def timed_trial(state, params):
   """:func:`trials.run_trial` with decode and scoring clocked."""
-  from jaxseg.decoding import decode_lib
-  from jaxseg.tuning import scoring, trials
+  from jaxseg.decoding import decode_lib, scoring
+  from jaxseg.tuning import trials
 
   if not getattr(decode_lib.decode_array, "bench_clock", False):
     decode_lib.decode_array = _clocked("decode", decode_lib.decode_array)
@@ -321,8 +321,8 @@ def labels_case(case: str, work: str) -> dict | str:
   Returns the reason as a string when the data is absent.
   """
   from jaxseg.common.config_util import load_config
+  from jaxseg.inference.cache import CachedAffinities
   from jaxseg.io.datasets import dataset_volumes
-  from jaxseg.tuning.cache import CachedAffinities
 
   found = _read_labels(case)
   if found is None:
@@ -398,8 +398,8 @@ def demo_case() -> dict | str:
   Returns the reason as a string when they are absent.
   """
   from jaxseg.common.config_util import load_config
+  from jaxseg.inference import cache
   from jaxseg.io.datasets import dataset_volumes
-  from jaxseg.tuning import cache
 
   run = _DEMO_RUN.value
   root = os.path.join(run, "predictions")
@@ -530,7 +530,8 @@ def worker_trial(worker, params: dict) -> dict:
 
 def time_decoder(case: dict, decoder: str, n_trials: int) -> dict:
   """Worker and fresh processes, alternating, on the same parameter sets."""
-  from jaxseg.tuning import scoring, search, trials, tune_lib
+  from jaxseg.decoding import scoring
+  from jaxseg.tuning import search, trials, tune_lib
 
   config = scoring.decoder_config(case["config"], decoder)
   space = search.search_space(config, decoder)

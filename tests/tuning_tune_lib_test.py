@@ -22,11 +22,12 @@ from jaxseg.common import outputs
 from jaxseg.common.config_util import load_config
 from jaxseg.common.errors import ConfigError, JaxsegError, OutputError
 from jaxseg.common.files import write_json
-from jaxseg.inference import layout
+from jaxseg.decoding import scoring
+from jaxseg.inference import cache, layout
 from jaxseg.io import create_zarr, open_volume
 from jaxseg.io.datasets import dataset_volumes
 from jaxseg.synthesis import generate_cube, resolve_config, write_cube
-from jaxseg.tuning import cache, scoring, search, trials, tune_lib
+from jaxseg.tuning import search, trials, tune_lib
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.py")
@@ -581,7 +582,8 @@ def test_tuning_reuses_the_cache_without_importing_jax(cc_run):
   script = f"""
 import sys
 from jaxseg.common.config_util import load_config
-from jaxseg.tuning import cache, search, trials, tune_lib
+from jaxseg.inference import cache
+from jaxseg.tuning import search, trials, tune_lib
 config = load_config({DEMO!r}, {{"data.root": {str(cc_run["config"].data.root)!r},
                                 "qc.enabled": False}})
 cached = cache.cached_predictions(config, {cc_run["ckpt"]!r}, "val",

@@ -10,6 +10,9 @@
 - ``jaxseg.inference.layout``: the names of what predict writes (no jax).
 - ``jaxseg.inference.predict_lib``: batch predict: inputs, output zarrs, prefetch / write threads,
   resume, multi-host split, previews (``python -m jaxseg.predict``).
+- ``jaxseg.inference.cache``: a split's affinities predicted once per checkpoint and input, in keyed
+  folders under ``DIR/predictions``, QC'd when ``config.qc.enabled`` (used by the chain's test
+  stage and the tuner; imports JAX only when a prediction is missing).
 
 This package imports nothing itself; import the submodules.
 """

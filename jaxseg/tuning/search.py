@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 
 from jaxseg.common import outputs
 from jaxseg.common.errors import ConfigError, OutputError
-from jaxseg.tuning import scoring
+from jaxseg.decoding import scoring
 
 FINGERPRINT_ATTR = "jaxseg_fingerprint"
 SAMPLERS = ("grid", "tpe")

@@ -5,7 +5,7 @@ x]`` (the decoded channels, in their stored dtype), masks ``[z, y, x]``, dense l
 and skeletons once, then serves many trials; and the two functions it runs there,
 :func:`load_state` and :func:`run_trial`. A trial decodes every volume in memory with
 :func:`jaxseg.decoding.decode_lib.decode_array` (waterz: all ``tune.waterz.thresholds`` in one pass)
-and scores each segmentation with :func:`jaxseg.tuning.scoring.evaluate_loaded`; the objective over
+and scores each segmentation with :func:`jaxseg.decoding.scoring.evaluate_loaded`; the objective over
 several volumes is their mean, and for waterz the best threshold's mean is the trial's value.
 
 Why a child: a trial that runs too long (waterz on a pathological merge function) is killed after
@@ -187,9 +187,9 @@ def run_trial(state: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
     worst value), ``threshold`` (that threshold), ``per_volume`` (``{name: value}`` there),
     ``thresholds`` (``[{"threshold", "value"}]`` for every decoded threshold), ``seconds``.
   """
+  from jaxseg.decoding import scoring
   from jaxseg.decoding.decode_lib import decode_array
   from jaxseg.decoding.settings import decode_settings
-  from jaxseg.tuning import scoring
 
   start = time.perf_counter()
   objective = state["objective"]

@@ -12,7 +12,7 @@ Layout under the workdir::
   tune/<decoder>/tune.json          the run summary
   tune/<decoder>/config.json        the resolved config
   tune/<decoder>/test/<name>/       tune-test: segmentation(s), decode.json, metrics.json
-  predictions/<key>/                the affinity cache (:mod:`jaxseg.tuning.cache`)
+  predictions/<key>/                the affinity cache (:mod:`jaxseg.inference.cache`)
   cache/erl/                        parsed skeletons (:func:`jaxseg.io.skeleton.load_skeletons`)
 
 Trials only decode and score (:mod:`jaxseg.tuning.trials`, in a child process with a timeout);
@@ -40,11 +40,13 @@ from jaxseg.common import config_util, outputs
 from jaxseg.common.errors import ConfigError, MissingInputError, OutputError
 from jaxseg.common.files import atomic_output, json_ready, read_json, write_json
 from jaxseg.common.outputs import Decision, StageOutput
+from jaxseg.decoding import scoring
 from jaxseg.decoding.settings import decode_settings
+from jaxseg.inference import cache
 from jaxseg.io.datasets import LabeledVolume, dataset_volumes
 from jaxseg.io.skeleton import workdir_cache_dir
-from jaxseg.tuning import cache, scoring, search
 from jaxseg.tuning import plot as plot_lib
+from jaxseg.tuning import search
 from jaxseg.tuning import trials as trials_lib
 
 BEST_PARAMS = "best_params.json"
@@ -115,7 +117,7 @@ def study_fingerprint(config, space: search.SearchSpace, key: str, split: str) -
   user_mask = decode.pop("affinity_mask_path", "")
   if user_mask:
     decode["affinity_mask"] = [os.path.abspath(user_mask), scoring.mask_spec(user_mask)]
-  qc = config_util.config_to_dict(config.qc) if config.qc.get("enabled", False) else None
+  qc = config_util.config_to_dict(config.qc) if config.qc.enabled else None
   # The ground truth is scored against, by content: a corrected skeleton or label volume at the
   # same path makes the old trials' scores stale (the images are in the cache key).
   inputs = {

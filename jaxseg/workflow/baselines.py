@@ -9,7 +9,7 @@ uint32 segmentation of the volume's spatial shape:
 * ``image_threshold``: 6-connected components of the image above its mean (EM membranes are
   dark, so a bright voxel is "inside a cell"): the naive unlearned segmenter.
 
-Scoring goes through the same call as the learned segmentations (``jaxseg.tuning.scoring.score``
+Scoring goes through the same call as the learned segmentations (``jaxseg.decoding.scoring.score``
 with the config's ``eval`` section: adapted Rand and VOI against the dense labels, NERL against
 the skeletons). Images are ``[c, z, y, x]`` (the mean over channels is thresholded) or
 ``[z, y, x]``. Volumes are read whole: baselines are for test cubes that fit in memory. Never
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import scipy.ndimage
 
-from jaxseg.tuning import scoring
+from jaxseg.decoding import scoring
 
 BASELINES = ("one_segment", "per_voxel", "image_threshold")
 

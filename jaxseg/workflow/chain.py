@@ -34,8 +34,8 @@ from typing import Any
 
 from jaxseg.common import config_util, files, outputs
 from jaxseg.common.errors import JaxsegError
+from jaxseg.decoding.scoring import DECODERS
 from jaxseg.training import paths
-from jaxseg.tuning.scoring import DECODERS
 
 STAGES = ("data", "train", "test", "tune", "tune-test", "report")
 MODES = {
@@ -260,7 +260,8 @@ class Chain:
 
   def stage_test(self) -> tuple[str, str]:
     """Test volumes: cached affinities -> each decoder with the config's settings -> metrics."""
-    from jaxseg.tuning import cache, scoring
+    from jaxseg.decoding import scoring
+    from jaxseg.inference import cache
 
     cached = cache.cached_predictions(
       self.config, self.workdir, "test", self.cache_root, show_progress=self.show_progress
@@ -283,7 +284,7 @@ class Chain:
         decoded += int(not result.get("reused", False))
     if decoded:
       did.append(f"decoded + scored {decoded} segmentation set(s)")
-    if self.config.run.get("baselines", True):
+    if self.config.run.baselines:
       # Unlabeled test volumes (public SNEMI3D / CREMI test data) are decoded, not scored.
       labeled = [c for c in cached if c.volume.labels is not None or c.volume.skeleton]
       scored = sum(self._baselines(c.volume) for c in labeled)
@@ -295,7 +296,7 @@ class Chain:
 
   def _baselines(self, volume) -> bool:
     """Scores the trivial baselines of one test volume unless an identical score exists."""
-    from jaxseg.tuning import scoring
+    from jaxseg.decoding import scoring
     from jaxseg.workflow import baselines
 
     path = self.baseline_path(volume.name)
@@ -515,7 +516,7 @@ def write_results(chain: Chain) -> dict[str, str]:
   results = collect_results(chain)
   volumes = {v.name: v.windowed() for v in dataset_volumes(config.data, "test")}
   settings = decode_settings(config.decode)
-  sections = int(config.run.get("preview_slices", 3))
+  sections = int(config.run.preview_slices)
   images: dict[str, str] = {}
   viewer_layers: dict[str, list] = {}
   for section, label in (("test", ""), ("tuned", "_tuned")):

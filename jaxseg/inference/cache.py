@@ -18,7 +18,6 @@ predicted and JAX is never imported; otherwise :func:`jaxseg.inference.predict_l
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -28,39 +27,18 @@ from typing import Any
 from jaxseg.common import config_util, outputs
 from jaxseg.common.files import local_abspath, write_json
 from jaxseg.common.outputs import StageOutput, input_identity, is_complete
+from jaxseg.decoding.scoring import CachedAffinities
 from jaxseg.inference import layout
 from jaxseg.io import VolumeError
-from jaxseg.io.datasets import LabeledVolume, dataset_volumes
+from jaxseg.io.datasets import dataset_volumes
 from jaxseg.training.paths import checkpoint_dir, completed_steps
 
 CACHE_FILE = "cache.json"
 _KEY_CHARS = 12
 
 
-@dataclasses.dataclass
-class CachedAffinities:
-  """One volume's cached prediction.
-
-  Attributes:
-    name: the volume's short name (``seed100``).
-    affinities: path of ``<name>.zarr/affinities`` (``[C, z, y, x]``).
-    volume: the volume with its z range applied (:meth:`LabeledVolume.windowed`): image, labels,
-      skeleton.
-    mask: path of the QC affinity mask (uint8 ``[z, y, x]``, 1 = keep), or None.
-    reused: True when the prediction existed before this call.
-    qc: the QC summary (``low_z``, ``high_z``, report paths, ...) or None when QC is off.
-  """
-
-  name: str
-  affinities: str
-  volume: LabeledVolume
-  mask: str | None = None
-  reused: bool = False
-  qc: dict | None = None
-
-
 def _step_spec(config) -> int | str:
-  step = config.run.get("checkpoint_step", "best")
+  step = config.run.checkpoint_step
   return int(step) if isinstance(step, int) or str(step).isdigit() else str(step)
 
 
@@ -99,7 +77,7 @@ def cache_key(config, checkpoint: str, split: str) -> tuple[str, dict]:
     "checkpoint_dir": folder,
     "steps": steps,
     "step": _step_spec(config),
-    "use_ema": bool(config.run.get("use_ema", True)),
+    "use_ema": bool(config.run.use_ema),
     "split": split,
     "inputs": volumes,
     "normalize": [config.data.get("normalize", None), config.data.get("normalize_scope", None)],
@@ -182,7 +160,7 @@ def cached_predictions(
       [f"split:{split}"],
       out_dir,
       step=_step_spec(config),
-      use_ema=bool(config.run.get("use_ema", True)),
+      use_ema=bool(config.run.use_ema),
       show_progress=show_progress,
     )
     missing = [v.name for v in volumes if not _complete(out_dir, v.name)]
@@ -199,7 +177,7 @@ def cached_predictions(
       volume=v,
       reused=reused,
     )
-    if config.qc.get("enabled", False):
+    if config.qc.enabled:
       _quality_check(config, cached, out_dir, show_progress)
     out.append(cached)
   return out

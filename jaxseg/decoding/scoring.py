@@ -16,6 +16,7 @@ Never imports JAX.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +31,6 @@ from jaxseg.common.outputs import Decision, StageOutput, input_identity
 
 if TYPE_CHECKING:
   from jaxseg.io.datasets import LabeledVolume
-  from jaxseg.tuning.cache import CachedAffinities
 
 OBJECTIVES = {"nerl": "maximize", "adapted_rand": "minimize", "voi": "minimize"}
 DECODERS = ("cc", "waterz")
@@ -40,6 +40,28 @@ TUNED_KEYS = {
   "cc": ("threshold",),
   "waterz": ("merge_function", "aff_threshold_low", "aff_threshold_high", "thresholds"),
 }
+
+
+@dataclasses.dataclass
+class CachedAffinities:
+  """One volume's cached prediction.
+
+  Attributes:
+    name: the volume's short name (``seed100``).
+    affinities: path of ``<name>.zarr/affinities`` (``[C, z, y, x]``).
+    volume: the volume with its z range applied (:meth:`LabeledVolume.windowed`): image, labels,
+      skeleton.
+    mask: path of the QC affinity mask (uint8 ``[z, y, x]``, 1 = keep), or None.
+    reused: True when the prediction existed before this call.
+    qc: the QC summary (``low_z``, ``high_z``, report paths, ...) or None when QC is off.
+  """
+
+  name: str
+  affinities: str
+  volume: LabeledVolume
+  mask: str | None = None
+  reused: bool = False
+  qc: dict | None = None
 
 
 def check_decoder(decoder: str) -> str:
@@ -82,9 +104,9 @@ def eval_settings(config) -> dict:
   ``merge_threshold``)."""
   ev = config.eval
   return {
-    "arand": str(ev.get("arand", "snemi")),
-    "crop_fraction": float(ev.get("crop_fraction", 1.0)),
-    "merge_threshold": int(ev.get("merge_threshold", 1)),
+    "arand": str(ev.arand),
+    "crop_fraction": float(ev.crop_fraction),
+    "merge_threshold": int(ev.merge_threshold),
   }
 
 
@@ -164,9 +186,9 @@ def evaluate_loaded(
     labels,
     skeletons,
     resolution=resolution,
-    arand=str(settings.get("arand", "snemi")),
-    crop_fraction=float(settings.get("crop_fraction", 1.0)),
-    merge_threshold=int(settings.get("merge_threshold", 1)),
+    arand=str(settings["arand"]),
+    crop_fraction=float(settings["crop_fraction"]),
+    merge_threshold=int(settings["merge_threshold"]),
     erl_cache_dir=erl_cache_dir,
   )
 
@@ -224,7 +246,7 @@ def decode_and_evaluate(
   Args:
     config: the run config (``decode``, ``eval``, and ``tune.<method>.objective`` to pick the
       best threshold).
-    cached: from :func:`jaxseg.tuning.cache.cached_predictions`.
+    cached: from :func:`jaxseg.inference.cache.cached_predictions`.
     output_dir: the decode folder.
     overwrite: replace a decode made with other settings instead of refusing.
     show_progress: progress bars for blockwise decodes.
