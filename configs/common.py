@@ -1,4 +1,4 @@
-"""Pieces shared by several recipes (loaded by path with ``load_sibling``, not a recipe itself)."""
+"""Sections shared by several recipes (``from configs import common``); not a recipe itself."""
 
 import ml_collections
 

@@ -7,12 +7,12 @@ small shapes, a small model and short schedules, so every stage runs in minutes 
 
 import ml_collections
 
-from jaxseg.common.config_util import load_sibling
+from configs import nisb_base
 from jaxseg.synthesis.config import default_config as synth_defaults
 
 
 def get_config(arg=None):
-  config = load_sibling(__file__, "nisb_base").get_config(arg)
+  config = nisb_base.get_config(arg)
   config.name = "demo"
 
   # -- generated data: the seeds and resolution of `data` follow `data.synth` ---------------------

@@ -6,11 +6,11 @@ background ring) comes from the QC that ``python -m jaxseg.run`` runs on every p
 ``--config.decode.affinity_mask_path`` points at it.
 """
 
-from jaxseg.common.config_util import load_sibling
+from configs import nisb_base
 
 
 def get_config(arg=None):
-  config = load_sibling(__file__, "nisb_base").get_config(arg)
+  config = nisb_base.get_config(arg)
   config.name = "liconn"
   config.data.root = "datasets/nisb/liconn"
   config.data.train_seeds = (0, 1, 2, 3, 4)

@@ -12,9 +12,7 @@ transpose. ``:pytc`` restores PyTC's behaviour where we fix a bug.
 
 import ml_collections
 
-from jaxseg.common.config_util import load_sibling
-
-_common = load_sibling(__file__, "common")
+from configs import common
 
 
 def get_config(arg=None):
@@ -134,7 +132,7 @@ def get_config(arg=None):
   infer.tta.ensemble = "mean"
 
   # -- decoding --------------------------------------------------------------------------------
-  config.decode = decode = _common.decode_defaults()
+  config.decode = decode = common.decode_defaults()
   decode.method = "cc"
   decode.channel_order = "xyz"  # banis6 channels 0-2 are +x, +y, +z
   decode.convention = "source"
@@ -143,7 +141,7 @@ def get_config(arg=None):
   decode.block_shape = (256, 512, 512)
 
   # -- affinity QC -----------------------------------------------------------------------------
-  config.qc = _common.qc_defaults(enabled=True)
+  config.qc = common.qc_defaults(enabled=True)
 
   # -- evaluation ------------------------------------------------------------------------------
   config.eval = ev = ml_collections.ConfigDict()
@@ -153,14 +151,14 @@ def get_config(arg=None):
   ev.merge_threshold = 1  # node count; PyTC moved to 50 in 78264698, funlib uses > 0
 
   # -- tuning ----------------------------------------------------------------------------------
-  config.tune = tune = _common.tune_defaults()
+  config.tune = tune = common.tune_defaults()
   tune.split = "val"
   tune.trial_timeout_s = 3600.0
   tune.cc.objective = "nerl"
   tune.cc.threshold_grid = (0.50, 0.90, 0.02)  # (low, high, step): 21 points, inclusive
 
   # -- the chain (python -m jaxseg.run) ---------------------------------------------------------
-  config.run = _common.run_defaults(decoders=("cc",))
+  config.run = common.run_defaults(decoders=("cc",))
   # Trivial baselines are for small cubes: "every voxel its own segment" alone costs about 12 s
   # and 1 GB per 8 M voxels to score. The demo scores them.
   config.run.baselines = False

@@ -11,9 +11,7 @@ Data layout (``data.root``): ``train-input.tif``, ``train-labels.tif``, ``test-i
 
 import ml_collections
 
-from jaxseg.common.config_util import load_sibling
-
-_common = load_sibling(__file__, "common")
+from configs import common
 
 
 def get_config(arg=None):
@@ -149,7 +147,7 @@ def get_config(arg=None):
   infer.tta.ensemble = "min"
 
   # -- decoding --------------------------------------------------------------------------------
-  config.decode = decode = _common.decode_defaults()
+  config.decode = decode = common.decode_defaults()
   decode.method = "waterz"
   decode.channel_order = "xyz"  # channels 0-2 of aff12 are x, y, z
   decode.convention = "target"
@@ -158,7 +156,7 @@ def get_config(arg=None):
   decode.block_shape = (100, 1024, 1024)  # the whole SNEMI3D volume: whole-volume waterz
 
   # -- affinity QC -----------------------------------------------------------------------------
-  config.qc = _common.qc_defaults(enabled=False)
+  config.qc = common.qc_defaults(enabled=False)
 
   # -- evaluation ------------------------------------------------------------------------------
   config.eval = ev = ml_collections.ConfigDict()
@@ -170,7 +168,7 @@ def get_config(arg=None):
   ev.merge_threshold = 1
 
   # -- tuning ----------------------------------------------------------------------------------
-  config.tune = tune = _common.tune_defaults()
+  config.tune = tune = common.tune_defaults()
   tune.split = "test" if pytc_compat else "val"
   tune.force_test = pytc_compat  # PyTC's SNEMI3D tuning set is its test volume
   tune.trial_timeout_s = 300.0
@@ -178,7 +176,7 @@ def get_config(arg=None):
   tune.waterz.n_startup_trials = 10
 
   # -- the chain (python -m jaxseg.run) ---------------------------------------------------------
-  config.run = _common.run_defaults(decoders=("waterz",))
+  config.run = common.run_defaults(decoders=("waterz",))
   # Trivial baselines are for small cubes: "every voxel its own segment" alone costs about 12 s
   # and 1 GB per 8 M voxels to score. The demo scores them.
   config.run.baselines = False

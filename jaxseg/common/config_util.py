@@ -188,10 +188,10 @@ def _load_module(path: str):
 
 
 def load_sibling(this_file: str, name: str):
-  """Imports ``name.py`` from the folder of ``this_file`` (a config building on another one).
+  """Imports ``name.py`` from the folder of ``this_file``.
 
-  Config files are loaded by path (``--config=configs/liconn.py``), so ``configs`` need not be an
-  importable package; ``liconn.py`` gets ``nisb_base.py`` with
-  ``load_sibling(__file__, "nisb_base").get_config()``.
+  For the benchmark scripts: ``benchmarks/`` is a folder of scripts run by path, not a package, and
+  ``load_sibling(__file__, "machine")`` gives one of them its neighbour. Recipes import each other
+  as the ``configs`` package instead.
   """
   return _load_module(os.path.join(os.path.dirname(os.path.abspath(this_file)), f"{name}.py"))

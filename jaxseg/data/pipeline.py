@@ -177,13 +177,13 @@ class TrainData:
     self.split = split
     self.process_index = int(process_index)
     self.process_count = int(process_count)
-    self.seed = int(config.get("seed", 0))
+    self.seed = int(config.seed)
     data = config.data
     self.target = target_settings(config)
     self.patch_size = patch_size_for(config)
     self.context = self.target.context
     self.read_shape = read_shape_for(config)
-    self.prefetch = int(data.get("prefetch", 2))
+    self.prefetch = int(data.prefetch)
     self._normalize = normalize_settings(data)
     pad = data.get("pad_size", None)
     self.pad = tuple(int(p) for p in pad) if pad is not None else (0, 0, 0)
@@ -205,7 +205,7 @@ class TrainData:
         f"{data.get('root')!r}); check the {split}_seeds / {split}_files / val_sections settings"
       )
     in_channels = config.get("model", {}).get("in_channels", None)
-    in_memory = bool(data.get("in_memory", False))
+    in_memory = bool(data.in_memory)
     self._sources = [self._prepare(v, in_channels, in_memory) for v in self.volumes]
     self.channels = self._sources[0].channels
 

@@ -110,8 +110,8 @@ def make_loss_fn(train_config):
   """``loss(logits, target, mask) -> (total, per_channel)`` for ``train.loss``."""
   name = train_config.loss
   if name == "per_channel_bce":
-    max_pw = float(train_config.get("max_pos_weight", 10.0))
-    clamp = float(train_config.get("logit_clamp", 20.0))
+    max_pw = float(train_config.max_pos_weight)
+    clamp = float(train_config.logit_clamp)
     return lambda logits, target, mask: per_channel_bce(logits, target, mask, max_pw, clamp)
   if name == "masked_bce":
     return lambda logits, target, mask: masked_bce(logits, target, mask)

@@ -58,8 +58,8 @@ def create_learning_rate_fn(optim_config, num_steps: int) -> Callable[[jax.Array
     raise ConfigError(f"train.num_steps must be positive, got {num_steps}")
   if name == "constant":
     return lambda step: jnp.full((), base_lr, jnp.float32)
-  min_lr = float(optim_config.get("min_lr", 0.0))
-  warmup_steps = int(optim_config.get("warmup_steps", 0))
+  min_lr = float(optim_config.min_lr)
+  warmup_steps = int(optim_config.warmup_steps)
   if name == "cosine":
     if warmup_steps:
       raise ConfigError(
@@ -74,11 +74,11 @@ def create_learning_rate_fn(optim_config, num_steps: int) -> Callable[[jax.Array
 
     return cosine
   if name == "warmup_cosine":
-    steps_per_epoch = int(optim_config.get("steps_per_epoch", 1))
+    steps_per_epoch = int(optim_config.steps_per_epoch)
     if steps_per_epoch <= 0:
       raise ConfigError(f"optim.steps_per_epoch must be positive, got {steps_per_epoch}")
-    per_epoch = bool(optim_config.get("step_per_epoch", False))
-    start_factor = float(optim_config.get("warmup_start_factor", 0.0))
+    per_epoch = bool(optim_config.step_per_epoch)
+    start_factor = float(optim_config.warmup_start_factor)
     total_epochs = num_steps / steps_per_epoch
     warmup_epochs = warmup_steps / steps_per_epoch
 
@@ -141,7 +141,7 @@ def create_optimizer(optim_config, num_steps: int) -> optax.GradientTransformati
   if optim_config.name != "adamw":
     raise ConfigError(f"unknown optim.name {optim_config.name!r}; valid: adamw")
   schedule = create_learning_rate_fn(optim_config, num_steps)
-  mask = None if optim_config.get("decay_norm_and_bias", False) else decay_mask
+  mask = None if optim_config.decay_norm_and_bias else decay_mask
   parts = []
   if optim_config.grad_clip and optim_config.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(float(optim_config.grad_clip)))

@@ -63,15 +63,15 @@ class NonFiniteLossError(FloatingPointError):
 
 def compute_dtype(config) -> str:
   """The model's compute dtype: ``model.compute_dtype`` under mixed precision, else float32."""
-  if config.train.get("mixed_precision", False):
-    return config.model.get("compute_dtype", "float32")
+  if config.train.mixed_precision:
+    return config.model.compute_dtype
   return "float32"
 
 
 def _build_model(config, dtype: str | None = None) -> nnx.Module:
   from jaxseg.models import build_model  # the models pull in their layers only when needed
 
-  return build_model(config.model, rngs=nnx.Rngs(int(config.get("seed", 0))), compute_dtype=dtype)
+  return build_model(config.model, rngs=nnx.Rngs(int(config.seed)), compute_dtype=dtype)
 
 
 def model_graphdef(config, dtype: str | None = None):
@@ -82,8 +82,7 @@ def model_graphdef(config, dtype: str | None = None):
 
 
 def _ema_enabled(config) -> bool:
-  ema = config.train.get("ema", None)
-  return bool(ema is not None and ema.get("enabled", False))
+  return bool(config.train.ema.enabled)
 
 
 def create_train_state(config, tx: optax.GradientTransformation, sharding) -> tuple[Any, dict]:
@@ -126,7 +125,7 @@ def make_train_step(config, graphdef, tx, sharding, read_shape):
   transform = pipeline.make_device_transform(config, read_shape, train=True)
   loss_fn = losses.make_loss_fn(config.train)
   lr_fn = optim.create_learning_rate_fn(config.optim, int(config.train.num_steps))
-  base_key = jax.random.key(int(config.get("seed", 0)))
+  base_key = jax.random.key(int(config.seed))
   # A separate stream from parameter init, named so that other uses of the seed cannot collide.
   aug_key = jax.random.fold_in(base_key, 0x5EED)
   with_ema = _ema_enabled(config)
@@ -240,7 +239,7 @@ def _check_batch_geometry(config) -> None:
 
 
 def _eval_enabled(config) -> bool:
-  return int(config.train.get("eval_every", 0)) > 0 and int(config.train.get("eval_batches", 0)) > 0
+  return int(config.train.eval_every) > 0 and int(config.train.eval_batches) > 0
 
 
 class _Evaluator:
@@ -312,11 +311,11 @@ class _TrainingRun:
     train_cfg = config.train
     self.num_steps = int(train_cfg.num_steps)
     self.is_main = jax.process_index() == 0
-    self.sharding = sharding_lib.create_sharding(int(train_cfg.get("mesh_devices", 0)))
+    self.sharding = sharding_lib.create_sharding(int(train_cfg.mesh_devices))
     self.per_device = int(train_cfg.batch_size)
     self.global_batch = sharding_lib.global_batch_size(self.per_device, self.sharding)
     self.local_batch = sharding_lib.local_batch_size(self.per_device, self.sharding)
-    self.monitor = str(train_cfg.get("monitor", "val_loss"))
+    self.monitor = str(train_cfg.monitor)
     if self.monitor.startswith("val_") and not _eval_enabled(config):
       logging.warning(
         "train.monitor=%r but validation is off (train.eval_every / train.eval_batches): only the "
@@ -335,10 +334,10 @@ class _TrainingRun:
     config, train_cfg = self.config, self.config.train
     self.manager = ckpt_lib.CheckpointManager(
       os.path.join(self.workdir, paths.CHECKPOINT_DIR),
-      keep_top_k=int(train_cfg.get("keep_top_k", 3)),
+      keep_top_k=int(train_cfg.keep_top_k),
       monitor=self.monitor,
-      monitor_mode=str(train_cfg.get("monitor_mode", "min")),
-      keep_every=int(train_cfg.get("keep_every", 0)),
+      monitor_mode=str(train_cfg.monitor_mode),
+      keep_every=int(train_cfg.keep_every),
     )
     self.stack.callback(self.manager.close)
     self.tx = optim.create_optimizer(config.optim, self.num_steps)
@@ -377,14 +376,14 @@ class _TrainingRun:
     self.writer = summary.MetricWriter(self.workdir, enabled=self.is_main)
     self.stack.callback(self.writer.close)
     self.voxels_per_step = self.global_batch * math.prod(int(p) for p in config.data.patch_size)
-    self.log_every = max(1, int(train_cfg.get("log_every", 50)))
-    self.eval_every = int(train_cfg.get("eval_every", 0))
-    self.ckpt_every = int(train_cfg.get("checkpoint_every", 0))
+    self.log_every = max(1, int(train_cfg.log_every))
+    self.eval_every = int(train_cfg.eval_every)
+    self.ckpt_every = int(train_cfg.checkpoint_every)
     self.monitor_on_val = self.monitor.startswith("val_")
     logging.info(
       "training %s: %d steps from step %d, global batch %d (%d per device x %d devices), "
       "patch %s, workdir %s",
-      config.get("name", "?"),
+      config.name,
       self.num_steps,
       self.step,
       self.global_batch,
@@ -653,9 +652,9 @@ def restore_inference_model(
     raise MissingInputError(f"no checkpoints at {path} (looked for {directory})")
   manager = ckpt_lib.CheckpointManager(
     directory,
-    keep_top_k=int(config.train.get("keep_top_k", 3)),
-    monitor=str(config.train.get("monitor", "val_loss")),
-    monitor_mode=str(config.train.get("monitor_mode", "min")),
+    keep_top_k=int(config.train.keep_top_k),
+    monitor=str(config.train.monitor),
+    monitor_mode=str(config.train.monitor_mode),
   )
   try:
     found = manager.resolve_step(step)
