@@ -42,12 +42,14 @@ def _with_default_config(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # Imported after flag parsing: keeps --help fast.
-  from jaxseg.synthesis import format_summary, generate_dataset
+  from jaxseg.synthesis.config import resolve_config
 
   config = _CONFIG.value
   if "data" not in config or "synth" not in config.data:
     raise app.UsageError("the config has no data.synth section (see jaxseg/synthesis/config.py)")
+  resolve_config(config.data.synth)  # a bad knob is said before the renderer and volume I/O load
+  from jaxseg.synthesis import format_summary, generate_dataset
+
   output = _OUTPUT.value
   cli.check_output_folder(output)
   logging.info("generating into %s", output)

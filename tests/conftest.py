@@ -1,6 +1,8 @@
 """Shared test setup: CPU-only JAX, and the staged real EM data in ``../shared/data``."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,17 @@ os.environ["XLA_FLAGS"] = " ".join(
 # own tests do the same). An environment variable, so the CLIs started as subprocesses compile
 # alike and byte comparisons between a test and its subprocess hold.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+
+def pytest_configure(config):
+  """One XLA compilation cache for the whole run, new each run and shared by every worker and
+  subprocess: tests that build the same small model (in process and through the CLIs) compile its
+  steps once. Set here, in the controller, before the workers start and inherit the environment."""
+  if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxseg-tests-xla-")
+  config.add_cleanup(lambda: shutil.rmtree(os.environ.pop("JAX_COMPILATION_CACHE_DIR"), True))
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -66,3 +79,22 @@ def jaxseg_cache_dir(tmp_path_factory):
   with pytest.MonkeyPatch.context() as m:
     m.setenv("JAXSEG_CACHE_DIR", str(tmp_path_factory.mktemp("jaxseg_cache")))
     yield os.environ["JAXSEG_CACHE_DIR"]
+
+
+def pytest_collection_modifyitems(config, items):
+  """Slow tests first (stable otherwise): with several workers (``-n auto``), a minute-long test
+  collected last would end the run alone while the other workers idle."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture
+def optimised_xla():
+  """XLA's full optimisations for one test that runs a compiled step many times (the chain's 100
+  training steps): there, optimised code saves more than its longer compile costs."""
+  import jax
+
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update(
+    "jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1"
+  )

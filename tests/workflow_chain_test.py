@@ -461,7 +461,7 @@ MARGINS = {"adapted_rand": 0.2, "voi": 1.0, "nerl": 0.1}
 
 
 @pytest.mark.slow
-def test_end_to_end_beats_baselines_and_a_rerun_reuses_everything(tmp_path):
+def test_end_to_end_beats_baselines_and_a_rerun_reuses_everything(tmp_path, optimised_xla):
   overrides = {**E2E, "data.root": str(tmp_path / "data")}
   config = load_config(DEMO, overrides)
   workdir = str(tmp_path / "run")
@@ -520,7 +520,8 @@ def test_end_to_end_beats_baselines_and_a_rerun_reuses_everything(tmp_path):
 
 def test_unlabeled_test_volumes_are_decoded_without_baselines(tmp_path, tiny_root, monkeypatch):
   """Public SNEMI3D / CREMI test volumes have no labels: the test stage must not fail on them."""
-  from jaxseg.tuning import cache, scoring
+  from jaxseg.decoding import scoring
+  from jaxseg.inference import cache
 
   config = _tiny_config(tiny_root, **{"run.decoders": ("cc",)})
   (volume,) = dataset_volumes(config.data, "test")
@@ -541,7 +542,8 @@ def test_unlabeled_test_volumes_are_decoded_without_baselines(tmp_path, tiny_roo
 def test_chain_caches_parsed_skeletons_under_its_workdir(tmp_path, tiny_root, monkeypatch):
   """The test stage's scores (decodes and baselines) parse skeletons into DIR/cache/erl, never
   beside the user's skeleton.pkl."""
-  from jaxseg.tuning import cache, scoring
+  from jaxseg.decoding import scoring
+  from jaxseg.inference import cache
 
   config = _tiny_config(tiny_root, **{"run.decoders": ("cc",)})
   (volume,) = dataset_volumes(config.data, "test")

@@ -9,11 +9,10 @@ keep-mask built from a report, which the decoder reads through ``decode.affinity
 and reuses a finished identical result. Never imports JAX.
 """
 
-import importlib
+from jaxseg.common.lazy import lazy_exports
 
-# Where each public name lives. Loaded on first use (PEP 562), so importing the light
-# ``jaxseg.quality.settings`` (as every recipe does for its defaults) does not pull in the
-# volume I/O stack.
+# Where each public name lives, loaded on first use: importing the light ``jaxseg.quality.settings``
+# (as every recipe does for its defaults) does not pull in the volume I/O stack.
 _EXPORTS = {
   "MASK_ATTR": "mask",
   "QcReport": "report",
@@ -27,24 +26,5 @@ _EXPORTS = {
   "scan_affinities": "scan",
   "write_report": "report",
 }
-
-
-def __getattr__(name: str):
-  if name not in _EXPORTS:
-    raise AttributeError(f"module 'jaxseg.quality' has no attribute {name!r}")
-  return getattr(importlib.import_module(f"jaxseg.quality.{_EXPORTS[name]}"), name)
-
-
-__all__ = [
-  "MASK_ATTR",
-  "QcReport",
-  "QcResult",
-  "QcSettings",
-  "build_affinity_mask",
-  "mask_spec",
-  "qc_settings",
-  "read_report",
-  "run_qc",
-  "scan_affinities",
-  "write_report",
-]
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

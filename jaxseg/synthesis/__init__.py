@@ -22,25 +22,21 @@ Usage::
   summary = generate_dataset(config, "/data/synth")   # {train,val,test}/seed{N}/...
 """
 
-from jaxseg.synthesis.config import PRESETS, SynthParams, default_config, resolve_config
-from jaxseg.synthesis.cube import (
-  cube_stats,
-  format_summary,
-  generate_cube,
-  generate_dataset,
-  is_complete,
-  write_cube,
-)
+from jaxseg.common.lazy import lazy_exports
 
-__all__ = [
-  "PRESETS",
-  "SynthParams",
-  "cube_stats",
-  "default_config",
-  "format_summary",
-  "generate_cube",
-  "generate_dataset",
-  "is_complete",
-  "resolve_config",
-  "write_cube",
-]
+# Loaded on first use: the demo recipe imports ``jaxseg.synthesis.config`` for its defaults, and a
+# config load must not wait for the renderer and the volume I/O stack.
+_EXPORTS = {
+  "PRESETS": "config",
+  "SynthParams": "config",
+  "default_config": "config",
+  "resolve_config": "config",
+  "cube_stats": "cube",
+  "format_summary": "cube",
+  "generate_cube": "cube",
+  "generate_dataset": "cube",
+  "is_complete": "cube",
+  "write_cube": "cube",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
