@@ -17,6 +17,18 @@ def decode_defaults() -> ml_collections.ConfigDict:
   return decode_config()
 
 
+def contrast_gamma_aug(aug: ml_collections.ConfigDict, p: float = 0.0) -> None:
+  """Adds jaxseg's contrast / gamma augmentation to an ``aug`` section, with probability ``p``.
+
+  Another microscope's contrast: U(contrast_range) about the crop's mean, then gamma
+  U(gamma_range) on the crop rescaled to [0, 1] (``docs/recipes.md``, "Normalisation across
+  microscopes"). At ``p = 0`` the step is left out entirely (the PyTC recipes' outputs unchanged).
+  """
+  aug.contrast_gamma_p = p
+  aug.contrast_range = (0.5, 1.5)
+  aug.gamma_range = (0.7, 1.5)
+
+
 def tune_defaults() -> ml_collections.ConfigDict:
   """Decoder tuning (``docs/tuning.md``): one sub-section per decoder, both always present.
 

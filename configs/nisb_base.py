@@ -187,4 +187,5 @@ def _aug_banis():
   aug.intensity_add = (-0.1, 0.1)
   aug.noise_p = 0.5
   aug.noise_std = (0.0, 0.5)
+  common.contrast_gamma_aug(aug)  # jaxseg's own, off in this recipe
   return aug

@@ -198,6 +198,7 @@ def _aug_em_neuron():
   aug.intensity_shift = 0.2  # +- on the [0, 1] image
   aug.gamma_p = 0.7
   aug.gamma = (0.5, 1.5)
+  common.contrast_gamma_aug(aug)  # jaxseg's own, off in this recipe
   # One of the five image-only defects per sample; labels are never moved (unlike DeepEM).
   aug.defects = ml_collections.ConfigDict()
   aug.defects.misalignment_max_shift = 17  # px, zero fill, split in [1, D - 2]

@@ -610,3 +610,89 @@ def test_make_augment_traces_on_recipe_shapes():
       jax.ShapeDtypeStruct(shape, jnp.int32),
     )
     assert out[0].shape == (*shape, 1) and out[1].shape == shape
+
+
+# -- another microscope: contrast and gamma (off in the recipes) ----------------------------------
+
+
+def test_contrast_gamma_stays_in_range_and_is_deterministic():
+  keys, image, labels = batch()
+  image = 3.0 * image - 1.0  # any normalisation: zscore images are not in [0, 1]
+  fn = functools.partial(A.contrast_gamma, p=0.5, contrast=(0.5, 1.5), gamma=(0.7, 1.5))
+  out_image, out_labels = run_many(fn, image, labels, keys)
+  check_image_only(out_image, out_labels, image, labels)
+  fired = changed(out_image, image)
+  assert abs(fraction(fired) - 0.5) < 0.1
+  # Within the input's range scaled by at most 1.5 about its mean, and never outside the range
+  # its own contrast draw allows: its spread is 0.5x to 1.5x the input's.
+  mean, low, high = image.mean(), image.min(), image.max()
+  eps = 1e-5
+  assert out_image.min() >= mean + 1.5 * (low - mean) - eps
+  assert out_image.max() <= mean + 1.5 * (high - mean) + eps
+  spread = out_image.reshape(NUM_KEYS, -1).max(1) - out_image.reshape(NUM_KEYS, -1).min(1)
+  assert np.all(spread[fired] >= 0.5 * (high - low) - eps)
+  assert np.all(spread[fired] <= 1.5 * (high - low) + eps)
+  assert len({out_image[i].tobytes() for i in np.flatnonzero(fired)}) == int(fired.sum())
+  # Same key, same result.
+  again, _ = run_many(fn, image, labels, keys[:3])
+  np.testing.assert_allclose(again, out_image[:3], atol=1e-6)
+  # Contrast alone (gamma 1): the exact linear map about the mean.
+  key = keys[0]
+  linear, _ = A.contrast_gamma(key, image, labels, p=1.0, contrast=(0.6, 0.6), gamma=(1.0, 1.0))
+  np.testing.assert_allclose(linear, mean + 0.6 * (image - mean), atol=1e-5)
+  # Gamma alone keeps the input's min and max.
+  curved, _ = A.contrast_gamma(key, image, labels, p=1.0, contrast=(1.0, 1.0), gamma=(1.4, 1.4))
+  assert curved.min() == pytest.approx(low, abs=1e-5) and curved.max() <= high + eps
+
+
+def _with_contrast_gamma(recipe, **values):
+  aug = recipe.copy_and_resolve_references()
+  aug.unlock()
+  for key, value in values.items():
+    if value is None:
+      del aug[key]
+    else:
+      aug[key] = value
+  return aug
+
+
+@pytest.mark.parametrize(("recipe", "shape"), [(EM, (6, 12, 12)), (BANIS, (8, 8, 8))])
+def test_recipes_with_contrast_gamma_off_are_unchanged(recipe, shape):
+  """Declared and off (the shipped recipes), or not declared: the same random numbers and bytes.
+  On, it is one more step (the whole recipe then draws other numbers)."""
+  assert recipe.contrast_gamma_p == 0.0
+  assert (recipe.contrast_range, recipe.gamma_range) == ((0.5, 1.5), (0.7, 1.5))
+  rng = np.random.default_rng(11)
+  image = jnp.asarray(rng.random((3, *shape, 1), dtype=np.float32))
+  labels = jnp.asarray(np.stack([blob_labels(rng, shape) for _ in range(3)]))
+  keys = jax.random.split(jax.random.key(4), 3)
+
+  def run(aug):
+    out = jax.jit(jax.vmap(A.make_augment(aug, shape)))(keys, image, labels)
+    return [np.asarray(o) for o in out]
+
+  shipped = run(recipe)
+  absent = _with_contrast_gamma(
+    recipe, contrast_gamma_p=None, contrast_range=None, gamma_range=None
+  )
+  for got, want in zip(run(absent), shipped, strict=True):
+    assert got.tobytes() == want.tobytes()
+  on_image, _ = run(_with_contrast_gamma(recipe, contrast_gamma_p=1.0))
+  assert not np.array_equal(on_image, shipped[0])
+  assert on_image.shape == shipped[0].shape and np.all(np.isfinite(on_image))
+
+
+def test_contrast_gamma_settings_are_checked_in_one_line():
+  from jaxseg.common.errors import ConfigError
+
+  cases = [
+    ({"contrast_gamma_p": 1.5}, "contrast_gamma_p"),
+    ({"contrast_gamma_p": 0.5, "contrast_range": (1.5, 0.5)}, "contrast_range"),
+    ({"contrast_gamma_p": 0.5, "gamma_range": (0.0, 1.0)}, "gamma_range"),
+    ({"gamma_range": (1.0,)}, "gamma_range"),  # checked while off too
+    ({"contrast_gamma_p": 0.5, "contrast_range": None}, "contrast_range"),  # needed when on
+  ]
+  for values, key in cases:
+    with pytest.raises(ConfigError, match=rf"^data\.aug\.{key} must be") as e:
+      A.make_augment(_with_contrast_gamma(EM, **values), (6, 12, 12))
+    assert "\n" not in str(e.value)

@@ -256,7 +256,7 @@ def test_normalisation_numbers(tmp_path):
   out = normalize.normalize_image(image, data_config)
   assert out.dtype == np.float32
   np.testing.assert_allclose(out, image / 255.0, rtol=1e-6)
-  data_config.normalize = "zscore"
+  data_config.normalize = "l2"
   with pytest.raises(ValueError, match=r"data\.normalize must be one of"):
     normalize.normalize_image(image, data_config)
   data_config.normalize, data_config.normalize_scope = "minmax", "dataset"
@@ -265,7 +265,200 @@ def test_normalisation_numbers(tmp_path):
   # Streaming statistics over many small chunks, a channel axis and a float volume.
   big = RNG.normal(size=(2, 9, 6, 5)).astype(np.float32)
   vol = write_volume(str(tmp_path / "f.zarr"), big, chunks=(2, 2, 3, 5))
-  assert normalize.volume_stats(vol) == (float(big.min()), float(big.max()))
+  stats = normalize.volume_stats(vol)
+  assert (stats.min, stats.max) == (float(big.min()), float(big.max()))
+  assert stats.voxels == big.size and not stats.sampled
+
+
+def _data_config(mode, scope="volume", percentiles=None):
+  data = load_config(str(CONFIGS / "snemi.py")).data
+  data.unlock()
+  data.normalize, data.normalize_scope = mode, scope
+  if percentiles is not None:
+    data.normalize_percentiles = percentiles
+  return data
+
+
+def test_zscore_and_percentile_statistics_equal_numpy(tmp_path):
+  """Streamed over small chunks with a channel axis: exact for 8- and 16-bit images (histogram),
+  within (max - min) / 2**16 for float percentiles."""
+  u8 = RNG.integers(0, 256, (2, 9, 14, 11)).astype(np.uint8)
+  u16 = (RNG.normal(20000, 3000, (9, 14, 11))).astype(np.uint16)
+  f32 = RNG.normal(3.0, 2.0, (2, 9, 14, 11)).astype(np.float32)
+  for name, array in (("u8", u8), ("u16", u16), ("f32", f32)):
+    vol = write_volume(
+      str(tmp_path / f"{name}.zarr"), array, chunks=(1,) * (array.ndim - 3) + (2, 7, 11)
+    )
+    for levels in ((1.0, 99.0), (0.0, 37.5), (12.25, 100.0)):
+      stats = normalize.volume_stats(vol, "percentile", levels)
+      assert stats.voxels == array.size and not stats.sampled
+      assert (stats.min, stats.max) == (float(array.min()), float(array.max()))
+      assert stats.mean == pytest.approx(np.mean(array, dtype=np.float64), rel=1e-12)
+      assert stats.std == pytest.approx(np.std(array, dtype=np.float64), rel=1e-12)
+      want = np.percentile(array, levels)
+      if name == "f32":
+        width = (float(array.max()) - float(array.min())) / normalize.FLOAT_HISTOGRAM_BINS
+        np.testing.assert_allclose([stats.p_low, stats.p_high], want, rtol=0, atol=width)
+      else:
+        assert [stats.p_low, stats.p_high] == want.tolist()  # exact, numpy's "linear" percentile
+    zscore = normalize.volume_stats(vol, "zscore")
+    assert zscore.mean == stats.mean and zscore.p_low is None
+  # The config's percentiles reach the statistics.
+  got = normalize.normalization_stats(vol, _data_config("percentile", percentiles=(5.0, 95.0)))
+  assert got.percentiles == (5.0, 95.0)
+
+
+class _CountingVolume:
+  """A lazy volume that counts the voxels read from it."""
+
+  def __init__(self, array, chunks):
+    self.array, self.chunks, self.read = array, chunks, 0
+    self.shape, self.dtype = array.shape, array.dtype
+
+  def __getitem__(self, key):
+    out = self.array[key]
+    self.read += out.size
+    return out
+
+
+def test_large_volumes_are_summarised_from_a_sample(tmp_path, monkeypatch):
+  """Over LARGE_VOLUME_VOXELS, zscore / percentile read about SAMPLE_VOXELS voxels in whole
+  chunks, the same ones every time, and still come close to the whole volume's numbers."""
+  shape = (40, 64, 64)
+  trend = np.linspace(60, 120, shape[0])[:, None, None]  # brighter with depth, plus noise
+  noise = np.random.default_rng(7).normal(0, 25, shape)
+  array = np.clip(trend + noise, 0, 255).astype(np.uint8)
+  monkeypatch.setattr(normalize, "LARGE_VOLUME_VOXELS", array.size // 10)
+  monkeypatch.setattr(normalize, "SAMPLE_VOXELS", array.size // 4)
+  vol = _CountingVolume(array, (4, 16, 16))
+  stats = normalize.volume_stats(vol, "percentile")
+  assert stats.sampled and stats.voxels == vol.read == array.size // 4  # 40 whole chunks
+  assert stats.mean == pytest.approx(array.mean(), abs=0.05 * array.std())
+  assert stats.std == pytest.approx(array.std(), rel=0.05)
+  np.testing.assert_allclose([stats.p_low, stats.p_high], np.percentile(array, (1, 99)), atol=3)
+  assert normalize.volume_stats(vol, "percentile") == stats  # deterministic
+  assert normalize.volume_stats(vol, "zscore").mean == stats.mean
+  # Float volumes take the same boxes; min-max always reads every voxel.
+  floats = normalize.volume_stats(_CountingVolume(array.astype(np.float32), (4, 16, 16)), "zscore")
+  assert floats.voxels == stats.voxels and floats.mean == pytest.approx(stats.mean, rel=1e-12)
+  vol.read = 0
+  assert normalize.volume_stats(vol).voxels == vol.read == array.size
+  # A lazy zarr without the counting: chunks bigger than the sample's box are cut.
+  lazy = write_volume(str(tmp_path / "big.zarr"), array, chunks=(40, 64, 64))
+  sampled = normalize.volume_stats(lazy, "zscore")
+  assert sampled.sampled and sampled.voxels <= array.size // 4
+  assert sampled.mean == pytest.approx(array.mean(), abs=0.1 * array.std())
+
+
+@pytest.mark.parametrize("mode", ["zscore", "percentile"])
+def test_another_microscopes_contrast_normalises_to_the_same_image(mode):
+  """The volume at 0.6x contrast about its mean (and brighter), normalised by its own
+  statistics, is the original normalised volume; dividing by 255 is not."""
+  rng = np.random.default_rng(8)
+  smooth = rng.normal(0, 1, (12, 40, 40)).cumsum(1).cumsum(2)
+  image = 120 + 30 * (smooth - smooth.mean()) / smooth.std() + rng.normal(0, 8, smooth.shape)
+  data = _data_config(mode)
+  for dtype in (np.float32, np.uint16):
+    scale = 100 if dtype == np.uint16 else 1  # 16-bit: keeps rounding below the tolerance
+    original = np.round(image * scale).astype(dtype) if scale > 1 else image.astype(dtype)
+    mean = original.mean(dtype=np.float64)
+    other = mean + 0.6 * (original.astype(np.float64) - mean) + 15 * scale
+    other = np.round(other).astype(dtype) if scale > 1 else other.astype(dtype)
+    want = normalize.normalize_image(original, data, normalize.volume_stats(original, mode))
+    got = normalize.normalize_image(other, data, normalize.volume_stats(other, mode))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)
+    plain = _data_config("divide_255")
+    assert (
+      np.abs(
+        normalize.normalize_image(other, plain) - normalize.normalize_image(original, plain)
+      ).max()
+      > 0.05
+    )
+
+
+def test_zscore_and_percentile_mappings_and_crop_scope():
+  image = RNG.normal(100, 20, (3, 7, 8)).astype(np.float32)
+  stats = normalize.volume_stats(image, "percentile", (5.0, 95.0))
+  zscore = _data_config("zscore")
+  np.testing.assert_allclose(
+    normalize.normalize_image(image, zscore, stats),
+    (image - stats.mean) / stats.std,
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  percentile = _data_config("percentile", percentiles=(5.0, 95.0))
+  got = normalize.normalize_image(image, percentile, stats)
+  want = np.clip((image - stats.p_low) / (stats.p_high - stats.p_low), 0, 1)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert got.min() == 0.0 and got.max() == 1.0 and got.dtype == np.float32
+  with pytest.raises(ValueError, match=r"statistics \(p_low, p_high"):
+    normalize.normalize_image(image, percentile, normalize.volume_stats(image))
+  # "crop": the array's own statistics, no volume statistics needed.
+  crop_z = _data_config("zscore", "crop")
+  np.testing.assert_allclose(
+    normalize.normalize_image(image, crop_z), (image - image.mean()) / image.std(), atol=1e-5
+  )
+  crop_p = _data_config("percentile", "crop", (5.0, 95.0))
+  lo, hi = np.percentile(image, (5.0, 95.0))
+  np.testing.assert_allclose(
+    normalize.normalize_image(image, crop_p), np.clip((image - lo) / (hi - lo), 0, 1), atol=1e-5
+  )
+  np.testing.assert_array_equal(normalize.normalize_image(np.full((2, 2, 2), 7), crop_z), 0)
+  assert not normalize.needs_volume_stats(crop_p) and normalize.needs_volume_stats(percentile)
+  # jax arrays go through the same mapping.
+  for data, volume_stats in ((zscore, stats), (percentile, stats), (crop_z, None), (crop_p, None)):
+    np.testing.assert_allclose(
+      np.asarray(normalize.normalize_image(jax.numpy.asarray(image), data, volume_stats)),
+      normalize.normalize_image(image, data, volume_stats),
+      atol=1e-5,
+    )
+
+
+def test_normalisation_settings_are_checked_in_one_line():
+  from jaxseg.common.errors import ConfigError
+
+  for bad in ((99.0, 1.0), (1.0,), (-1.0, 50.0), (1.0, 101.0), ("a", "b"), 5, (1.0, float("nan"))):
+    with pytest.raises(ConfigError, match=r"^data\.normalize_percentiles must be two numbers") as e:
+      normalize.normalize_settings(_data_config("percentile", percentiles=bad))
+    assert "\n" not in str(e.value)
+  for mode, scope, key in (("l1", "volume", "normalize"), ("zscore", "slab", "normalize_scope")):
+    with pytest.raises(ConfigError, match=rf"^data\.{key} must be one of") as e:
+      normalize.normalize_settings(_data_config(mode, scope))
+    assert "\n" not in str(e.value)
+  settings = normalize.normalize_settings(_data_config("percentile", percentiles=(2, 98)))
+  assert settings.record() == {
+    "normalize": "percentile",
+    "normalize_scope": "volume",
+    "normalize_percentiles": [2.0, 98.0],
+  }
+  assert normalize.normalize_settings(_data_config("divide_255")).record() == {
+    "normalize": "divide_255"
+  }
+
+
+def test_statistics_are_computed_once_per_volume(tmp_path, monkeypatch):
+  """The train and val splits of one SNEMI file share one pass; a rewritten file gets a new
+  one; training crops are normalised with the file's statistics."""
+  config, image, _ = _snemi(tmp_path, in_memory=False)
+  config.data.normalize = "zscore"
+  normalize._memo.clear()
+  calls = []
+  real = normalize.volume_stats
+  monkeypatch.setattr(
+    normalize, "volume_stats", lambda *a, **k: calls.append(a[0].path) or real(*a, **k)
+  )
+  train = pipeline.TrainData(config, "train")
+  pipeline.TrainData(config, "val")
+  assert len(calls) == 1
+  mean, std = image.mean(dtype=np.float64), image.std(dtype=np.float64)
+  batch = train.batch(0, 2)
+  for i, crop in enumerate(train.crops(0, 2)):
+    raw = np.pad(image[:7], [(p, p) for p in train.pad], mode="reflect")
+    box = tuple(slice(s, s + r) for s, r in zip(crop.start, train.read_shape, strict=True))
+    np.testing.assert_allclose(batch["image"][i, ..., 0], (raw[box] - mean) / std, atol=1e-5)
+  tifffile.imwrite(tmp_path / "train-input.tif", image[::-1] // 2)  # same path, new contents
+  pipeline.TrainData(config, "train")
+  assert len(calls) == 2
 
 
 def test_uint64_and_int64_labels(tmp_path):
@@ -325,7 +518,7 @@ def test_bad_inputs(tmp_path, demo):
     pipeline.TrainData(config, volumes=volumes)
   config.target.target_context = (0, 0, 0, 10, 10, 10)  # PyTC's 6-number form
   assert pipeline.TrainData(config, volumes=volumes).read_shape == (16, 18, 18)
-  config.data.normalize = "zscore"
+  config.data.normalize = "l2"
   with pytest.raises(ValueError, match=r"data\.normalize must be one of"):
     pipeline.TrainData(config, volumes=volumes)
 

@@ -448,3 +448,117 @@ def test_held_out_snemi_sections_are_predicted_alone(tmp_path):
   assert val.name == "train-input-val" and val.volume.shape == (3, 6, 7)
   np.testing.assert_array_equal(val.volume[...], image[7:])
   assert train.volume.shape == (7, 6, 7)
+
+
+# -- normalisation: each volume by its own statistics, the training's settings ---------------------
+
+
+@pytest.mark.parametrize("mode", ["zscore", "percentile"])
+def test_each_volume_is_normalised_by_its_own_statistics(mode, tmp_path):
+  """A volume at 0.6x contrast (and brighter) predicts what the original does, and each output
+  records the statistics of its own volume."""
+  rng = np.random.default_rng(5)
+  smooth = rng.normal(0, 1, (1, 12, 20, 18)).cumsum(2).cumsum(3)
+  image = (100 + 20 * (smooth - smooth.mean()) / smooth.std()).astype(np.float32)
+  mean = float(image.mean(dtype=np.float64))
+  other = (mean + 0.6 * (image - mean) + 15).astype(np.float32)
+  config = _config(
+    **{
+      "data.normalize": mode,
+      "infer.window": (8, 8, 8),
+      "infer.sw_batch_size": 2,
+      "infer.block_shape": (8, 8, 8),
+      "infer.output_dtype": "float32",
+    }
+  )
+  outputs = {}
+  for name, array in (("original", image), ("other", other)):
+    path = _write_image(str(tmp_path / f"{name}.zarr"), array)
+    out = str(tmp_path / f"out_{name}")
+    (summary,) = _predict(config, _ramp_apply(6), None, path, out)
+    outputs[name] = _read_output(out, name)
+    recorded = summary["normalization"]
+    assert recorded["normalize"] == mode and recorded["normalize_scope"] == "volume"
+    stats = recorded["stats"]
+    assert stats["voxels"] == array.size and not stats["sampled"]
+    assert stats["mean"] == pytest.approx(np.mean(array, dtype=np.float64), rel=1e-9)
+    assert stats["std"] == pytest.approx(np.std(array, dtype=np.float64), rel=1e-9)
+    if mode == "percentile":
+      assert recorded["normalize_percentiles"] == [1.0, 99.0]
+      width = float(array.max() - array.min()) / 2**16
+      np.testing.assert_allclose(
+        [stats["p_low"], stats["p_high"]], np.percentile(array, (1, 99)), atol=width
+      )
+    attrs = open_volume(os.path.join(out, f"{name}.zarr", "affinities")).attrs
+    assert attrs["jaxseg_predict"]["stats"] == stats
+    with open(os.path.join(out, f"{name}_predict.json")) as f:
+      assert json.load(f)["normalization"] == recorded
+    # Done already: the recorded statistics are read back, not recomputed.
+    (again,) = _predict(config, _ramp_apply(6), None, path, out)
+    assert again["blocks_written"] == 0 and again["normalization"] == recorded
+  assert outputs["original"].std() > 0.01
+  np.testing.assert_allclose(outputs["other"], outputs["original"], rtol=0, atol=2e-3)
+  if mode == "percentile":  # other percentiles make other outputs
+    config.data.unlock()
+    config.data.normalize_percentiles = (2.0, 98.0)
+    path = str(tmp_path / "other.zarr")
+    with pytest.raises(OutputError, match=r"made differently.*normalize_percentiles"):
+      _predict(config, _ramp_apply(6), None, path, str(tmp_path / "out_other"))
+
+
+def test_predict_refuses_another_normalisation_than_the_training_run(tmp_path):
+  from jaxseg.common.config_util import save_config
+  from jaxseg.common.errors import ConfigError
+
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "2").mkdir(parents=True)
+  trained = _config(**{"data.normalize": "zscore"})
+  predict_lib.check_trained_normalization(trained, str(workdir))  # no config.json: not checked
+  save_config(trained, str(workdir))
+  for where in (workdir, workdir / "checkpoints"):
+    predict_lib.check_trained_normalization(trained, str(where))
+  plain = _config()  # divide_255
+  with pytest.raises(
+    ConfigError,
+    match=r"^data\.normalize: the model in .*trained with .*zscore.*"
+    r"\(--config\.data\.normalize=zscore\)$",
+  ) as e:
+    predict_lib.predict(plain, str(workdir), ["nowhere.zarr"], str(tmp_path / "out"))
+  assert "\n" not in str(e.value)
+
+
+def test_affinity_cache_key_includes_the_percentiles(tmp_path):
+  from jaxseg.inference import cache
+  from jaxseg.synthesis import generate_dataset
+
+  config = _config(
+    **{
+      "data.root": str(tmp_path / "data"),
+      "data.synth.shape": (8, 16, 24),
+      "data.synth.chunks": (8, 16, 24),
+      "data.synth.train_seeds": (),
+    }
+  )
+  config.data.synth.val_seeds = ()
+  generate_dataset(config.data.synth, config.data.root, show_progress=False)
+  (tmp_path / "run" / "checkpoints" / "2").mkdir(parents=True)
+  run = str(tmp_path / "run")
+
+  def key(mode, levels=None):
+    config.data.unlock()
+    config.data.normalize = mode
+    if levels is None:
+      if "normalize_percentiles" in config.data:
+        del config.data["normalize_percentiles"]
+    else:
+      config.data.normalize_percentiles = levels
+    return cache.cache_key(config, run, "test")
+
+  plain, ingredients = key("percentile")
+  assert ingredients["normalize"] == ["percentile", None, [1.0, 99.0]]
+  assert key("percentile", (1.0, 99.0))[0] == plain
+  assert key("percentile", (2.0, 98.0))[0] != plain
+  # The other modes do not read them: their keys stay what they were.
+  zscore, ingredients = key("zscore")
+  assert ingredients["normalize"] == ["zscore", None]
+  assert key("zscore", (2.0, 98.0))[0] == zscore != plain

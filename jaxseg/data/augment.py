@@ -7,16 +7,24 @@ data pipeline vmaps the result over the batch with split keys. The transforms th
 one-sample contract they share (``image`` ``[z, y, x, c]`` float32, ``labels`` ``[z, y, x]``
 int32, ``fn(key, image, labels, *, params) -> (image, labels)``), are in
 ``jaxseg.data.augment_ops`` and ``jaxseg.data.augment_sections``.
+
+Both recipes take one optional step of jaxseg's own, off in the shipped configs: the contrast and
+gamma of another microscope (``data.aug.contrast_gamma_p``, ``contrast_range``, ``gamma_range``;
+:func:`contrast_gamma`), after the geometric steps and before the recipe's intensity and noise
+steps. While its probability is 0 (or the keys are absent) the step is left out entirely, so the
+recipe's random numbers and outputs are those it had without it.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 
+from jaxseg.common.errors import ConfigError
 from jaxseg.data.augment_ops import (
   AxisMap,
   Impl,
@@ -24,6 +32,7 @@ from jaxseg.data.augment_ops import (
   _affine,
   _check_sample,
   _compose,
+  _contrast_gamma,
   _elastic,
   _flip_map,
   _gamma_contrast,
@@ -41,6 +50,7 @@ from jaxseg.data.augment_ops import (
   allowed_permutations,
   allowed_rot90,
   apply_axis_map,
+  contrast_gamma,
   elastic,
   flip,
   gamma_contrast,
@@ -77,6 +87,7 @@ __all__ = [
   "allowed_rot90",
   "apply_axis_map",
   "blur_sections",
+  "contrast_gamma",
   "elastic",
   "flip",
   "gamma_contrast",
@@ -117,6 +128,46 @@ def _index_step(draws: Sequence[Callable[[_Uniforms], AxisMap]]) -> Impl:
   return step
 
 
+def _range(aug: Any, key: str) -> tuple[float, float]:
+  value = getattr(aug, key, None)
+  try:
+    low, high = (float(v) for v in value)
+    ok = math.isfinite(low) and math.isfinite(high) and 0.0 < low <= high
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ConfigError(f"data.aug.{key} must be two numbers 0 < low <= high, got {value!r}")
+  return low, high
+
+
+def _contrast_gamma_steps(aug: Any) -> list[Impl]:
+  """The contrast and gamma of another microscope (``data.aug.contrast_gamma_p``,
+  ``contrast_range``, ``gamma_range``): no step at all when the probability is 0 or absent, so
+  a recipe with it off draws exactly the random numbers, and makes the bytes, it did without it.
+  """
+  p = getattr(aug, "contrast_gamma_p", 0.0)
+  try:
+    ok = 0.0 <= float(p) <= 1.0
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ConfigError(f"data.aug.contrast_gamma_p must be a probability in [0, 1], got {p!r}")
+  p = float(p)
+  # Declared ranges are checked even while off; both are needed when on.
+  ranges = {
+    key: _range(aug, key)
+    for key in ("contrast_range", "gamma_range")
+    if p > 0.0 or getattr(aug, key, None) is not None
+  }
+  if p == 0.0:
+    return []
+  return [
+    functools.partial(
+      _contrast_gamma, p=p, contrast=ranges["contrast_range"], gamma=ranges["gamma_range"]
+    )
+  ]
+
+
 def _em_neuron_steps(aug: Any, shape: Shape3) -> list[Impl]:
   """``aug_em_neuron`` in recipe order (``docs/recipes.md``, SNEMI3D augmentation)."""
   return [
@@ -132,6 +183,7 @@ def _em_neuron_steps(aug: Any, shape: Shape3) -> list[Impl]:
       sigma=tuple(aug.elastic_sigma),
       magnitude=tuple(aug.elastic_magnitude),
     ),
+    *_contrast_gamma_steps(aug),
     functools.partial(_gaussian_noise, p=float(aug.noise_p), std=tuple(aug.noise_std)),
     functools.partial(
       _intensity_shift, p=float(aug.intensity_shift_p), shift=float(aug.intensity_shift)
@@ -166,6 +218,7 @@ def _banis_steps(aug: Any, shape: Shape3) -> list[Impl]:
       scale=float(aug.affine_scale),
       shear=float(aug.affine_shear),
     ),
+    *_contrast_gamma_steps(aug),
     functools.partial(
       _intensity_scale_shift,
       p=float(aug.intensity_p),

@@ -2,7 +2,8 @@
 
 Owns the random stream every transform draws from, the index helpers, the signed axis
 permutations (flip, rot90, transpose), resampling (elastic, affine) and the intensity transforms
-(``docs/recipes.md``, the two "Augmentation" sections). Section-level perturbations live in
+(``docs/recipes.md``, the two "Augmentation" sections, and the optional contrast / gamma of
+another microscope, :func:`contrast_gamma`). Section-level perturbations live in
 ``jaxseg.data.augment_sections``; the recipes that compose both in ``jaxseg.data.augment``.
 
 Takes ONE sample:
@@ -609,3 +610,33 @@ def _intensity_scale_shift(u: _Uniforms, image, labels, *, p, mul, add):
   u = u.take((3,))
   changed = image * _between(u[1], mul) + _between(u[2], add)
   return jnp.where(u[0] < p, changed.astype(image.dtype), image), labels
+
+
+def contrast_gamma(
+  key,
+  image,
+  labels,
+  *,
+  p: float = 0.5,
+  contrast: Sequence[float] = (0.5, 1.5),
+  gamma: Sequence[float] = (0.7, 1.5),
+):
+  """With probability ``p``, another microscope's intensity response: contrast, then gamma.
+
+  ``c ~ U(contrast)`` scales the image about its mean (``mean + c (image - mean)``); then
+  ``g ~ U(gamma)`` is applied to that rescaled to ``[0, 1]`` by its min and max, and mapped back
+  (as :func:`gamma_contrast`). So the output lies within the input's range scaled by ``c`` about
+  the mean; it works on any normalisation (``zscore`` images are not in ``[0, 1]``).
+  """
+  impl = functools.partial(_contrast_gamma, p=p, contrast=contrast, gamma=gamma)
+  return _with_key(impl, key, image, labels)
+
+
+def _contrast_gamma(u: _Uniforms, image, labels, *, p, contrast, gamma):
+  u = u.take((3,))
+  mean = jnp.mean(image)
+  scaled = mean + (image - mean) * _between(u[1], contrast)
+  low, high = jnp.min(scaled), jnp.max(scaled)
+  spread = high - low
+  adjusted = ((scaled - low) / (spread + 1e-7)) ** _between(u[2], gamma) * spread + low
+  return jnp.where(u[0] < p, adjusted.astype(image.dtype), image), labels

@@ -6,6 +6,12 @@ For each input volume ``[c,] z, y, x`` this writes ``<output>/<name>.zarr/affini
 ``<name>_predict.json`` (what was run, timings) and ``<name>_preview.png`` (the middle section and
 its affinities).
 
+Normalisation (``jaxseg.data.normalize``): the settings must be the training run's (checked
+against the work dir's resolved ``config.json``, :func:`check_trained_normalization`); the
+statistics are the input volume's own, computed once per input (a sample of a huge one for
+``zscore`` / ``percentile``) and recorded in the affinities' attributes (``jaxseg_predict.stats``)
+and in ``<name>_predict.json`` (``normalization``).
+
 The output is cut into chunk-aligned blocks (``infer.block_shape``). For each block the host reads
 the padded input hull of the windows covering it, the device predicts and blends them
 (:class:`~jaxseg.inference.engine.WindowEngine`), and the block is written once. Three things run
@@ -31,6 +37,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -42,7 +49,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from jaxseg.common import outputs
+from jaxseg.common import config_util, outputs
+from jaxseg.common.errors import ConfigError
 from jaxseg.common.files import atomic_output, write_json
 from jaxseg.common.outputs import (
   Decision,
@@ -52,7 +60,12 @@ from jaxseg.common.outputs import (
   prepare_folder,
 )
 from jaxseg.common.progress import progress
-from jaxseg.data.normalize import VolumeStats, needs_volume_stats, normalize_image, volume_stats
+from jaxseg.data.normalize import (
+  VolumeStats,
+  normalization_stats,
+  normalize_image,
+  normalize_settings,
+)
 from jaxseg.inference import engine as engine_lib
 from jaxseg.inference import layout
 from jaxseg.inference import tta as tta_lib
@@ -169,6 +182,7 @@ class _Job:
   geometry: Geometry
   views: tuple
   stats: VolumeStats | None
+  normalization: dict  # the normalisation settings (NormalizeSettings.record())
   group: str
   affinities: Any  # WritableVolume
   done: Any  # WritableVolume of uint8 [nbz, nby, nbx]
@@ -227,7 +241,7 @@ def _open_outputs(
   *,
   overwrite: bool,
   process_index: int,
-  needs_stats: bool,
+  data_config,
 ) -> tuple[Any, Any, VolumeStats | None]:
   """Creates (process 0) or reopens the affinity and completion arrays.
 
@@ -237,7 +251,9 @@ def _open_outputs(
 
   Returns:
     ``(affinities, blocks_done, stats)``: the two arrays and the image statistics the output was
-    (or is now) made with, recorded in its attributes so a resumed run does not recompute them.
+    (or is now) made with: those of this input volume (not of the training volume), recorded in
+    the attributes (``jaxseg_predict.stats``) so a user sees them and a resumed run does not
+    recompute them.
   """
   group = stage.path(layout.group_name(source.name))
   aff_path = os.path.join(group, AFFINITIES)
@@ -263,13 +279,14 @@ def _open_outputs(
         f"{source.volume.path} makes shape {shape} and dtype {np.dtype(settings.output_dtype)}"
       )
     saved_stats = existing.attrs.get(ATTR_KEY, {}).get("stats")
-    stats = VolumeStats(*saved_stats) if saved_stats is not None else None
+    stats = VolumeStats.from_record(saved_stats) if saved_stats is not None else None
     return existing, reopen_zarr(done_path), stats
 
-  # A full pass over the image, done once: resumed runs and other processes read the result.
-  stats = volume_stats(source.volume) if needs_stats else None
+  # A pass over the image (or a sample of a huge one), done once: resumed runs and other
+  # processes read the result.
+  stats = normalization_stats(source.volume, data_config)
   attrs = {
-    ATTR_KEY: {**fingerprint, "stats": list(stats) if stats is not None else None},
+    ATTR_KEY: {**fingerprint, "stats": stats.to_dict() if stats is not None else None},
     "offsets": [list(o) for o in settings.output_offsets],
     "convention": settings.convention,
     "channels": list(settings.output_channels),
@@ -361,17 +378,21 @@ def _preview(job: _Job, settings: InferenceSettings, data_config, path: str) -> 
 
 def _fingerprint(config, settings: InferenceSettings, source: PredictInput, views, model_info):
   """What one input's output is made with: settings, views, weights and the input image."""
+  image = {
+    "path": str(source.volume.path),
+    "shape": list(source.volume.shape),
+    "dtype": np.dtype(source.volume.dtype).name,
+    "normalize": config.data.get("normalize", None),
+    "normalize_scope": config.data.get("normalize_scope", None),
+  }
+  normalization = normalize_settings(config.data)
+  if normalization.mode == "percentile":  # only the mode that reads them: others stay as they were
+    image["normalize_percentiles"] = list(normalization.percentiles)
   return {
     "infer": settings.fingerprint(),
     "views": [v.name for v in views],
     "model": model_info,
-    "input": {
-      "path": str(source.volume.path),
-      "shape": list(source.volume.shape),
-      "dtype": np.dtype(source.volume.dtype).name,
-      "normalize": config.data.get("normalize", None),
-      "normalize_scope": config.data.get("normalize_scope", None),
-    },
+    "input": image,
   }
 
 
@@ -402,7 +423,7 @@ def _open_job(
     fingerprint,
     overwrite=overwrite,
     process_index=process_index,
-    needs_stats=needs_volume_stats(config.data),
+    data_config=config.data,
   )
   if jax.process_count() > 1:
     # One jax.distributed job: process 0 creates (or replaces) the outputs before anyone opens
@@ -423,6 +444,7 @@ def _open_job(
     geometry=geometry,
     views=views,
     stats=stats,
+    normalization=normalize_settings(config.data).record(),
     group=group,
     affinities=affinities,
     done=done,
@@ -500,6 +522,11 @@ def _job_summary(
     "process": [process_index, process_count],
     "seconds": round(seconds, 3),
     "complete": complete,
+    # How this input was normalised, and with which of its own statistics.
+    "normalization": {
+      **job.normalization,
+      "stats": job.stats.to_dict() if job.stats is not None else None,
+    },
   }
   if job.blocks_written and seconds > 0:
     share = job.blocks_written / max(1, job.geometry.num_blocks)
@@ -631,6 +658,51 @@ def predict_volumes(
   )
 
 
+def check_trained_normalization(config, checkpoint: str) -> None:
+  """Refuses to normalise inputs otherwise than the model's training run did.
+
+  The normalisation (``data.normalize``, ``normalize_scope``, ``normalize_percentiles``) travels
+  with the model in the training run's resolved config (``<workdir>/config.json``, beside the
+  ``checkpoints`` folder; a work dir never holds checkpoints of other training settings). Only
+  the settings travel: ``zscore`` / ``percentile`` inputs are normalised with their own
+  statistics. A work dir without that file (or from before these keys) is not checked.
+
+  Raises:
+    ConfigError: the config's settings differ from the training's (one line naming the keys and
+      the overrides that restore them).
+  """
+  workdir = os.path.dirname(checkpoint_dir(checkpoint))
+  path = os.path.join(workdir, config_util.RESOLVED_CONFIG_NAME)
+  if not os.path.isfile(path):
+    return
+  try:
+    with open(path) as f:
+      trained_data = json.load(f).get("data") or {}
+  except (OSError, ValueError, AttributeError):
+    return  # not a resolved config jaxseg wrote: nothing to compare with
+  if trained_data.get("normalize") is None:
+    return
+  trained = normalize_settings(trained_data).record()
+  settings = normalize_settings(config.data)
+  asked = settings.record()
+  if trained != asked:
+    # The flags that restore the training's values (a key left at its default needs none).
+    effective = {
+      "normalize": settings.mode,
+      "normalize_scope": settings.scope,
+      "normalize_percentiles": list(settings.percentiles),
+    }
+    fix = " ".join(
+      f"--config.data.{key}={tuple(value) if isinstance(value, list) else value}".replace(" ", "")
+      for key, value in trained.items()
+      if effective[key] != value
+    )
+    raise ConfigError(
+      f"data.normalize: the model in {workdir} was trained with {trained} but the config asks "
+      f"for {asked}; predict with the training's normalisation ({fix})"
+    )
+
+
 def predict(
   config,
   checkpoint: str,
@@ -650,6 +722,7 @@ def predict(
 
   # Bad settings and missing inputs fail before the checkpoint is read.
   inference_settings(config)
+  check_trained_normalization(config, checkpoint)
   sources = resolve_inputs(config, inputs, axis_order=axis_order)
   # The output folder is checked before the checkpoint is read: refused at once, not after it.
   check_outside_inputs(output_dir, [checkpoint_dir(checkpoint)], what="--output folder")

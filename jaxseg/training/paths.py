@@ -26,7 +26,7 @@ CURVES_FILE = "training_curves.png"
 # lives, logging and checkpoint cadence, test-only seeds) are left out of the fingerprint.
 TRAINING_SECTIONS = ("data", "target", "model", "optim", "train")
 NOT_TRAINING_KEYS = (
-  "data.root", "data.test_", "data.synth.test_seeds", "data.synth.preview", "data.prefetch",
+  "data.root", "data.test_", "data.volumes.test", "data.synth.test_seeds", "data.synth.preview", "data.prefetch",
   "data.in_memory", "train.log_every", "train.checkpoint_every", "train.keep_every",
   "train.keep_top_k", "train.distributed",
 )  # fmt: skip
@@ -55,10 +55,26 @@ def completed_steps(folder: str | os.PathLike) -> list[int]:
   return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
 
 
+# Switches added to the recipes after runs were trained without them, with the keys that only
+# matter when the switch is on. While a switch is off (0), it and its keys leave the fingerprint,
+# so a work dir trained before they existed still resumes and is reused.
+INERT_WHEN_OFF = {
+  "data.aug.contrast_gamma_p": ("data.aug.contrast_range", "data.aug.gamma_range"),
+}
+
+
 def training_fingerprint(config) -> dict:
-  """The training sections of ``config`` as a JSON-ready dict, without :data:`NOT_TRAINING_KEYS`."""
+  """The training sections of ``config`` as a JSON-ready dict, without :data:`NOT_TRAINING_KEYS`
+  and without the switches of :data:`INERT_WHEN_OFF` that are off."""
   full = json.loads(json.dumps(config_util.config_to_dict(config)))
   kept = {section: full.get(section) for section in TRAINING_SECTIONS}
+  inert = set()
+  for switch, dependents in INERT_WHEN_OFF.items():
+    node = full
+    for part in switch.split("."):
+      node = node.get(part) if isinstance(node, dict) else None
+    if not node:  # absent, None or 0: the step does not run
+      inert.update((switch, *dependents))
 
   def prune(node, prefix):
     if not isinstance(node, dict):
@@ -66,7 +82,7 @@ def training_fingerprint(config) -> dict:
     out = {}
     for key, value in node.items():
       name = f"{prefix}.{key}"
-      if not name.startswith(NOT_TRAINING_KEYS):
+      if not name.startswith(NOT_TRAINING_KEYS) and name not in inert:
         out[key] = prune(value, name)
     return out
 
