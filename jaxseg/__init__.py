@@ -3,10 +3,11 @@
 Sub-packages, bottom layer first (``ARCHITECTURE.md``; the facts they rely on are in ``docs/``):
 
 - ``jaxseg.common``: errors, one-line CLI failures, configs, stage outputs and manifests. No JAX.
-- ``jaxseg.io``: lazy volumes in canonical ``[c,] z, y, x`` order, dataset layouts, skeletons.
+- ``jaxseg.io``: lazy volumes in canonical ``[c,] z, y, x`` order, dataset layouts (a lab's own
+  volumes too), skeletons.
 - ``jaxseg.data``: affinity targets, label erosion, augmentation, the training crop pipeline.
 - ``jaxseg.models``: RSUNet and MedNeXt (Flax NNX).
-- ``jaxseg.metrics``: adapted Rand, VOI, ERL / NERL, the ``evaluate`` library call. No JAX.
+- ``jaxseg.metrics``: adapted Rand, VOI, ERL / NERL, skeletons from labels, ``evaluate``. No JAX.
 - ``jaxseg.synthesis``: procedurally generated NISB-style cubes (image, labels, skeletons).
 - ``jaxseg.training``: optimiser, losses, EMA, sharding, checkpoints, the training loop.
 - ``jaxseg.inference``: sliding windows, blending, TTA, block-streamed affinity prediction.
@@ -23,6 +24,7 @@ Entry points, thin ``absl`` wrappers over those libraries:
 - ``python -m jaxseg.qc``: affinity QC report and mask.
 - ``python -m jaxseg.decode``: affinities to a segmentation.
 - ``python -m jaxseg.evaluate``: score a segmentation.
+- ``python -m jaxseg.skeletonize``: a NISB ``skeleton.pkl`` from dense labels (for NERL).
 - ``python -m jaxseg.tune``: tune a decoder on validation volumes.
 - ``python -m jaxseg.run``: the whole chain and its report.
 """

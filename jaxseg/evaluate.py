@@ -7,6 +7,9 @@ against dense GT, ERL / NERL against skeletons), prints
   python -m jaxseg.evaluate --seg=seg.zarr --gt=gt.h5:stack --skeleton=skeleton.pkl \\
       --resolution=20,9,9 --arand=snemi --crop_fraction=1 --output=metrics.json
 
+With ``--skeletonize`` and dense ``--gt`` but no ``--skeleton``, NERL / ERL are scored against a
+skeleton made from the GT (:func:`jaxseg.metrics.skeletonize.cached_skeleton`, cached).
+
 Volumes are [z, y, x] label volumes (anything ``jaxseg.io.open_volume`` opens, in any on-disk axis
 order). This module never imports JAX.
 """
@@ -22,8 +25,10 @@ from absl import app, flags
 
 from jaxseg.common import cli, config_util, files, outputs
 from jaxseg.common.errors import OutputError, from_os_error
+from jaxseg.io import open_volume
 from jaxseg.metrics import ARAND_METHODS
 from jaxseg.metrics.evaluation import evaluate, format_table
+from jaxseg.metrics.skeletonize import cached_skeleton
 
 FLAGS = flags.FLAGS
 
@@ -40,6 +45,12 @@ def define_flags() -> None:
   )
   flags.DEFINE_string("gt", None, "Dense GT volume; may be omitted when --skeleton is given.")
   flags.DEFINE_string("skeleton", None, "Skeleton GT: NISB skeleton.pkl or em_erl gt_graph.npz.")
+  flags.DEFINE_bool(
+    "skeletonize",
+    False,
+    "With --gt and no --skeleton: skeletonize the GT labels (cached in ~/.cache/jaxseg) so that "
+    "ERL / NERL are reported too.",
+  )
   flags.DEFINE_list("resolution", None, "Voxel size z,y,x in nm (default: from the seg file).")
   flags.DEFINE_enum("arand", "snemi", list(ARAND_METHODS), "Adapted Rand definition.")
   flags.DEFINE_float(
@@ -110,6 +121,8 @@ def main(argv):
     raise app.UsageError("--seg is required")
   if not FLAGS.gt and not FLAGS.skeleton:
     raise app.UsageError("give --gt, --skeleton, or both")
+  if FLAGS.skeletonize and (not FLAGS.gt or FLAGS.skeleton):
+    raise app.UsageError("--skeletonize makes the skeleton from --gt: give --gt and no --skeleton")
   # Checked before the (possibly long) evaluation, not only when writing.
   if FLAGS.output and os.path.isdir(FLAGS.output):
     raise OutputError(f"--output={FLAGS.output} is a folder; name the metrics file (e.g. .json)")
@@ -141,6 +154,8 @@ def main(argv):
     "merge_threshold": merge_threshold,
     "crop_fraction": crop_fraction,
   }
+  if FLAGS.skeletonize:  # only then: the metrics files written without it stay reusable
+    settings["skeletonize"] = True
   entry = metrics_output(FLAGS.output, settings) if FLAGS.output else None
   # Refused (or found done) now, not after the evaluation.
   if entry is not None and entry.peek(overwrite=FLAGS.overwrite) is outputs.Decision.REUSE:
@@ -148,11 +163,18 @@ def main(argv):
       print(format_table(json.load(f)))
     print(f"{FLAGS.output}: already evaluated from these inputs and settings (reused)")
     return 0
+  skeleton = FLAGS.skeleton
+  if FLAGS.skeletonize:
+    # Made once per GT (and resolution) in jaxseg's cache, never beside the user's data.
+    gt = open_volume(FLAGS.gt, axis_order=FLAGS.gt_axis_order, resolution=resolution)
+    if resolution is None and "resolution" not in gt.attrs:
+      raise app.UsageError(f"--skeletonize needs --resolution: {gt.path} stores no voxel size")
+    skeleton = cached_skeleton(gt, resolution or gt.resolution)
   # Unreadable or mismatched inputs raise JaxsegError (VolumeError, SkeletonError): one line.
   metrics = evaluate(
     FLAGS.seg,
     FLAGS.gt,
-    FLAGS.skeleton,
+    skeleton,
     resolution=resolution,
     arand=arand,
     crop_fraction=crop_fraction,

@@ -458,3 +458,18 @@ def test_errno_of_the_simulated_disk():
 
   error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "a.tmp", None, "a.json")
   assert isinstance(from_os_error(error, error.filename2), OutputError)
+
+
+def test_own_volumes_given_on_the_command_line_are_checked_before_anything_is_written(tmp_path):
+  """``--config.data.volumes.train="({...},)"`` parses; a missing file is one line naming the
+  entry, and the work dir is not created."""
+  entries = "({'image': 'nope.h5:raw', 'labels': 'nope.h5:seg'},)"
+  proc = _run(
+    "jaxseg.train",
+    f"--config={os.path.join(REPO_ROOT, 'configs', 'own_data_example.py')}",
+    f"--workdir={tmp_path / 'run'}",
+    f"--config.data.root={tmp_path}",
+    f"--config.data.volumes.train={entries}",
+  )
+  _one_line(proc, "jaxseg.train", "config.data.volumes.train[0] image", "nope.h5")
+  assert not (tmp_path / "run").exists()

@@ -11,7 +11,7 @@ from jaxseg.common import config_util
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-RECIPES = ["snemi.py", "nisb_base.py", "liconn.py", "demo.py"]
+RECIPES = ["snemi.py", "nisb_base.py", "liconn.py", "demo.py", "own_data_example.py"]
 SECTIONS = (
   "data",
   "target",

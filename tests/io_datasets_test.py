@@ -1,6 +1,7 @@
 """Dataset layouts (NISB, SNEMI3D, CREMI): paths from the config, shapes checked on open."""
 
 import dataclasses
+from pathlib import Path
 
 import h5py
 import ml_collections
@@ -12,6 +13,7 @@ from jaxseg.io import VolumeError, create_zarr, write_volume
 from jaxseg.io.datasets import dataset_volumes
 
 RNG = np.random.default_rng(0)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write_nisb_cube(folder, shape_zyx=(6, 8, 10), seg_shape=None):
@@ -166,3 +168,152 @@ def test_generated_demo_data_opens_through_the_nisb_reader(tmp_path):
     )
     assert set(np.unique(seg[seg > 0])) == set(np.unique(skeletons.skeleton_ids))
     assert expected_run_length(skeletons, cube.labels).nerl == 1.0
+
+
+# -- a lab's own volumes (layout "volumes") --------------------------------------------------------
+
+
+def _own_config(root, **splits):
+  c = ml_collections.ConfigDict()
+  c.layout, c.root, c.axis_order, c.resolution, c.volumes_file = (
+    "volumes",
+    str(root),
+    None,
+    None,
+    "",
+  )
+  c.volumes = ml_collections.ConfigDict({s: tuple(splits.get(s, ())) for s in SPLITS})
+  return c
+
+
+SPLITS = ("train", "val", "test")
+
+
+@pytest.fixture
+def own_files(tmp_path):
+  """One (6, 8, 10) image / labels / mask in each of HDF5, TIFF, zarr (x, y, z) and PNG slices."""
+  image = RNG.integers(0, 255, (6, 8, 10)).astype(np.uint8)
+  labels = RNG.integers(0, 4, (6, 8, 10)).astype(np.uint16)
+  mask = np.zeros((6, 8, 10), np.uint8)
+  mask[:, 2:6] = 1
+  with h5py.File(tmp_path / "a.h5", "w") as f:
+    f["raw"], f["seg"], f["mask"] = image, labels, mask
+  tifffile.imwrite(tmp_path / "b-image.tif", image)
+  tifffile.imwrite(tmp_path / "b-labels.tif", labels)
+  write_volume(tmp_path / "c.zarr" / "img", image, axis_order="xyz")
+  write_volume(tmp_path / "c.zarr" / "seg", labels, axis_order="xyz")
+  write_volume(tmp_path / "d_png", image, format="png")
+  return image, labels, mask
+
+
+def test_own_volumes_in_every_format_read_alike(tmp_path, own_files):
+  image, labels, mask = own_files
+  config = _own_config(
+    tmp_path,
+    train=(
+      {"image": "a.h5:raw", "labels": "a.h5:seg", "mask": "a.h5:mask"},
+      {"image": "b-image.tif", "labels": str(tmp_path / "b-labels.tif"), "resolution": (30, 4, 4)},
+    ),
+    val=({"image": "c.zarr/img", "labels": "c.zarr/seg", "name": "cz", "z_range": (2, 6)},),
+    test=({"image": "d_png"},),
+  )
+  a, b = dataset_volumes(config, "train")
+  assert (a.name, b.name) == ("a", "b-image")
+  for v in (a, b):
+    np.testing.assert_array_equal(v.image.read(), image)
+    np.testing.assert_array_equal(v.labels.read(), labels)
+  np.testing.assert_array_equal(a.mask.read(), mask)
+  assert b.mask is None and tuple(b.image.resolution) == (30.0, 4.0, 4.0)
+  (c,) = dataset_volumes(config, "val")  # zarr written x, y, z: its attribute says so
+  assert (c.name, c.z_range, c.spatial_shape) == ("cz", (2, 6), (4, 8, 10))
+  np.testing.assert_array_equal(c.windowed().labels.read(), labels[2:6])
+  (d,) = dataset_volumes(config, "test")
+  np.testing.assert_array_equal(d.image.read(), image)
+  assert d.labels is None
+
+
+def test_own_volumes_from_a_yaml_or_json_file(tmp_path, own_files):
+  (tmp_path / "splits.yaml").write_text(
+    "train:\n  - {image: a.h5:raw, labels: a.h5:seg}\ntest:\n  - image: b-image.tif\n"
+  )
+  (tmp_path / "splits.json").write_text('{"val": [{"image": "a.h5:raw", "name": "v"}]}')
+  config = _own_config(tmp_path)
+  config.volumes_file = "splits.yaml"
+  assert [v.name for v in dataset_volumes(config, "train")] == ["a"]
+  assert [v.name for v in dataset_volumes(config, "test")] == ["b-image"]
+  config.volumes_file = str(tmp_path / "splits.json")
+  assert [v.name for v in dataset_volumes(config, "val")] == ["v"]
+
+
+@pytest.mark.parametrize(
+  "entry, message",
+  [
+    ({"image": "nope.h5:raw"}, r"train\[0\] image: .*nope\.h5"),
+    ({"image": "a.h5:raw", "labels": "c.zarr/seg", "axis_order": "zyx"}, "contradicts"),
+    ({"image": "a.h5:raw", "mask": "b-labels.tif"}, r"train\[0\]: .*mask must be uint8 or bool"),
+    ({"image": "a.h5:raw", "lables": "a.h5:seg"}, r"train\[0\]: unknown key.*lables"),
+    ({"labels": "a.h5:seg"}, r"train\[0\]: has no 'image'"),
+    ("a.h5:raw", r"train\[0\]: an entry is a mapping"),
+    ({"image": "a.h5:raw", "z_range": (4, 9)}, r"train\[0\]: z_range"),
+    ({"image": "a.h5:raw", "skeleton": "a.h5"}, r"train\[0\]: skeleton .* must be"),
+    ({"image": "a.h5:raw", "resolution": (0, 4, 4)}, r"train\[0\]: resolution"),
+  ],
+)
+def test_a_bad_entry_is_one_line_naming_it(tmp_path, own_files, entry, message):
+  from jaxseg.common.errors import JaxsegError
+
+  with pytest.raises(JaxsegError, match=message) as caught:
+    dataset_volumes(_own_config(tmp_path, train=(entry,)), "train")
+  assert "\n" not in str(caught.value)
+
+
+def test_mismatched_shapes_dtypes_and_names_are_refused(tmp_path, own_files):
+  from jaxseg.common.errors import ConfigError
+
+  with h5py.File(tmp_path / "e.h5", "w") as f:
+    f["small"] = np.zeros((6, 8, 9), np.uint8)
+    f["float_labels"] = np.zeros((6, 8, 10), np.float32)
+  bad = {
+    "has spatial shape": {"image": "a.h5:raw", "labels": "e.h5:small"},
+    "integer array of ids": {"image": "a.h5:raw", "labels": "e.h5:float_labels"},
+    "mask .* has shape": {"image": "a.h5:raw", "mask": "e.h5:small"},
+  }
+  for message, entry in bad.items():
+    with pytest.raises(VolumeError, match=rf"train\[0\]: .*{message}"):
+      dataset_volumes(_own_config(tmp_path, train=(entry,)), "train")
+  twice = ({"image": "a.h5:raw"}, {"image": "a.h5:mask", "name": "a"})
+  with pytest.raises(ConfigError, match=r"names \['a'\] are used more than once"):
+    dataset_volumes(_own_config(tmp_path, train=twice), "train")
+  (tmp_path / "s.json").write_text('{"train": [{"image": "a.h5:raw"}]}')
+  config = _own_config(tmp_path, train=({"image": "a.h5:raw"},))
+  config.volumes_file = "s.json"
+  with pytest.raises(ConfigError, match=r"both in config\.data\.volumes\.train and in"):
+    dataset_volumes(config, "train")
+
+
+def test_training_crops_ignore_what_lies_outside_the_mask(tmp_path):
+  """Voxels outside an entry's mask read as -1 (unlabeled): no target, no loss there."""
+  from jaxseg.common.config_util import load_config
+  from jaxseg.data.pipeline import TrainData
+
+  labels = RNG.integers(1, 9, (24, 80, 80)).astype(np.uint32)
+  mask = np.zeros(labels.shape, np.uint8)
+  mask[:, :, 30:50] = 1
+  with h5py.File(tmp_path / "m.h5", "w") as f:
+    f["raw"], f["seg"], f["mask"] = (
+      RNG.integers(0, 255, labels.shape).astype(np.uint8),
+      labels,
+      mask,
+    )
+  entry = {"image": "m.h5:raw", "labels": "m.h5:seg", "mask": "m.h5:mask"}
+  config = load_config(
+    str(REPO_ROOT / "configs" / "own_data_example.py"),
+    {"data.root": str(tmp_path), "data.volumes.train": (entry,), "data.in_memory": False},
+  )
+  data = TrainData(config, "train")
+  for crop in data.crops(0, 4):
+    _, read = data.read_crop(crop)
+    window = tuple(slice(s, s + n) for s, n in zip(crop.start, data.read_shape, strict=True))
+    np.testing.assert_array_equal(
+      read, np.where(mask[window] == 1, labels[window].astype(np.int64), -1)
+    )

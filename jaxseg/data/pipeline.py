@@ -5,7 +5,8 @@ Host side (numpy, threads; no jax): :class:`TrainData` reads random crops of ``r
 (``jaxseg.io.datasets.dataset_volumes``) and returns host batches
 
 * ``image``: float32 ``[b, Zr, Yr, Xr, c]``, normalised (``c`` = image channels);
-* ``labels``: int32 ``[b, Zr, Yr, Xr]`` (0 background, -1 unlabeled, > 0 ids).
+* ``labels``: int32 ``[b, Zr, Yr, Xr]`` (0 background, -1 unlabeled: padding, or outside an
+  entry's ``mask``; > 0 ids).
 
 A batch is a pure function of ``(config.seed, step, process_index)``, so a resumed run sees exactly
 the batches it would have seen. :meth:`TrainData.iterate` prefetches batches on background threads
@@ -24,11 +25,12 @@ Recipes (``docs/recipes.md``, "Data"; ``docs/targets_and_losses.md``):
   by ``data.pad_size`` (reflect) and crops are sampled in padded coordinates; only the needed box
   is read and the padding is made by index reflection. Labels in the padding are -1 (unlabeled;
   ``data.pad_labels="unlabeled"``) rather than PyTC's mirrored labels (``"reflect"``, ``:pytc``).
-  Min-max normalisation uses per-volume statistics (:func:`volume_stats`), the same ones inference
-  uses, instead of PyTC's per-crop statistics (``normalize_scope="crop"``, ``:pytc``).
+  Min-max normalisation uses per-volume statistics (:func:`normalization_stats`), the same ones
+  inference uses, instead of PyTC's per-crop statistics (``normalize_scope="crop"``, ``:pytc``).
 
-Inference normalises with :func:`volume_stats` and :func:`normalize_image`, so training and test
-images go through the same mapping.
+Inference normalises with :func:`normalization_stats` and :func:`normalize_image`, so training and
+test images go through the same mapping (computed for each volume from its own statistics; see
+``jaxseg.data.normalize`` for the ``zscore`` and ``percentile`` modes).
 
 This module owns the crop reader (:class:`TrainData`, :class:`BatchIterator`) and the device
 transform. Normalisation and volume statistics live in ``jaxseg.data.normalize``, the target
@@ -47,12 +49,14 @@ Public API::
   for batch in val.eval_batches(b, n): ...         # the same crops at every call
   transform = make_device_transform(config, data.read_shape, train=True)   # jit it
   out = transform(key, batch["image"], batch["labels"])   # image / target / mask, channels last
-  stats = normalize.volume_stats(volume); x = normalize.normalize_image(raw, config.data, stats)
+  stats = normalize.normalization_stats(volume, config.data)   # once per volume and process
+  x = normalize.normalize_image(raw, config.data, stats)
   targets.target_settings(config), targets.read_shape_for(config)
   crop_io.labels_to_int32(labels), crop_io.padded_indices(...), crop_io.read_mapped(...)
 
 Config fields read: ``seed``; ``data.patch_size``, ``data.normalize`` (``"divide_255"`` |
-``"minmax"``), ``data.normalize_scope`` (``"volume"`` | ``"crop"``; default ``"volume"``),
+``"minmax"`` | ``"zscore"`` | ``"percentile"``), ``data.normalize_scope`` (``"volume"`` |
+``"crop"``; default ``"volume"``), ``data.normalize_percentiles`` (default ``(1.0, 99.0)``),
 ``data.pad_size`` / ``data.pad_mode`` (``"reflect"``, ``"symmetric"``, ``"edge"``, ``"constant"``) /
 ``data.pad_labels`` (``"unlabeled"``: -1; ``"reflect"``: padded like the image), ``data.in_memory``,
 ``data.prefetch``, ``data.aug`` (device side); ``target.preset``, ``target.convention``,
@@ -80,10 +84,9 @@ from jaxseg.data.crop_io import PAD_MODES, labels_to_int32, padded_indices, read
 from jaxseg.data.erosion import erode_labels
 from jaxseg.data.normalize import (
   VolumeStats,
-  needs_volume_stats,
+  normalization_stats,
   normalize_image,
   normalize_settings,
-  volume_stats,
 )
 from jaxseg.data.targets import patch_size_for, read_shape_for, target_settings
 from jaxseg.io.datasets import LabeledVolume, dataset_volumes
@@ -125,6 +128,7 @@ class _Source:
   channels: int
   stats: VolumeStats | None
   lock: threading.Lock | None  # serialises reads of readers that are not thread-safe
+  mask: Any = None  # Volume or ndarray [z, y, x], 1 = labelled; voxels outside read as -1
 
 
 class TrainData:
@@ -234,21 +238,23 @@ class TrainData:
         f"{where}: image has {channels} channel(s) (shape {vol.image.shape}) but "
         f"model.in_channels is {in_channels}"
       )
-    stats = volume_stats(vol.image) if needs_volume_stats(self.config.data) else None
-    image, labels = vol.image, vol.labels
+    # Of the whole file (every split of it shares the mapping), once per file and process.
+    stats = normalization_stats(vol.image, self.config.data)
+    image, labels, mask = vol.image, vol.labels, vol.mask
     if in_memory:
       # Small volumes (SNEMI) are read once, like PyTC's cached dataset: crops then cost a
       # memory copy instead of decoding whole TIFF pages for every crop.
       lead = (slice(None),) * (image.ndim - 3)
       image = image[(*lead, slice(z0, z0 + shape[0]))]
       labels = labels[z0 : z0 + shape[0]]
+      mask = mask[z0 : z0 + shape[0]] if mask is not None else None
       z0 = 0
     # Tensorstore and numpy reads are thread-safe; TIFF / HDF5 / slice readers share file
     # handles, so the prefetch threads take turns on them.
-    threadsafe = all(isinstance(a, (np.ndarray, WritableVolume)) for a in (image, labels))
-    return _Source(
-      vol.name, image, labels, z0, shape, channels, stats, None if threadsafe else threading.Lock()
-    )
+    arrays = [a for a in (image, labels, mask) if a is not None]
+    threadsafe = all(isinstance(a, (np.ndarray, WritableVolume)) for a in arrays)
+    lock = None if threadsafe else threading.Lock()
+    return _Source(vol.name, image, labels, z0, shape, channels, stats, lock, mask)
 
   # -- sampling ----------------------------------------------------------------------------------
 
@@ -310,12 +316,15 @@ class TrainData:
     with src.lock or contextlib.nullcontext():
       image = read_mapped(src.image, lead, src.z0, axes)
       labels = read_mapped(src.labels, (), src.z0, axes)
+      mask = None if src.mask is None else read_mapped(src.mask, (), src.z0, axes)
     if image.ndim == 3:
       image = image[None]
     if outside is not None and self.pad_mode == "constant":
       image = np.where(outside, np.zeros((), image.dtype), image)
     normalize_image(np.moveaxis(image, 0, -1), self.config.data, src.stats, out=image_out)
     labels_to_int32(labels, f"{src.name} labels", out=labels_out)
+    if mask is not None:
+      labels_out[mask == 0] = -1  # outside the labelled region: no target, no loss
     if outside is not None:
       if self.pad_labels == "unlabeled":
         labels_out[outside] = -1

@@ -24,6 +24,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from jaxseg.common import outputs
 from jaxseg.common.errors import ConfigError, InputError
 from jaxseg.common.files import json_ready, local_abspath, read_json, write_json
@@ -209,9 +211,14 @@ def score(
   """
   if volume.labels is None and volume.skeleton is None:
     raise InputError(f"volume {volume.name} has no labels and no skeleton to score against")
+  labels = volume.labels
+  if labels is not None and volume.mask is not None:
+    # Outside the labelled region the ground truth says nothing, and every dense metric ignores
+    # GT <= 0. (A masked volume is read into memory whole: masks come with a lab's own crops.)
+    labels = np.where(volume.mask.read() != 0, labels.read(), 0)
   return evaluate_loaded(
     segmentation,
-    volume.labels,
+    labels,
     volume.skeleton,
     tuple(volume.image.resolution),
     eval_config,
@@ -343,9 +350,20 @@ def _scores_inputs(settings, cached: CachedAffinities) -> dict:
   return {
     "affinities": input_identity(cached.affinities),
     "mask": input_identity(settings.affinity_mask_path) if settings.affinity_mask_path else None,
+    **ground_truth_identity(volume),
+  }
+
+
+def ground_truth_identity(volume: LabeledVolume) -> dict:
+  """What a volume is scored against, by file identity: labels, skeleton and (when given) the
+  labelled-region mask. A corrected file at the same path makes old scores stale."""
+  identity = {
     "labels": input_identity(volume.labels.path) if volume.labels is not None else None,
     "skeleton": input_identity(volume.skeleton) if volume.skeleton else None,
   }
+  if volume.mask is not None:  # only then: older scores keep their fingerprints
+    identity["gt_mask"] = input_identity(volume.mask.path)
+  return identity
 
 
 def _score_rows(

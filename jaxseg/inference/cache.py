@@ -9,7 +9,8 @@ Layout under ``cache_root`` (``DIR/predictions`` in a run)::
 
 ``<key>`` is a short hash of the absolute checkpoint folder, the sorted step folder names in it,
 the step spec (``run.checkpoint_step``), ``run.use_ema``, every input (path, z range, shape), the
-input normalisation and the ``infer`` fingerprint: a new checkpoint or input gets a new folder, an
+input normalisation (``data.normalize``, ``normalize_scope``, and ``normalize_percentiles`` for
+``"percentile"``) and the ``infer`` fingerprint: a new checkpoint or input gets a new folder, an
 identical one is reused. When every volume's predict entry is complete nothing is
 predicted and JAX is never imported; otherwise :func:`jaxseg.inference.predict_lib.predict`
 (imported only then), or the ``predict`` function the caller passes, fills in what is missing
@@ -18,6 +19,7 @@ predicted and JAX is never imported; otherwise :func:`jaxseg.inference.predict_l
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,10 +29,11 @@ from typing import Any
 from jaxseg.common import config_util, outputs
 from jaxseg.common.files import local_abspath, write_json
 from jaxseg.common.outputs import StageOutput, input_identity, is_complete
+from jaxseg.data.normalize import normalize_settings
 from jaxseg.decoding.scoring import CachedAffinities
 from jaxseg.inference import layout
 from jaxseg.io import VolumeError
-from jaxseg.io.datasets import dataset_volumes
+from jaxseg.io.datasets import LabeledVolume, dataset_volumes
 from jaxseg.training.paths import checkpoint_dir, completed_steps
 
 CACHE_FILE = "cache.json"
@@ -80,12 +83,22 @@ def cache_key(config, checkpoint: str, split: str) -> tuple[str, dict]:
     "use_ema": bool(config.run.use_ema),
     "split": split,
     "inputs": volumes,
-    "normalize": [config.data.get("normalize", None), config.data.get("normalize_scope", None)],
+    "normalize": _normalize_fingerprint(config),
     "infer": _infer_fingerprint(config),
   }
   ingredients = json.loads(json.dumps(ingredients))
   digest = hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()
   return digest[:_KEY_CHARS], ingredients
+
+
+def _normalize_fingerprint(config) -> list:
+  """``data.normalize`` and ``normalize_scope``, plus ``normalize_percentiles`` in the one mode
+  that reads them (so the keys of the other modes' caches stay what they were)."""
+  out = [config.data.get("normalize", None), config.data.get("normalize_scope", None)]
+  settings = normalize_settings(config.data)
+  if settings.mode == "percentile":
+    out.append(list(settings.percentiles))
+  return out
 
 
 def _infer_fingerprint(config) -> dict:
@@ -119,6 +132,7 @@ def cached_predictions(
   *,
   show_progress: bool = True,
   predict: Callable[..., Any] | None = None,
+  skeleton_dir: str | None = None,
 ) -> list[CachedAffinities]:
   """The split's affinities, predicted now only if not cached; QC'd when ``config.qc.enabled``.
 
@@ -132,6 +146,9 @@ def cached_predictions(
     predict: fills in missing predictions, called as :func:`jaxseg.inference.predict_lib.predict`
       is (default: that function, imported only when something must be predicted; tests pass a
       fake one that needs no JAX).
+    skeleton_dir: when ``config.eval.metrics`` asks for NERL, a volume with labels but no skeleton
+      gets one made from its labels (:func:`jaxseg.metrics.skeletonize.cached_skeleton`), cached
+      here (the work dir's ``cache/skeletons``); None leaves such volumes without NERL.
 
   Returns:
     One :class:`CachedAffinities` per volume of the split, in the split's order.
@@ -174,13 +191,26 @@ def cached_predictions(
     cached = CachedAffinities(
       name=v.name,
       affinities=os.path.join(out_dir, layout.group_name(v.name), layout.AFFINITIES),
-      volume=v,
+      volume=_with_skeleton(config, v, skeleton_dir),
       reused=reused,
     )
     if config.qc.enabled:
       _quality_check(config, cached, out_dir, show_progress)
     out.append(cached)
   return out
+
+
+def _with_skeleton(config, volume: LabeledVolume, skeleton_dir: str | None) -> LabeledVolume:
+  """``volume`` with a skeleton made from its labels, when NERL is asked and it has none."""
+  wanted = "nerl" in tuple(config.eval.metrics)
+  if not wanted or skeleton_dir is None or volume.skeleton or volume.labels is None:
+    return volume
+  from jaxseg.metrics.skeletonize import cached_skeleton  # kimimaro, only when one is needed
+
+  path = cached_skeleton(
+    volume.labels, tuple(volume.image.resolution), skeleton_dir, mask=volume.mask
+  )
+  return dataclasses.replace(volume, skeleton=path)
 
 
 def _quality_check(config, cached: CachedAffinities, out_dir: str, show_progress: bool) -> None:

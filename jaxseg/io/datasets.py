@@ -12,6 +12,15 @@ None), a skeleton path (or None) and an optional z range. Layouts (``config.data
   volume as the ``val`` split (and removes them from ``train``).
 * ``cremi``: ``data.{split}_files``: HDF5 files holding ``volumes/raw`` and
   ``volumes/labels/neuron_ids``.
+* ``volumes``: a lab's own files, any format :func:`jaxseg.io.open_volume` reads. Each split is a
+  list of entries in ``data.volumes.{split}`` and / or a JSON or YAML file ``data.volumes_file``
+  (``{"train": [...], "val": [...], "test": [...]}``); an entry is a mapping with ``image`` and
+  optionally ``labels``, ``skeleton`` (``skeleton.pkl`` or em_erl ``.npz``), ``mask`` (uint8 or bool
+  ``[z, y, x]``, 1 = labelled region: voxels outside are ignored by training and scoring),
+  ``name``, ``axis_order``, ``resolution`` and ``z_range`` (``(z0, z1)``: only those sections, so
+  one file can give both a training and a validation entry). Relative paths resolve against ``data.root``; an
+  entry's ``axis_order`` / ``resolution`` default to ``data.axis_order`` / ``data.resolution``,
+  then to the file's own attributes (``docs/own_data.md``).
 
 Every entry is validated when opened: image and labels must share a spatial shape, images must
 be uint8 / uint16 / float, labels integer; errors name the files and what was expected.
@@ -20,6 +29,7 @@ be uint8 / uint16 / float, labels integer; errors name the files and what was ex
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -29,6 +39,7 @@ from jaxseg.io.errors import VolumeError
 from jaxseg.io.volume import Volume, open_volume
 
 SPLITS = ("train", "val", "test")
+LAYOUTS = ("nisb", "snemi", "cremi", "volumes")
 IMAGE_DTYPES = tuple(np.dtype(t) for t in ("uint8", "uint16", "float16", "float32", "float64"))
 CREMI_RAW = "volumes/raw"
 CREMI_LABELS = "volumes/labels/neuron_ids"
@@ -42,7 +53,9 @@ class LabeledVolume:
     name: a short name for logs and output folders (``seed101``, ``train-input``).
     image: lazy image volume, canonical ``[c, z, y, x]`` or ``[z, y, x]``.
     labels: lazy label volume ``[z, y, x]`` or None (unlabeled test data).
-    skeleton: path of a ``skeleton.pkl`` or None.
+    skeleton: path of a ``skeleton.pkl`` (or em_erl ``.npz``) or None.
+    mask: lazy uint8 / bool ``[z, y, x]`` volume, 1 where the labels hold (voxels outside are
+      ignored by training and scoring), or None.
     z_range: ``(z0, z1)`` of the usable sections, or None for all of them.
   """
 
@@ -51,6 +64,7 @@ class LabeledVolume:
   labels: Volume | None = None
   skeleton: str | None = None
   z_range: tuple[int, int] | None = None
+  mask: Volume | None = None
 
   @property
   def spatial_shape(self) -> tuple[int, int, int]:
@@ -80,15 +94,27 @@ class LabeledVolume:
       image=self.image.z_window(z0, z1),
       labels=self.labels.z_window(z0, z1) if self.labels is not None else None,
       skeleton=self.skeleton,
+      mask=self.mask.z_window(z0, z1) if self.mask is not None else None,
     )
 
 
-def check_pair(image: Volume, labels: Volume | None) -> None:
-  """Checks that an image and its labels can be used together (shape, dtypes)."""
+def check_pair(image: Volume, labels: Volume | None, mask: Volume | None = None) -> None:
+  """Checks that an image, its labels and its mask can be used together (shape, dtypes)."""
   if image.dtype not in IMAGE_DTYPES:
     raise VolumeError(
       f"{image.path}: image dtype {image.dtype} is not supported; expected uint8, uint16 or float"
     )
+  if mask is not None:
+    if mask.ndim != 3 or mask.dtype not in (np.dtype("uint8"), np.dtype("bool")):
+      raise VolumeError(
+        f"{mask.path}: a mask must be uint8 or bool (z, y, x), 1 = labelled; found "
+        f"{mask.dtype} of shape {mask.shape}"
+      )
+    if mask.shape != image.shape[-3:]:
+      raise VolumeError(
+        f"mask {mask.path} has shape {mask.shape} (z, y, x) but image {image.path} has "
+        f"{image.shape[-3:]}; check the axis order of both"
+      )
   if labels is None:
     return
   if labels.ndim != 3:
@@ -115,10 +141,10 @@ def dataset_volumes(data_config, split: str) -> list[LabeledVolume]:
     volumes = _snemi(data_config, split)
   elif layout == "cremi":
     volumes = _cremi(data_config, split)
+  elif layout == "volumes":
+    return own_volumes(data_config, split)
   else:
-    raise ConfigError(
-      f"config.data.layout: unknown layout {layout!r}; expected 'nisb', 'snemi' or 'cremi'"
-    )
+    raise ConfigError(f"config.data.layout: unknown layout {layout!r}; expected one of {LAYOUTS}")
   for v in volumes:
     check_pair(v.image, v.labels)
   return volumes
@@ -202,3 +228,176 @@ def _cremi(data_config, split: str) -> list[LabeledVolume]:
       labels = None  # CREMI test samples ship without labels
     out.append(LabeledVolume(os.path.splitext(os.path.basename(file))[0], image, labels))
   return out
+
+
+# -- a lab's own volumes ---------------------------------------------------------------------------
+
+ENTRY_KEYS = ("image", "labels", "skeleton", "mask", "name", "axis_order", "resolution", "z_range")
+SKELETON_SUFFIXES = (".pkl", ".npz")
+
+
+def volume_entries(data_config) -> dict[str, list[dict]]:
+  """Every split's entries of the ``volumes`` layout, as plain dicts (not yet opened).
+
+  ``data.volumes.{split}`` holds entries given in the config or on the command line;
+  ``data.volumes_file`` a JSON or YAML file of ``{split: [entry, ...]}``. A split may come from one
+  of the two, not both (which would win is not obvious).
+
+  Raises:
+    ConfigError: a malformed file, a split given twice, an entry that is not a mapping, an unknown
+      key, or an entry without ``image``; the message names the entry.
+  """
+  given = data_config.get("volumes")
+  entries = {split: list((given or {}).get(split, ()) or ()) for split in SPLITS}
+  where = {split: f"config.data.volumes.{split}" for split in SPLITS}
+  path = data_config.get("volumes_file") or ""
+  if path:
+    path = os.path.join(data_config.root or "", path)
+    from_file = _read_entries_file(path)
+    for split, listed in from_file.items():
+      if entries[split]:
+        raise ConfigError(
+          f"split {split!r} is given both in config.data.volumes.{split} and in {path}; "
+          "give each split in one place"
+        )
+      entries[split], where[split] = listed, f"{path}: {split}"
+  out = {}
+  for split in SPLITS:
+    out[split] = []
+    for i, entry in enumerate(entries[split]):
+      here = f"{where[split]}[{i}]"
+      if hasattr(entry, "to_dict"):
+        entry = entry.to_dict()
+      if not isinstance(entry, dict):
+        raise ConfigError(
+          f"{here}: an entry is a mapping like {{'image': 'a.h5:raw'}}, not {entry!r}"
+        )
+      unknown = sorted(set(entry) - set(ENTRY_KEYS))
+      if unknown:
+        raise ConfigError(f"{here}: unknown key(s) {unknown}; an entry may have {list(ENTRY_KEYS)}")
+      if not entry.get("image"):
+        raise ConfigError(f"{here}: has no 'image' (the image volume's path or spec)")
+      out[split].append({**entry, "_where": here})
+  return out
+
+
+def _read_entries_file(path: str) -> dict[str, list]:
+  if not os.path.isfile(path):
+    raise ConfigError(f"config.data.volumes_file: {path} does not exist")
+  with open(path) as f:
+    text = f.read()
+  if path.endswith((".yaml", ".yml")):
+    import yaml  # only YAML volume lists need it
+
+    try:
+      content = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+      raise ConfigError(f"config.data.volumes_file: {path} is not valid YAML: {e}") from None
+  else:
+    try:
+      content = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"config.data.volumes_file: {path} is not valid JSON: {e}") from None
+  if not isinstance(content, dict) or not set(content) <= set(SPLITS):
+    raise ConfigError(
+      f"config.data.volumes_file: {path} must map splits {list(SPLITS)} to lists of entries"
+    )
+  for split, listed in content.items():
+    if not isinstance(listed, list):
+      raise ConfigError(f"{path}: {split} must be a list of entries, not {type(listed).__name__}")
+  return content
+
+
+def own_volumes(data_config, split: str) -> list[LabeledVolume]:
+  """Opens (lazily) and checks every entry of ``split`` in the ``volumes`` layout."""
+  volumes = [_open_entry(data_config, e) for e in volume_entries(data_config)[split]]
+  names = [v.name for v in volumes]
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise ConfigError(
+      f"config.data.volumes.{split}: names {twice} are used more than once; give the entries "
+      "distinct 'name's (outputs are named after them)"
+    )
+  return volumes
+
+
+def _resolve(root: str, spec: str) -> str:
+  if "://" in spec or os.path.isabs(spec):
+    return spec
+  return os.path.join(root or "", spec)
+
+
+def _open_entry(data_config, entry: dict) -> LabeledVolume:
+  where = entry["_where"]
+  root = data_config.root or ""
+  order = entry.get("axis_order") or data_config.get("axis_order") or None
+  resolution = entry.get("resolution") or data_config.get("resolution") or None
+  if resolution is not None:
+    resolution = tuple(float(r) for r in resolution)
+    if len(resolution) != 3 or min(resolution) <= 0:
+      raise ConfigError(
+        f"{where}: resolution must be three positive nm (z, y, x), got {resolution}"
+      )
+
+  def open_one(key: str, spatial: bool) -> Volume | None:
+    spec = entry.get(key)
+    if not spec:
+      return None
+    path = _resolve(root, str(spec))
+    wanted = order.replace("c", "") if (order and spatial) else order
+    try:
+      volume = open_volume(path, resolution=resolution)
+      own = volume.attrs.get("axis_order")
+      if wanted and own and str(own) != wanted:
+        raise VolumeError(
+          f"axis_order={wanted!r} contradicts the file's own axis_order attribute {own!r}"
+        )
+      if wanted:
+        volume = open_volume(path, axis_order=wanted, resolution=resolution)
+    except VolumeError as e:
+      raise VolumeError(f"{where} {key}: {e}") from None
+    return volume
+
+  image = open_one("image", spatial=False)
+  labels = open_one("labels", spatial=True)
+  mask = open_one("mask", spatial=True)
+  try:
+    check_pair(image, labels, mask)
+  except VolumeError as e:
+    raise VolumeError(f"{where}: {e}") from None
+  skeleton = entry.get("skeleton") or None
+  if skeleton:
+    skeleton = _resolve(root, str(skeleton))
+    if not os.path.isfile(skeleton):
+      raise VolumeError(f"{where}: skeleton {skeleton} does not exist")
+    if not skeleton.endswith(SKELETON_SUFFIXES):
+      raise VolumeError(
+        f"{where}: skeleton {skeleton} must be a NISB skeleton.pkl or an em_erl .npz"
+      )
+  name = entry.get("name") or _default_name(str(entry["image"]))
+  z_range = entry.get("z_range") or None
+  if z_range is not None:
+    depth = image.shape[-3]
+    if len(z_range) != 2 or not 0 <= int(z_range[0]) < int(z_range[1]) <= depth:
+      raise ConfigError(
+        f"{where}: z_range must be (z0, z1) with 0 <= z0 < z1 <= {depth}, got {z_range}"
+      )
+    z_range = (int(z_range[0]), int(z_range[1]))
+    if skeleton:
+      raise ConfigError(
+        f"{where}: a skeleton belongs to the whole volume; give z_range only to entries without "
+        "one (jaxseg makes a skeleton of the range's labels when NERL needs it)"
+      )
+  return LabeledVolume(str(name), image, labels, skeleton, z_range=z_range, mask=mask)
+
+
+def _default_name(spec: str) -> str:
+  """``a/b/train-image.h5:stack`` -> ``train-image``; ``x.zarr/img`` -> ``x``."""
+  path = spec.split("://")[-1]
+  if ":" in os.path.basename(path):
+    path = path.rsplit(":", 1)[0]
+  parts = [p for p in path.replace("\\", "/").split("/") if p]
+  for part in parts:
+    if part.endswith((".zarr", ".n5", ".h5", ".hdf5", ".hdf")):
+      return os.path.splitext(part)[0]
+  return os.path.splitext(parts[-1])[0] if parts else "volume"

@@ -345,6 +345,11 @@ def workdir_cache_dir(workdir: str | os.PathLike) -> str:
   return os.path.join(os.path.abspath(os.fspath(workdir)), _WORKDIR_CACHE)
 
 
+def workdir_skeleton_dir(workdir: str | os.PathLike) -> str:
+  """Where a run or a tuning keeps skeletons it made from labels: ``<workdir>/cache/skeletons``."""
+  return os.path.join(os.path.abspath(os.fspath(workdir)), "cache", "skeletons")
+
+
 def cache_path(
   path: str | os.PathLike,
   resolution: Sequence[float] | None,

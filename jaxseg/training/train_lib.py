@@ -48,6 +48,7 @@ from flax import nnx
 from jaxseg.common import config_util, outputs
 from jaxseg.common.errors import ConfigError, MissingInputError
 from jaxseg.data import pipeline
+from jaxseg.io.datasets import dataset_volumes
 from jaxseg.training import checkpoint as ckpt_lib
 from jaxseg.training import ema as ema_lib
 from jaxseg.training import losses, optim, paths, summary
@@ -597,7 +598,12 @@ def train_and_evaluate(
   num_steps = int(config.train.num_steps)
   if num_steps < 1:
     raise ConfigError(f"train.num_steps must be >= 1, got {num_steps}")
-  _check_batch_geometry(config)  # the model and batch settings, before anything is written
+  # Before anything is written, in the order a user fixes them: the model and batch settings,
+  # then the data (a missing file or a bad entry of the split's volumes).
+  _check_batch_geometry(config)
+  model_graphdef(config, compute_dtype(config))  # every model.* key, abstractly (no weights)
+  for split in ("train", "val") if _eval_enabled(config) else ("train",):
+    dataset_volumes(config.data, split)
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   stage = paths.training_output(config, workdir)

@@ -44,7 +44,7 @@ from jaxseg.decoding import scoring
 from jaxseg.decoding.settings import decode_settings
 from jaxseg.inference import cache
 from jaxseg.io.datasets import LabeledVolume, dataset_volumes
-from jaxseg.io.skeleton import workdir_cache_dir
+from jaxseg.io.skeleton import workdir_cache_dir, workdir_skeleton_dir
 from jaxseg.tuning import plot as plot_lib
 from jaxseg.tuning import search
 from jaxseg.tuning import trials as trials_lib
@@ -120,13 +120,7 @@ def study_fingerprint(config, space: search.SearchSpace, key: str, split: str) -
   qc = config_util.config_to_dict(config.qc) if config.qc.enabled else None
   # The ground truth is scored against, by content: a corrected skeleton or label volume at the
   # same path makes the old trials' scores stale (the images are in the cache key).
-  inputs = {
-    v.name: {
-      "labels": outputs.input_identity(v.labels.path) if v.labels is not None else None,
-      "skeleton": outputs.input_identity(v.skeleton) if v.skeleton else None,
-    }
-    for v in dataset_volumes(config.data, split)
-  }
+  inputs = {v.name: scoring.ground_truth_identity(v) for v in dataset_volumes(config.data, split)}
   if user_mask:
     inputs["affinity_mask"] = outputs.input_identity(user_mask)
   return json.loads(
@@ -323,7 +317,12 @@ def _tune_locked(
   )
   study, interrupted = open_study()
   cached = cache.cached_predictions(
-    config, checkpoint, split, predictions_root(workdir), show_progress=show_progress
+    config,
+    checkpoint,
+    split,
+    predictions_root(workdir),
+    show_progress=show_progress,
+    skeleton_dir=workdir_skeleton_dir(workdir),
   )
   if space.sampler == "tpe":
     search.enqueue_defaults(study, space)
@@ -676,7 +675,12 @@ def tune_test(
   _check_still_tuned(config, checkpoint, decoder, folder)
   tuned = scoring.decoder_config(config, decoder, best["params"])
   cached = cache.cached_predictions(
-    tuned, checkpoint, "test", predictions_root(workdir), show_progress=show_progress
+    tuned,
+    checkpoint,
+    "test",
+    predictions_root(workdir),
+    show_progress=show_progress,
+    skeleton_dir=workdir_skeleton_dir(workdir),
   )
   results = []
   for c in cached:

@@ -35,6 +35,7 @@ from typing import Any
 from jaxseg.common import config_util, files, outputs
 from jaxseg.common.errors import JaxsegError
 from jaxseg.decoding.scoring import DECODERS
+from jaxseg.io.skeleton import workdir_skeleton_dir
 from jaxseg.training import paths
 
 STAGES = ("data", "train", "test", "tune", "tune-test", "report")
@@ -264,7 +265,12 @@ class Chain:
     from jaxseg.inference import cache
 
     cached = cache.cached_predictions(
-      self.config, self.workdir, "test", self.cache_root, show_progress=self.show_progress
+      self.config,
+      self.workdir,
+      "test",
+      self.cache_root,
+      show_progress=self.show_progress,
+      skeleton_dir=workdir_skeleton_dir(self.workdir),
     )
     did = []
     if not all(c.reused for c in cached):
