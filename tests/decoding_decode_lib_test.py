@@ -391,3 +391,31 @@ def test_cli_decodes_without_importing_jax(volume, tmp_path):
   )  # fmt: skip
   assert bad.returncode == 1 and "the decode there was made differently" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+def test_waterz_decode_warns_before_a_watershed_that_cuts_too_finely(tmp_path, caplog):
+  """Tempered affinities below aff_threshold_high leave a few voxels per watershed region: decode
+  says so (and records its estimate); affinities that reach the threshold do not warn."""
+  labels = voronoi_labels((16, 48, 48), 24, seed=5)
+  sharp = str(tmp_path / "sharp.zarr" / "affinities")
+  write_affinities(sharp, labels, noise=0.0, seed=0, dtype=np.float32, convention="target")
+  tempered = str(tmp_path / "tempered.zarr" / "affinities")
+  aff = 1.0 / (1.0 + np.exp(-(open_volume(sharp).read() * 8.0 - 4.0) / 5.0))  # max 0.69
+  rng = np.random.default_rng(0)
+  aff = (aff + rng.uniform(0, 0.01, aff.shape)).astype(np.float32)
+  create_zarr(
+    tempered, aff.shape, np.float32, resolution=(20, 9, 9),
+    attributes={"offsets": [list(o) for o in SOURCE_XYZ], "convention": "target", "channels": [0, 1, 2]},
+  ).write((0, 0, 0, 0), aff).result()  # fmt: skip
+  settings = waterz_settings(blockwise="never")
+  with caplog.at_level("WARNING"):
+    summary = decode_lib.decode(settings, tempered, str(tmp_path / "t"), show_progress=False)
+  assert summary["watershed_estimate"]["voxels_per_region"] < 20
+  assert summary["watershed_estimate"]["share_above_high"] == 0.0
+  (warning,) = [r.getMessage() for r in caplog.records if "watershed would leave" in r.getMessage()]
+  assert "decode.aff_threshold_high=0.999" in warning and tempered in warning
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    summary = decode_lib.decode(settings, sharp, str(tmp_path / "s"), show_progress=False)
+  assert summary["watershed_estimate"]["voxels_per_region"] >= 20
+  assert not [r for r in caplog.records if "watershed would leave" in r.getMessage()]

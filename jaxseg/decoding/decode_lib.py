@@ -221,6 +221,7 @@ def decode(
       return {**json.load(f), "already_done": True}
   if decision is Decision.REPLACE and stage.replaced_because:
     logging.warning("%s: redoing the decode (%s)", output, "; ".join(stage.replaced_because))
+  watershed = _check_watershed(source, settings) if settings.method == "waterz" else None
   if not blockwise:
     # A whole-volume decode killed mid-write left partial arrays of its own: start them again.
     for name in (*names, SUMMARY):
@@ -274,11 +275,45 @@ def decode(
     "preview": preview,
     **info,
   }
+  if watershed is not None:
+    summary["watershed_estimate"] = watershed
   write_json(os.path.join(output, SUMMARY), summary)
   # Scratch goes only once the summary is written: a run killed before that resumes.
   stage.discard(BLOCKWISE_SCRATCH)
   stage.finish()
   return summary
+
+
+def _check_watershed(source: AffinitySource, settings: DecodeSettings) -> dict:
+  """Estimates, on a central box, how finely waterz's watershed will cut the volume, and warns
+  before a decode whose watershed leaves fewer than ``MIN_VOXELS_PER_REGION`` voxels per region
+  (``docs/decoding.md``, "Watershed thresholds")."""
+  from jaxseg.decoding import waterz_ops
+
+  shape = source.spatial_shape
+  box = tuple(
+    slice(max(0, (n - s) // 2), max(0, (n - s) // 2) + min(n, s))
+    for n, s in zip(shape, (32, 64, 64), strict=True)
+  )
+  sample = np.nan_to_num(source.read(box).astype(np.float32))
+  aff_w = waterz_ops.to_waterz_affinities(sample, source.offsets, source.convention)
+  low, high = settings.aff_threshold_low, settings.aff_threshold_high
+  estimate = waterz_ops.estimate_watershed(aff_w, low=low, high=high)
+  if estimate["voxels_per_region"] < waterz_ops.MIN_VOXELS_PER_REGION:
+    logging.warning(
+      "%s: waterz's watershed would leave about one region per %.0f voxels (measured on a "
+      "central box of %d voxels: %.1f%% of them have an affinity >= decode.aff_threshold_high=%g, "
+      "the largest is %.3f), so agglomeration does nearly all the work: slow, and memory-hungry "
+      "on large volumes. Lower decode.aff_threshold_high into the affinities' range (or tune "
+      "it), or predict with an activation that reaches it.",
+      source.volume.path,
+      estimate["voxels_per_region"],
+      estimate["voxels"],
+      100 * estimate["share_above_high"],
+      high,
+      estimate["max_affinity"],
+    )
+  return estimate
 
 
 def decode_output(
