@@ -290,12 +290,7 @@ def _check_watershed(source: AffinitySource, settings: DecodeSettings) -> dict:
   (``docs/decoding.md``, "Watershed thresholds")."""
   from jaxseg.decoding import waterz_ops
 
-  shape = source.spatial_shape
-  box = tuple(
-    slice(max(0, (n - s) // 2), max(0, (n - s) // 2) + min(n, s))
-    for n, s in zip(shape, (32, 64, 64), strict=True)
-  )
-  sample = np.nan_to_num(source.read(box).astype(np.float32))
+  sample = np.nan_to_num(source.read(waterz_ops.sample_box(source.spatial_shape)), copy=False)
   aff_w = waterz_ops.to_waterz_affinities(sample, source.offsets, source.convention)
   low, high = settings.aff_threshold_low, settings.aff_threshold_high
   estimate = waterz_ops.estimate_watershed(aff_w, low=low, high=high)

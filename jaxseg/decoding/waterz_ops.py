@@ -429,24 +429,28 @@ MIN_VOXELS_PER_REGION = 20
 _SAMPLE_SHAPE = (32, 64, 64)
 
 
-def estimate_watershed(aff_w: np.ndarray, *, low: float, high: float) -> dict:
-  """How finely waterz's watershed would cut ``aff_w``, measured by running it on a central box.
+def sample_box(shape: Sequence[int]) -> tuple[slice, slice, slice]:
+  """The central box of at most 32 x 64 x 64 voxels of a ``(z, y, x)`` volume: enough to tell how
+  finely the watershed cuts, and cheap to read and cut."""
+  return tuple(
+    slice(max(0, (n - s) // 2), max(0, (n - s) // 2) + min(n, s))
+    for n, s in zip(shape, _SAMPLE_SHAPE, strict=True)
+  )
+
+
+def estimate_watershed(sample: np.ndarray, *, low: float, high: float) -> dict:
+  """How finely waterz's watershed would cut a volume, measured by running it on a sample of it.
 
   Args:
-    aff_w: ``[3, z, y, x]`` affinities in waterz's layout (a central box of at most 32 x 64 x 64
-      voxels is enough; larger arrays are cut to it).
+    sample: ``[3, z, y, x]`` affinities in waterz's layout, of the :func:`sample_box`.
     low, high: waterz's ``aff_threshold_low`` / ``aff_threshold_high``.
 
   Returns:
-    ``{"voxels_per_region", "share_above_high", "max_affinity", "voxels"}`` of the box:
+    ``{"voxels_per_region", "share_above_high", "max_affinity", "voxels"}`` of the sample:
     ``share_above_high`` is the share of voxels with an edge at or above ``high`` (edges that
     join unconditionally); with few of them, only steepest-ascent basins group voxels.
   """
-  box = tuple(
-    slice(max(0, (n - s) // 2), max(0, (n - s) // 2) + min(n, s))
-    for n, s in zip(aff_w.shape[1:], _SAMPLE_SHAPE, strict=True)
-  )
-  sample = np.ascontiguousarray(aff_w[(slice(None), *box)], dtype=np.float32)
+  sample = np.ascontiguousarray(sample, dtype=np.float32)
   voxels = int(np.prod(sample.shape[1:]))
   if voxels == 0:
     return {

@@ -246,9 +246,13 @@ def _eval_enabled(config) -> bool:
 class _Evaluator:
   """Runs validation on the fixed val crops with the EMA (or raw) parameters."""
 
-  def __init__(self, config, graphdef, sharding, local_batch: int):
+  def __init__(self, config, graphdef, sharding, local_batch: int, volumes):
     self.data = pipeline.TrainData(
-      config, "val", process_index=jax.process_index(), process_count=jax.process_count()
+      config,
+      "val",
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      volumes=volumes,
     )
     self.step_fn = make_eval_step(config, graphdef, sharding, self.data.read_shape)
     self.sharding = sharding
@@ -307,8 +311,20 @@ class _TrainingRun:
   opens (checkpoint manager, metric writer, batch stream) are closed by the caller's ``stack``.
   """
 
-  def __init__(self, config, workdir: str, stack: contextlib.ExitStack, *, stop_at: int | None):
+  def __init__(
+    self,
+    config,
+    workdir: str,
+    stack: contextlib.ExitStack,
+    *,
+    stop_at: int | None,
+    abstract_params: dict,
+    volumes: dict,
+  ):
+    """``abstract_params``: the model's parameter shapes (:func:`model_graphdef`); ``volumes``:
+    the opened volumes of ``train`` (and ``val`` when validating), by split."""
     self.config, self.workdir, self.stack = config, workdir, stack
+    self.abstract_params, self.volumes = abstract_params, volumes
     train_cfg = config.train
     self.num_steps = int(train_cfg.num_steps)
     self.is_main = jax.process_index() == 0
@@ -342,12 +358,11 @@ class _TrainingRun:
     )
     self.stack.callback(self.manager.close)
     self.tx = optim.create_optimizer(config.optim, self.num_steps)
-    _, abstract_params, _ = model_graphdef(config, compute_dtype(config))
     self.start = self.manager.latest_step()
     if self.start is not None:
       # Before anything is written: a different model in this workdir is a user error to report,
       # not a shape mismatch deep inside orbax.
-      self.manager.check_model(self.start, config.model, abstract_params)
+      self.manager.check_model(self.start, config.model, self.abstract_params)
     if self.is_main:
       config_util.save_config(config, self.workdir)
 
@@ -364,13 +379,17 @@ class _TrainingRun:
     """The train data and step, the evaluator, the metric writer and the loop's cadences."""
     config, train_cfg = self.config, self.config.train
     self.train_data = pipeline.TrainData(
-      config, "train", process_index=jax.process_index(), process_count=jax.process_count()
+      config,
+      "train",
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      volumes=self.volumes["train"],
     )
     self.train_step = make_train_step(
       config, self.graphdef, self.tx, self.sharding, self.train_data.read_shape
     )
     self.evaluator = (
-      _Evaluator(config, self.graphdef, self.sharding, self.local_batch)
+      _Evaluator(config, self.graphdef, self.sharding, self.local_batch, self.volumes["val"])
       if _eval_enabled(config)
       else None
     )
@@ -601,9 +620,10 @@ def train_and_evaluate(
   # Before anything is written, in the order a user fixes them: the model and batch settings,
   # then the data (a missing file or a bad entry of the split's volumes).
   _check_batch_geometry(config)
-  model_graphdef(config, compute_dtype(config))  # every model.* key, abstractly (no weights)
-  for split in ("train", "val") if _eval_enabled(config) else ("train",):
-    dataset_volumes(config.data, split)
+  # Every model.* key, abstractly (no weights); the shapes also check a resumed checkpoint.
+  _, abstract_params, _ = model_graphdef(config, compute_dtype(config))
+  splits = ("train", "val") if _eval_enabled(config) else ("train",)
+  volumes = {split: dataset_volumes(config.data, split) for split in splits}
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   stage = paths.training_output(config, workdir)
@@ -615,7 +635,9 @@ def train_and_evaluate(
     os.makedirs(workdir, exist_ok=True)
 
   with contextlib.ExitStack() as stack:
-    run = _TrainingRun(config, workdir, stack, stop_at=stop_at)
+    run = _TrainingRun(
+      config, workdir, stack, stop_at=stop_at, abstract_params=abstract_params, volumes=volumes
+    )
     run.run()
     run.manager.wait()
     run.manager.prune()
