@@ -29,8 +29,39 @@ def contrast_gamma_aug(aug: ml_collections.ConfigDict, p: float = 0.0) -> None:
   aug.gamma_range = (0.7, 1.5)
 
 
+def grid_warp_aug(aug: ml_collections.ConfigDict, p: float = 0.0) -> None:
+  """Adds jaxseg's control-grid elastic deformation to an ``aug`` section, with probability ``p``.
+
+  Normal displacements of std ``warp_sigma`` voxels (z, y, x) at control points ``warp_spacing``
+  voxels apart, carried to every voxel by a cubic B-spline (``docs/recipes.md``, "Elastic
+  deformation on a control grid"). For anisotropic voxels scale z down, e.g. spacing (4, 16, 16)
+  and sigma (0.5, 2, 2) at 30 x 6 x 6 nm. At ``p = 0`` the step is left out entirely (the PyTC
+  recipes' outputs unchanged).
+  """
+  aug.warp_p = p
+  aug.warp_spacing = (16, 16, 16)
+  aug.warp_sigma = (2.0, 2.0, 2.0)
+
+
+def lsd_defaults() -> ml_collections.ConfigDict:
+  """The ``target.lsd`` section: local shape descriptors as an auxiliary target (MTLSD), off.
+
+  When enabled, the model predicts 10 descriptor channels after the affinities, so
+  ``model.out_channels`` must grow by 10 (training and prediction refuse a mismatch);
+  predictions still write only affinities. ``docs/targets_and_losses.md``, "Local shape
+  descriptors". While off, none of these keys enters the training fingerprint.
+  """
+  lsd = ml_collections.ConfigDict()
+  lsd.enabled = False
+  lsd.sigma_nm = (80.0, 80.0, 80.0)  # Gaussian window (z, y, x), nm; cut at 3 sigma and the crop
+  lsd.downsample = (2, 2, 2)  # computed every d voxels per axis, then interpolated; 1 = exact
+  lsd.max_objects = 128  # objects per patch with descriptors (smallest ids); the rest masked
+  lsd.weight = 1.0  # loss = affinity loss + weight x masked MSE of sigmoid(LSD logits)
+  return lsd
+
+
 def tune_defaults() -> ml_collections.ConfigDict:
-  """Decoder tuning (``docs/tuning.md``): one sub-section per decoder, both always present.
+  """Decoder tuning (``docs/tuning.md``): one sub-section per decoder, all always present.
 
   ``jaxseg.tune`` tunes ``decode.method`` (or each of ``run.decoders`` in ``jaxseg.run``) on the
   ``split`` volumes, reusing cached affinities; trials only decode and score. The objective's
@@ -65,13 +96,24 @@ def tune_defaults() -> ml_collections.ConfigDict:
   wz.aff_threshold_high = (0.7, 1.0, 0.1)
   # Not sampled: every trial decodes all of them in one pass and reports the best.
   wz.thresholds = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+  # -- mutex watershed: TPE over its two biases (decode.mws; whole volumes with dense labels)
+  tune.mws = mws = ml_collections.ConfigDict()
+  mws.sampler = "tpe"  # or "grid": all 13 x 13 points
+  mws.objective = "adapted_rand"
+  mws.n_trials = 25
+  mws.n_startup_trials = 10
+  mws.enqueue_defaults = True  # trial 0 runs the config's own decode.mws biases
+  mws.bias_short = (0.2, 0.8, 0.05)  # (low, high, step)
+  mws.bias_long = (0.2, 0.8, 0.05)
   return tune
 
 
 def run_defaults(decoders: tuple[str, ...]) -> ml_collections.ConfigDict:
   """The chain (``python -m jaxseg.run``): which decoders ``test`` / ``tune`` run, and how."""
   run = ml_collections.ConfigDict()
-  run.decoders = decoders  # each is decoded, scored and tuned; "cc" and / or "waterz"
+  # Each is decoded, scored and tuned: any of "cc", "waterz" and "mws" (the mutex watershed
+  # needs the long-range channels: infer.output_channels = () predicts all of them).
+  run.decoders = decoders
   run.checkpoint_step = "best"  # "best" (by train.monitor), "latest" or a step number
   run.use_ema = True
   run.baselines = True  # score trivial segmentations of the test volumes for the report

@@ -47,6 +47,7 @@ def get_config(arg=None):
   target.erosion_plane = "zy"
   target.target_context = (10, 10, 10)  # read 138^3, compute targets, crop to [0:128]^3
   target.relabel_connected_components = False
+  target.lsd = common.lsd_defaults()  # MTLSD auxiliary head, off; see configs/common.py
 
   # -- model -----------------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
@@ -187,5 +188,6 @@ def _aug_banis():
   aug.intensity_add = (-0.1, 0.1)
   aug.noise_p = 0.5
   aug.noise_std = (0.0, 0.5)
+  common.grid_warp_aug(aug)  # jaxseg's own, off in this recipe
   common.contrast_gamma_aug(aug)  # jaxseg's own, off in this recipe
   return aug

@@ -57,6 +57,7 @@ def get_config(arg=None):
   target.erosion_plane = "yx"
   target.target_context = (0, 0, 0)  # no extra context: border edges are masked
   target.relabel_connected_components = False
+  target.lsd = common.lsd_defaults()  # MTLSD auxiliary head, off; see configs/common.py
 
   # -- model -----------------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
@@ -198,6 +199,7 @@ def _aug_em_neuron():
   aug.intensity_shift = 0.2  # +- on the [0, 1] image
   aug.gamma_p = 0.7
   aug.gamma = (0.5, 1.5)
+  common.grid_warp_aug(aug)  # jaxseg's own, off in this recipe
   common.contrast_gamma_aug(aug)  # jaxseg's own, off in this recipe
   # One of the five image-only defects per sample; labels are never moved (unlike DeepEM).
   aug.defects = ml_collections.ConfigDict()

@@ -1,10 +1,11 @@
 r"""Decodes affinities: ``python -m jaxseg.decode --config=... --affinities=SPEC --output=DIR``.
 
 A thin entry point over :func:`jaxseg.decoding.decode_lib.decode`. ``config.decode`` picks the
-decoder: ``cc`` (NISB: thresholded connected components) or ``waterz`` (SNEMI: watershed,
-agglomeration, dust and branch merges). Volumes larger than ``config.decode.block_shape`` are
-decoded block by block with bounded memory (daisy schedules the blocks; a killed run resumes).
-Examples::
+decoder: ``cc`` (NISB: thresholded connected components), ``waterz`` (SNEMI: watershed,
+agglomeration, dust and branch merges) or ``mws`` (mutex watershed over every channel, the
+long-range ones included; whole volumes up to ``decode.mws.max_voxels``). Volumes larger than
+``config.decode.block_shape`` are decoded by cc and waterz block by block with bounded memory
+(daisy schedules the blocks; a killed run resumes). Examples::
 
   python -m jaxseg.decode --config=configs/demo.py \
       --affinities=runs/demo/predictions/seed101.zarr --output=runs/demo/segmentation/seed101
@@ -14,6 +15,8 @@ Examples::
       --output=seg --config.decode.num_workers=8
   python -m jaxseg.decode --config=configs/snemi.py --affinities=pytc_pred.h5:main \
       --axis_order=cxyz --output=seg/pytc
+  python -m jaxseg.decode --config=configs/snemi.py --affinities=pred/test.zarr/affinities \
+      --output=seg/mws --config.decode.method=mws --config.decode.mws.bias_long=0.6
 
 Writes ``DIR/segmentation`` (or ``DIR/segmentation_t<thr>`` per waterz threshold), ``[z, y, x]``
 zarr arrays in the smallest unsigned dtype, plus ``DIR/preview.png`` and ``DIR/decode.json``.
@@ -67,10 +70,12 @@ def main(argv: list[str]) -> None:
     axis_order=_AXIS_ORDER.value,
   )
   done = " (already decoded)" if summary.get("already_done") else ""
+  # The mutex watershed has no threshold: its one segmentation is filed under bias_short.
+  name = "bias_short" if summary["method"] == "mws" else "threshold"
   for path, threshold, count in zip(
     summary["arrays"], summary["thresholds"], summary["segments"], strict=True
   ):
-    print(f"{path}: threshold {threshold:g}, {count} segments{done}")
+    print(f"{path}: {name} {threshold:g}, {count} segments{done}")
   print(
     f"{summary['method']} decode of {tuple(summary['shape'])} in {summary['seconds']:.1f} s"
     + (f", {summary['blocks']} blocks" if summary.get("blockwise") else "")

@@ -4,7 +4,8 @@ A thin entry point over :mod:`jaxseg.tuning.tune_lib`. ``--mode=tune`` (default)
 ``config.tune.split`` volumes once (cached under ``DIR/predictions/<key>``; JAX is loaded only
 then), runs an Optuna study in ``DIR/tune/<decoder>/study.db`` whose trials only decode and score
 (cc: every threshold of ``tune.cc.threshold_grid``, objective NERL; waterz: TPE over the merge
-function and watershed thresholds, every merge threshold decoded in each trial), and writes
+function and watershed thresholds, every merge threshold decoded in each trial; mws: TPE over
+``decode.mws.bias_short`` / ``bias_long``), and writes
 ``best_params.json``, ``trials.csv``, ``objective.png`` and ``tune.json`` there. A killed run
 resumes where it stopped; a finished study is not rerun. ``--mode=tune-test`` decodes and scores
 the test volumes with the best parameters into ``DIR/tune/<decoder>/test/<name>``. Examples::
@@ -33,7 +34,7 @@ _MODE = flags.DEFINE_enum(
   "mode", "tune", ["tune", "tune-test"], "tune: run the study; tune-test: apply the best params."
 )
 _DECODER = flags.DEFINE_enum(
-  "decoder", None, ["cc", "waterz"], "Decoder to tune (default: config.decode.method)."
+  "decoder", None, ["cc", "waterz", "mws"], "Decoder to tune (default: config.decode.method)."
 )
 _FORCE_TEST = flags.DEFINE_bool(
   "force_test", None, "Allow tune.split == 'test' (default: config.tune.force_test)."

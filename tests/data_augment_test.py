@@ -645,7 +645,8 @@ def test_contrast_gamma_stays_in_range_and_is_deterministic():
   assert curved.min() == pytest.approx(low, abs=1e-5) and curved.max() <= high + eps
 
 
-def _with_contrast_gamma(recipe, **values):
+def _aug_with(recipe, **values):
+  """A copy of a recipe's ``data.aug`` with ``values`` set (``None``: the key removed)."""
   aug = recipe.copy_and_resolve_references()
   aug.unlock()
   for key, value in values.items():
@@ -657,11 +658,13 @@ def _with_contrast_gamma(recipe, **values):
 
 
 @pytest.mark.parametrize(("recipe", "shape"), [(EM, (6, 12, 12)), (BANIS, (8, 8, 8))])
-def test_recipes_with_contrast_gamma_off_are_unchanged(recipe, shape):
-  """Declared and off (the shipped recipes), or not declared: the same random numbers and bytes.
-  On, it is one more step (the whole recipe then draws other numbers)."""
-  assert recipe.contrast_gamma_p == 0.0
+def test_recipes_with_their_optional_steps_off_are_unchanged(recipe, shape):
+  """Contrast / gamma and the grid warp declared and off (the shipped recipes), or not declared:
+  the same random numbers and bytes. On, each is one more step (the whole recipe then draws other
+  numbers); the warp moves labels with the image."""
+  assert recipe.contrast_gamma_p == 0.0 and recipe.warp_p == 0.0
   assert (recipe.contrast_range, recipe.gamma_range) == ((0.5, 1.5), (0.7, 1.5))
+  assert (tuple(recipe.warp_spacing), tuple(recipe.warp_sigma)) == ((16, 16, 16), (2.0, 2.0, 2.0))
   rng = np.random.default_rng(11)
   image = jnp.asarray(rng.random((3, *shape, 1), dtype=np.float32))
   labels = jnp.asarray(np.stack([blob_labels(rng, shape) for _ in range(3)]))
@@ -672,14 +675,26 @@ def test_recipes_with_contrast_gamma_off_are_unchanged(recipe, shape):
     return [np.asarray(o) for o in out]
 
   shipped = run(recipe)
-  absent = _with_contrast_gamma(
-    recipe, contrast_gamma_p=None, contrast_range=None, gamma_range=None
-  )
+  optional = ("contrast_gamma_p", "contrast_range", "gamma_range")
+  absent = _aug_with(recipe, **dict.fromkeys((*optional, "warp_p", "warp_spacing", "warp_sigma")))
   for got, want in zip(run(absent), shipped, strict=True):
     assert got.tobytes() == want.tobytes()
-  on_image, _ = run(_with_contrast_gamma(recipe, contrast_gamma_p=1.0))
+  on_image, _ = run(_aug_with(recipe, contrast_gamma_p=1.0))
   assert not np.array_equal(on_image, shipped[0])
   assert on_image.shape == shipped[0].shape and np.all(np.isfinite(on_image))
+  on_image, on_labels = run(_aug_with(recipe, warp_p=1.0, warp_spacing=(4, 4, 4)))
+  assert not np.array_equal(on_labels, shipped[1]) and np.all(np.isfinite(on_image))
+  for b in range(3):
+    assert set(np.unique(on_labels[b])) <= set(np.unique(labels[b]))
+  # On the real crop sizes too (traced, not compiled).
+  for big in ((16, 224, 224), (42, 74, 74)):
+    out = jax.eval_shape(
+      A.make_augment(_aug_with(recipe, warp_p=0.5), big),
+      jax.random.key(0),
+      jax.ShapeDtypeStruct((*big, 1), jnp.float32),
+      jax.ShapeDtypeStruct(big, jnp.int32),
+    )
+    assert out[0].shape == (*big, 1) and out[1].shape == big
 
 
 def test_contrast_gamma_settings_are_checked_in_one_line():
@@ -694,5 +709,73 @@ def test_contrast_gamma_settings_are_checked_in_one_line():
   ]
   for values, key in cases:
     with pytest.raises(ConfigError, match=rf"^data\.aug\.{key} must be") as e:
-      A.make_augment(_with_contrast_gamma(EM, **values), (6, 12, 12))
+      A.make_augment(_aug_with(EM, **values), (6, 12, 12))
+    assert "\n" not in str(e.value)
+
+
+# -- elastic deformation on a control grid (off in the recipes) ------------------------------------
+
+
+def test_grid_warp_weights_cover_the_crop_with_unit_rows():
+  for n, spacing in ((42, 16), (74, 16), (1, 16), (16, 4), (20, 8.5)):
+    weights = A.grid_warp_weights(n, spacing)
+    # One control interval per spacing over the n - 1 voxel steps, one more point at each end.
+    assert weights.shape == (n, max(1, math.ceil((n - 1) / spacing)) + 3)
+    np.testing.assert_allclose((weights**2).sum(1), 1.0, atol=1e-6)
+    assert weights.min() >= 0 and np.all(weights[:, 0] + weights[:, -1] < weights.max(1))
+
+
+def test_grid_warp_moves_voxels_by_sigma_smoothly_over_the_spacing():
+  """A coordinate image through the warp reads back every voxel's displacement (trilinear is exact
+  on a linear image wherever no position was mirrored: away from the faces)."""
+  shape, spacing, sigma = (28, 48, 48), (6, 8, 8), (1.0, 2.0, 1.5)
+  image = coordinate_image(shape)
+  keys = jax.random.split(jax.random.key(20), 32)
+  fn = functools.partial(A.grid_warp, p=1.0, spacing=spacing, sigma=sigma)
+  out_image, _ = run_many(fn, image, np.zeros(shape, np.int32), keys)
+  m = [math.ceil(5 * s) + 1 for s in sigma]  # 5 std from the faces: never mirrored
+  inner = (slice(None), slice(m[0], -m[0]), slice(m[1], -m[1]), slice(m[2], -m[2]))
+  displacement = (out_image - image[None])[inner]
+  flat = displacement.reshape(-1, 3)
+  np.testing.assert_allclose(flat.std(0), sigma, rtol=0.15)
+  assert np.all(np.abs(flat.mean(0)) < 0.2 * np.asarray(sigma))
+  assert np.abs(displacement[..., 1]).max() > 3.0  # whole voxels, unlike PyTC's elastic
+
+  def correlation(axis, lag):
+    n = displacement.shape[axis + 1]
+    a = np.take(displacement, np.arange(n - lag), axis=axis + 1)
+    b = np.take(displacement, np.arange(lag, n), axis=axis + 1)
+    a, b = a - a.mean((0, 1, 2, 3)), b - b.mean((0, 1, 2, 3))
+    return float(np.mean(np.sum(a * b, (0, 1, 2, 3)) / np.sqrt(np.sum(a * a) * np.sum(b * b) / 9)))
+
+  for axis in range(3):
+    # Neighbours move almost alike; about 0.5 one spacing apart, nearly 0 two spacings apart.
+    assert correlation(axis, 1) > 0.95
+    assert 0.3 < correlation(axis, spacing[axis]) < 0.7
+    assert abs(correlation(axis, 2 * spacing[axis])) < 0.2
+
+
+def test_grid_warp_keeps_image_label_alignment():
+  fn = functools.partial(A.grid_warp, p=0.5, spacing=(4, 4, 4), sigma=(1.0, 1.0, 1.0))
+  check_resampled(fn, (6, 12, 12), NUM_KEYS, p=0.5)
+  strong = functools.partial(A.grid_warp, p=1.0, spacing=(4, 6, 6), sigma=(1.5, 3.0, 3.0))
+  out_image, _ = check_resampled(strong, (8, 16, 16), 8, p=1.0)
+  assert (out_image.max(-1) < 1 - 1e-3).mean() > 0.05  # it really mixed ids
+
+
+def test_grid_warp_settings_are_checked_in_one_line():
+  from jaxseg.common.errors import ConfigError
+
+  cases = [
+    ({"warp_p": -0.1}, "warp_p"),
+    ({"warp_p": 2.0}, "warp_p"),
+    ({"warp_p": 0.5, "warp_sigma": (1.0, 2.0)}, "warp_sigma"),
+    ({"warp_p": 0.5, "warp_sigma": (1.0, -2.0, 1.0)}, "warp_sigma"),
+    ({"warp_p": 0.5, "warp_spacing": (0, 16, 16)}, "warp_spacing"),
+    ({"warp_spacing": (16, 16, float("nan"))}, "warp_spacing"),  # checked while off too
+    ({"warp_p": 0.5, "warp_sigma": None}, "warp_sigma"),  # needed when on
+  ]
+  for values, key in cases:
+    with pytest.raises(ConfigError, match=rf"^data\.aug\.{key} must be") as e:
+      A.make_augment(_aug_with(BANIS, **values), (8, 8, 8))
     assert "\n" not in str(e.value)

@@ -277,6 +277,8 @@ def test_mismatched_shapes_dtypes_and_names_are_refused(tmp_path, own_files):
     "has spatial shape": {"image": "a.h5:raw", "labels": "e.h5:small"},
     "integer array of ids": {"image": "a.h5:raw", "labels": "e.h5:float_labels"},
     "mask .* has shape": {"image": "a.h5:raw", "mask": "e.h5:small"},
+    "boundaries .* has shape": {"image": "a.h5:raw", "boundaries": "e.h5:small"},
+    "boundary map must be float": {"image": "a.h5:raw", "boundaries": "a.h5:seg"},
   }
   for message, entry in bad.items():
     with pytest.raises(VolumeError, match=rf"train\[0\]: .*{message}"):

@@ -11,7 +11,10 @@
   ``[b, z, y, x, c]``) and the on-device transform (augment -> erode -> targets).
 - ``jaxseg.data.normalize``: intensity normalisation and whole-volume statistics (training and
   inference).
-- ``jaxseg.data.targets``: ``config.target`` resolved (offsets, context, erosion), the read shape.
+- ``jaxseg.data.targets``: ``config.target`` resolved (offsets, context, erosion, ``target.lsd``),
+  the read shape, the model's output channels (affinities, then local shape descriptors).
+- ``jaxseg.data.lsd``: local shape descriptors of label crops ``[z, y, x]`` ->
+  ``[z, y, x, 10]`` on the device (jax; the MTLSD auxiliary target).
 - ``jaxseg.data.crop_io``: padding by index mapping, bounding-box reads, int32 labels.
 
 ``affinity`` and ``erosion`` work on numpy and jax arrays and import jax only when handed a jax

@@ -8,10 +8,16 @@ one-sample contract they share (``image`` ``[z, y, x, c]`` float32, ``labels`` `
 int32, ``fn(key, image, labels, *, params) -> (image, labels)``), are in
 ``jaxseg.data.augment_ops`` and ``jaxseg.data.augment_sections``.
 
-Both recipes take one optional step of jaxseg's own, off in the shipped configs: the contrast and
-gamma of another microscope (``data.aug.contrast_gamma_p``, ``contrast_range``, ``gamma_range``;
-:func:`contrast_gamma`), after the geometric steps and before the recipe's intensity and noise
-steps. While its probability is 0 (or the keys are absent) the step is left out entirely, so the
+Both recipes take two optional steps of jaxseg's own, off in the shipped configs, in this order
+right after the recipe's geometric steps (``aug_banis``: after the affine; ``aug_em_neuron``: after
+the elastic) and before its intensity and noise steps:
+
+- an elastic deformation from random displacements at control points (``data.aug.warp_p``,
+  ``warp_spacing``, ``warp_sigma``; :func:`grid_warp`);
+- the contrast and gamma of another microscope (``data.aug.contrast_gamma_p``, ``contrast_range``,
+  ``gamma_range``; :func:`contrast_gamma`).
+
+While a step's probability is 0 (or its keys are absent) the step is left out entirely, so the
 recipe's random numbers and outputs are those it had without it.
 """
 
@@ -37,6 +43,7 @@ from jaxseg.data.augment_ops import (
   _flip_map,
   _gamma_contrast,
   _gaussian_noise,
+  _grid_warp,
   _identity_map,
   _intensity_scale_shift,
   _intensity_shift,
@@ -56,6 +63,8 @@ from jaxseg.data.augment_ops import (
   gamma_contrast,
   gaussian_filter_zero_padded,
   gaussian_noise,
+  grid_warp,
+  grid_warp_weights,
   intensity_scale_shift,
   intensity_shift,
   permute_axes,
@@ -93,6 +102,8 @@ __all__ = [
   "gamma_contrast",
   "gaussian_filter_zero_padded",
   "gaussian_noise",
+  "grid_warp",
+  "grid_warp_weights",
   "intensity_scale_shift",
   "intensity_shift",
   "lost_section",
@@ -168,6 +179,44 @@ def _contrast_gamma_steps(aug: Any) -> list[Impl]:
   ]
 
 
+def _triple(aug: Any, key: str, low: float) -> tuple[float, float, float]:
+  value = getattr(aug, key, None)
+  try:
+    numbers = tuple(float(v) for v in value)
+    ok = len(numbers) == 3 and all(math.isfinite(v) and v >= low for v in numbers)
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ConfigError(f"data.aug.{key} must be three numbers >= {low:g} (z, y, x), got {value!r}")
+  return numbers
+
+
+def _grid_warp_steps(aug: Any) -> list[Impl]:
+  """The control-grid elastic deformation (``data.aug.warp_p``, ``warp_spacing`` in voxels >= 1,
+  ``warp_sigma`` in voxels >= 0): no step at all when the probability is 0 or absent, so a recipe
+  with it off draws exactly the random numbers, and makes the bytes, it did without it.
+  """
+  p = getattr(aug, "warp_p", 0.0)
+  try:
+    ok = 0.0 <= float(p) <= 1.0
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ConfigError(f"data.aug.warp_p must be a probability in [0, 1], got {p!r}")
+  p = float(p)
+  # Declared values are checked even while off; both are needed when on.
+  values = {
+    key: _triple(aug, key, low)
+    for key, low in (("warp_spacing", 1.0), ("warp_sigma", 0.0))
+    if p > 0.0 or getattr(aug, key, None) is not None
+  }
+  if p == 0.0:
+    return []
+  return [
+    functools.partial(_grid_warp, p=p, spacing=values["warp_spacing"], sigma=values["warp_sigma"])
+  ]
+
+
 def _em_neuron_steps(aug: Any, shape: Shape3) -> list[Impl]:
   """``aug_em_neuron`` in recipe order (``docs/recipes.md``, SNEMI3D augmentation)."""
   return [
@@ -183,6 +232,7 @@ def _em_neuron_steps(aug: Any, shape: Shape3) -> list[Impl]:
       sigma=tuple(aug.elastic_sigma),
       magnitude=tuple(aug.elastic_magnitude),
     ),
+    *_grid_warp_steps(aug),
     *_contrast_gamma_steps(aug),
     functools.partial(_gaussian_noise, p=float(aug.noise_p), std=tuple(aug.noise_std)),
     functools.partial(
@@ -218,6 +268,7 @@ def _banis_steps(aug: Any, shape: Shape3) -> list[Impl]:
       scale=float(aug.affine_scale),
       shear=float(aug.affine_shear),
     ),
+    *_grid_warp_steps(aug),
     *_contrast_gamma_steps(aug),
     functools.partial(
       _intensity_scale_shift,

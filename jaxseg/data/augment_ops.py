@@ -1,9 +1,10 @@
 """Augmentation building blocks and the geometric and intensity transforms of one sample.
 
 Owns the random stream every transform draws from, the index helpers, the signed axis
-permutations (flip, rot90, transpose), resampling (elastic, affine) and the intensity transforms
-(``docs/recipes.md``, the two "Augmentation" sections, and the optional contrast / gamma of
-another microscope, :func:`contrast_gamma`). Section-level perturbations live in
+permutations (flip, rot90, transpose), resampling (elastic, affine, and the optional control-grid
+deformation :func:`grid_warp`) and the intensity transforms (``docs/recipes.md``, the two
+"Augmentation" sections, and the optional contrast / gamma of another microscope,
+:func:`contrast_gamma`). Section-level perturbations live in
 ``jaxseg.data.augment_sections``; the recipes that compose both in ``jaxseg.data.augment``.
 
 Takes ONE sample:
@@ -35,8 +36,9 @@ Output shapes equal input shapes, so every random choice is data, never a shape:
 - Sections, rectangles and slices are chosen with masks built from iota comparisons, discrete
   choices with ``jnp.where`` / ``lax.switch``; a variable number of sections (0-5) is a fixed
   number of slots, of which a random prefix is active.
-- Resampling (elastic, affine) is an own trilinear / nearest gather (``warp``) with MONAI's
-  reflection padding done by index folding.
+- Resampling (elastic, affine, grid warp) is an own trilinear / nearest gather (``warp``) with
+  MONAI's reflection padding done by index folding. The grid warp's B-spline weights depend only
+  on the shape and spacing, so they are numpy constants.
 
 Randomness
 ----------
@@ -355,7 +357,7 @@ def permute_axes(key, image, labels, *, p: float = 1.0):
   return _with_key(impl, key, image, labels)
 
 
-# -- resampling: elastic and affine ---------------------------------------------------------------
+# -- resampling: elastic, affine, grid warp ---------------------------------------------------------
 
 
 def warp(image, labels, coords):
@@ -544,6 +546,93 @@ def _affine(u: _Uniforms, image, labels, *, p, rotation, scale, shear):
   )
   warped_image, warped_labels = warp(image, labels, affine_coords(matrix, tuple(labels.shape)))
   fire = u[0] < p
+  return jnp.where(fire, warped_image, image), jnp.where(fire, warped_labels, labels)
+
+
+def grid_warp_weights(n: int, spacing: float) -> np.ndarray:
+  """``[n, m + 3]`` float32 weights that spread a control grid of ``spacing`` over ``n`` voxels.
+
+  ``m = max(1, ceil((n - 1) / spacing))`` control intervals, centred on the axis, cover voxels
+  ``0 .. n - 1``, with one more control point beyond each end (the cubic B-spline of a position
+  reads the 4 control points around it). Row ``i`` holds the uniform cubic B-spline weights of
+  voxel ``i``, divided by their L2 norm: independent control values of std ``s`` then give every
+  voxel std ``s`` (unnormalised, it would dip from 0.71 s at the control points to 0.68 s midway).
+  The weights are non-negative and smooth (twice differentiable along the axis).
+  """
+  intervals = max(1, math.ceil((n - 1) / spacing))
+  origin = (n - 1) / 2.0 - intervals * spacing / 2.0
+  t = (np.arange(n, dtype=np.float64) - origin) / spacing  # in [0, intervals]
+  cell = np.clip(np.floor(t), 0, intervals - 1).astype(np.int64)
+  f = t - cell
+  taps = np.stack(
+    [
+      (1.0 - f) ** 3,
+      3.0 * f**3 - 6.0 * f**2 + 4.0,
+      -3.0 * f**3 + 3.0 * f**2 + 3.0 * f + 1.0,
+      f**3,
+    ],
+    axis=1,
+  )  # / 6, which the normalisation removes
+  weights = np.zeros((n, intervals + 3))
+  for k in range(4):  # control point cell - 1 + k sits at column cell + k
+    weights[np.arange(n), cell + k] = taps[:, k]
+  weights /= np.linalg.norm(weights, axis=1, keepdims=True)
+  return weights.astype(np.float32)
+
+
+def grid_warp(
+  key,
+  image,
+  labels,
+  *,
+  p: float = 0.5,
+  spacing: Sequence[float] = (16.0, 16.0, 16.0),
+  sigma: Sequence[float] = (2.0, 2.0, 2.0),
+):
+  """An elastic deformation from random displacements at coarse control points (gunpowder style).
+
+  With probability ``p``: a control grid of ``spacing`` voxels per axis (z, y, x) covers the crop
+  with one point beyond each end (:func:`grid_warp_weights`); each control point draws a normal
+  displacement per axis, and a cubic B-spline carries them to every voxel, scaled so that the
+  displacement along axis ``a`` has std ``sigma[a]`` voxels at every voxel. Neighbouring voxels
+  move almost alike; points one spacing apart are correlated about 0.5, two spacings apart about
+  0.05. Output voxel ``i`` reads input position ``i + displacement[:, i]`` through :func:`warp`
+  (image trilinear, labels nearest, so no new ids and -1 stays -1; positions beyond the crop are
+  mirrored back, as for elastic and affine).
+
+  Unlike :func:`elastic` (PyTC's sub-voxel jitter), this bends membranes by several voxels at
+  ``sigma`` 2, the deformation of Ronneberger et al. (2015) and Funke et al. (2018).
+  """
+  impl = functools.partial(_grid_warp, p=p, spacing=spacing, sigma=sigma)
+  return _with_key(impl, key, image, labels)
+
+
+def _materialized(volume):
+  """``volume``, bit for bit, computed into a buffer of its own before gathers read it.
+
+  XLA (on CPU at least) fuses an elementwise producer into every gather that reads it, so a
+  resampling right after another one (the grid warp after the affine) recomputes the first one's
+  8-corner interpolation for each of its own 8 corners: about 2.5x the time of the two apart. A
+  reduction is a fusion boundary; the maximum with the type's lowest value changes no bit.
+  """
+  if jnp.issubdtype(volume.dtype, jnp.floating):
+    lowest = -jnp.inf
+  else:
+    lowest = jnp.iinfo(volume.dtype).min
+  return jnp.max(jnp.stack([volume, jnp.full_like(volume, lowest)]), axis=0)
+
+
+def _grid_warp(u: _Uniforms, image, labels, *, p, spacing, sigma):
+  shape = tuple(labels.shape)
+  image, labels = _materialized(image), _materialized(labels)
+  weights = [grid_warp_weights(n, float(s)) for n, s in zip(shape, spacing, strict=True)]
+  fire = u.take() < p
+  grid = tuple(w.shape[1] for w in weights)
+  field = u.normal((3, *grid)) * jnp.asarray(sigma, jnp.float32)[:, None, None, None]
+  for axis in (2, 1, 0):  # the small axes first: the last product is the only full-size one
+    field = _apply_along(jnp.asarray(weights[axis]), field, axis + 1)
+  coords = jnp.indices(shape, dtype=jnp.float32) + field
+  warped_image, warped_labels = warp(image, labels, coords)
   return jnp.where(fire, warped_image, image), jnp.where(fire, warped_labels, labels)
 
 

@@ -15,7 +15,9 @@ the batches it would have seen. :meth:`TrainData.iterate` prefetches batches on 
 Device side (jax, jittable): :func:`make_device_transform` returns ``transform(key, image,
 labels)`` that, per sample (vmapped), augments (training only), erodes the labels, computes the
 affinity targets and masks and cuts the context off, returning float32 ``image`` ``[b, Z, Y, X,
-c]``, ``target`` and ``mask`` ``[b, Z, Y, X, n_aff]`` with ``(Z, Y, X)`` = ``data.patch_size``.
+c]``, ``target`` and ``mask`` ``[b, Z, Y, X, n_aff]`` with ``(Z, Y, X)`` = ``data.patch_size``,
+and, when ``target.lsd.enabled``, the augmented, eroded int32 ``labels`` ``[b, Z, Y, X]`` of the
+patch, from which the train step computes the local shape descriptors (``jaxseg.data.lsd``).
 
 Recipes (``docs/recipes.md``, "Data"; ``docs/targets_and_losses.md``):
 
@@ -61,7 +63,8 @@ Config fields read: ``seed``; ``data.patch_size``, ``data.normalize`` (``"divide
 ``data.pad_labels`` (``"unlabeled"``: -1; ``"reflect"``: padded like the image), ``data.in_memory``,
 ``data.prefetch``, ``data.aug`` (device side); ``target.preset``, ``target.convention``,
 ``target.target_context``, ``target.erosion``, ``target.erosion_plane``,
-``target.relabel_connected_components`` (must be False); ``model.in_channels`` (checked). Absent
+``target.relabel_connected_components`` (must be False), ``target.lsd.enabled`` (deliver the
+patch labels); ``model.in_channels`` (checked). Absent
 optional fields mean: no padding, not in memory, prefetch 2, no augmentation.
 """
 
@@ -88,7 +91,7 @@ from jaxseg.data.normalize import (
   normalize_image,
   normalize_settings,
 )
-from jaxseg.data.targets import patch_size_for, read_shape_for, target_settings
+from jaxseg.data.targets import lsd_settings, patch_size_for, read_shape_for, target_settings
 from jaxseg.io.datasets import LabeledVolume, dataset_volumes
 from jaxseg.io.volume import WritableVolume
 
@@ -484,7 +487,8 @@ def make_device_transform(config, read_shape: Sequence[int], *, train: bool):
     ``transform(key, image, labels) -> {"image", "target", "mask"}``: ``key`` a jax PRNG key
     (ignored, may be None, when not augmenting), ``image`` float32 ``[b, Zr, Yr, Xr, c]``,
     ``labels`` int32 ``[b, Zr, Yr, Xr]``; outputs float32 ``[b, Z, Y, X, c]`` and ``[b, Z, Y, X,
-    n_aff]`` with ``(Z, Y, X)`` = ``data.patch_size``.
+    n_aff]`` with ``(Z, Y, X)`` = ``data.patch_size``. With ``target.lsd.enabled`` also
+    ``"labels"``: the augmented, eroded labels of the patch, int32 ``[b, Z, Y, X]``.
 
   Raises:
     ValueError: ``read_shape`` is not patch + context.
@@ -510,6 +514,7 @@ def make_device_transform(config, read_shape: Sequence[int], *, train: bool):
     augment = make_augment(aug_config, read_shape)
   context = settings.context
   crop = tuple(slice(lead, n - trail) for n, (lead, trail) in zip(read_shape, context, strict=True))
+  with_labels = lsd_settings(config) is not None
 
   def one(key, image, labels):
     if augment is not None:
@@ -518,7 +523,10 @@ def make_device_transform(config, read_shape: Sequence[int], *, train: bool):
     affinity, mask = compute_affinities(labels, settings.offsets, settings.convention)
     affinity = jnp.moveaxis(crop_context(affinity, context), 0, -1)
     mask = jnp.moveaxis(crop_context(mask, context), 0, -1)
-    return {"image": image[crop], "target": affinity, "mask": mask}
+    out = {"image": image[crop], "target": affinity, "mask": mask}
+    if with_labels:
+      out["labels"] = labels[crop]
+    return out
 
   def transform(key, image, labels):
     image = jnp.asarray(image, jnp.float32)

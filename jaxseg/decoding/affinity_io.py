@@ -5,7 +5,8 @@ Owns:
     which three stored channels are the decoded z, y and x edges, their offsets and storage
     convention (from the file's attributes, which ``jaxseg.predict`` writes, else from
     ``config.decode``); :func:`read_channels` reads them as ``[3, z, y, x]``.
-  * :func:`check_decoder_fits`: refuses a decoder that cannot decode those edges.
+  * :func:`check_decoder_fits`: refuses a decoder that cannot decode those edges (for the mutex
+    watershed: a file without its long-range channels, or too large; ``mws.py``).
   * :func:`open_mask` / :func:`mask_affinities`: the affinity mask (``[z, y, x]``, non-zero =
     keep) and PyTC's mask step on ``[3, z, y, x]`` affinities.
   * :func:`long_range_crop`: the region where long-range edges have their partner in the volume.
@@ -165,8 +166,15 @@ def check_decoder_fits(source: AffinitySource, settings: DecodeSettings) -> None
   """Refuses a decoder that cannot decode these edges, before any output is prepared.
 
   Raises:
-    ConfigError: ``decode.method='cc'`` on long-range edges (the file's ``offsets`` attribute).
+    ConfigError: ``decode.method='cc'`` on long-range edges (the file's ``offsets`` attribute);
+      ``decode.method='mws'`` on a file without long-range channels or above
+      ``decode.mws.max_voxels`` (:func:`jaxseg.decoding.mws.resolve_channels`).
   """
+  if settings.method == "mws":
+    from jaxseg.decoding import mws
+
+    mws.resolve_channels(source.volume, settings)
+    return
   if settings.method == "cc" and tuple(source.distances) != (1, 1, 1):
     raise ConfigError(
       f"{source.volume.path}: its 'offsets' attribute gives the decoded channels "

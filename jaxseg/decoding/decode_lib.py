@@ -1,8 +1,11 @@
 """Affinity zarr in, segmentation zarr out: the decoder behind ``python -m jaxseg.decode``.
 
 Owns:
-  * :func:`decode_array`: the whole-volume decoders on in-memory arrays (connected components, or
-    waterz with dust / branch merges), returning one ``[z, y, x]`` segmentation per threshold.
+  * :func:`decode_array`: the whole-volume decoders on in-memory arrays (connected components,
+    waterz with dust / branch merges, or the mutex watershed of ``mws.py`` on every channel),
+    returning one ``[z, y, x]`` segmentation per threshold.
+  * :func:`read_decoded`: the channels a decoder reads from its source: ``[3, z, y, x]``, or
+    ``[C, z, y, x]`` with their offsets for the mutex watershed.
   * :func:`decode`: the file-level job: checks, whole-volume or blockwise (``blockwise.py``),
     output arrays, preview PNG and a ``decode.json`` summary. What already exists in the output
     folder is reused, resumed, refused or replaced by :mod:`jaxseg.common.outputs`.
@@ -33,7 +36,7 @@ from jaxseg.common import outputs
 from jaxseg.common.files import write_json
 from jaxseg.common.outputs import Decision, StageOutput, input_identity
 from jaxseg.data.affinity import convert_convention
-from jaxseg.decoding import cc
+from jaxseg.decoding import cc, mws
 from jaxseg.decoding.affinity_io import (
   AffinitySource,
   check_decoder_fits,
@@ -61,6 +64,7 @@ def decode_array(
   settings: DecodeSettings,
   *,
   distances: Sequence[int] = (1, 1, 1),
+  offsets: Sequence[Sequence[int]] | None = None,
   convention: str | None = None,
   mask: np.ndarray | None = None,
   verbose: bool = False,
@@ -68,9 +72,11 @@ def decode_array(
   """Decodes in-memory affinities.
 
   Args:
-    aff: ``[3, z, y, x]`` edges along z, y, x (float16/32/64).
+    aff: ``[3, z, y, x]`` edges along z, y, x (float16/32/64); for ``mws`` ``[C, z, y, x]``,
+      the channels of :func:`read_decoded`.
     settings: the decoder.
     distances: each channel's edge length (1, 1, 1 for nearest neighbours).
+    offsets: ``mws`` only: the ``(dz, dy, dx)`` of each of the ``C`` channels.
     convention: storage convention (default ``settings.convention``).
     mask: optional ``[z, y, x]`` (non-zero = keep).
     verbose: let waterz print.
@@ -81,6 +87,13 @@ def decode_array(
   """
   convention = convention or settings.convention
   aff = np.asarray(aff)
+  if settings.method == "mws":
+    if offsets is None:
+      raise ValueError("the mutex watershed needs each channel's offsets")
+    seg = mws.mutex_watershed(
+      mask_affinities(aff, mask), offsets, convention, settings.mws, min_size=settings.min_size
+    )
+    return [(settings.threshold, seg)]
   if aff.ndim != 4 or aff.shape[0] != 3:
     raise ValueError(f"affinities must be [3, z, y, x], got {aff.shape}")
   if settings.method == "cc":
@@ -141,7 +154,10 @@ def _decode_waterz(aff, settings, distances, convention, mask, verbose):
 
 
 def wants_blockwise(settings: DecodeSettings, shape: Sequence[int]) -> bool:
-  """``auto``: blockwise exactly when the volume does not fit in one block."""
+  """``auto``: blockwise exactly when the volume does not fit in one block. The mutex watershed
+  is never blockwise (``decode.mws.max_voxels`` bounds it instead)."""
+  if settings.method == "mws":
+    return False
   if settings.blockwise != "auto":
     return settings.blockwise == "always"
   return any(s > b for s, b in zip(shape, settings.block_shape, strict=True))
@@ -240,13 +256,14 @@ def decode(
       show_progress=show_progress,
     )
   else:
-    aff = source.read()
+    aff, offsets = read_decoded(source, settings)
     if not np.isfinite(aff).all():
       raise VolumeError(f"{source.volume.path}: affinities contain NaN or Inf")
     results = decode_array(
       aff,
       settings,
       distances=source.distances,
+      offsets=offsets,
       convention=source.convention,
       mask=None if mask is None else np.asarray(mask[:]),
       verbose=verbose,
@@ -282,6 +299,15 @@ def decode(
   stage.discard(BLOCKWISE_SCRATCH)
   stage.finish()
   return summary
+
+
+def read_decoded(source: AffinitySource, settings: DecodeSettings):
+  """The whole volume's decoded channels: ``([3, z, y, x], None)``, or for the mutex watershed
+  ``([C, z, y, x], offsets)`` (:func:`jaxseg.decoding.mws.resolve_channels`), stored dtype."""
+  if settings.method != "mws":
+    return source.read(), None
+  channels = mws.resolve_channels(source.volume, settings)
+  return channels.read(source.volume), channels.offsets
 
 
 def _check_watershed(source: AffinitySource, settings: DecodeSettings) -> dict:

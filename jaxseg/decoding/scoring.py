@@ -2,7 +2,8 @@
 
 Owns:
   * :func:`decoder_config`: a config copy whose ``decode`` section runs one decoder with tuned
-    parameters (``best_params.json``'s ``params``).
+    parameters (``best_params.json``'s ``params``); :func:`with_params` the same on a plain
+    ``decode`` dict (a trial's).
   * :func:`score` / :func:`evaluate_loaded`: the metrics of
     :func:`jaxseg.metrics.evaluation.evaluate` for a ``[z, y, x]`` segmentation against a volume's
     dense labels and / or skeletons.
@@ -35,13 +36,16 @@ if TYPE_CHECKING:
   from jaxseg.io.datasets import LabeledVolume
 
 OBJECTIVES = {"nerl": "maximize", "adapted_rand": "minimize", "voi": "minimize"}
-DECODERS = ("cc", "waterz")
+DECODERS = ("cc", "waterz", "mws")
 METRICS_FILE = "metrics.json"
 # The decode keys each decoder's tuning sets (``thresholds`` for waterz holds the best one).
 TUNED_KEYS = {
   "cc": ("threshold",),
   "waterz": ("merge_function", "aff_threshold_low", "aff_threshold_high", "thresholds"),
+  "mws": ("bias_short", "bias_long"),
 }
+# Decoders whose tuned keys live in a sub-section of ``config.decode`` (``decode.mws.bias_short``).
+TUNED_SECTION = {"mws": "mws"}
 
 
 @dataclasses.dataclass
@@ -117,10 +121,11 @@ def decoder_config(config, decoder: str, params: Mapping[str, Any] | None = None
 
   Args:
     config: the run config (left untouched).
-    decoder: ``"cc"`` or ``"waterz"``.
+    decoder: ``"cc"``, ``"waterz"`` or ``"mws"``.
     params: ``{"threshold": t}`` for cc; for waterz any of ``merge_function``,
       ``aff_threshold_low``, ``aff_threshold_high`` and ``thresholds`` (a sequence; a single
-      ``threshold`` is taken as ``thresholds = (threshold,)``).
+      ``threshold`` is taken as ``thresholds = (threshold,)``); for mws ``bias_short`` and / or
+      ``bias_long`` (set in ``decode.mws``).
 
   Raises:
     ValueError: an unknown decoder or a parameter the decoder's tuning does not set.
@@ -140,13 +145,26 @@ def decoder_config(config, decoder: str, params: Mapping[str, Any] | None = None
       f"tuned parameters {unknown} are not {decoder} parameters; expected some of "
       f"{list(TUNED_KEYS[decoder])}"
     )
+  section = decode[TUNED_SECTION[decoder]] if decoder in TUNED_SECTION else decode
   for key, value in params.items():
     if key == "thresholds":
       decode.thresholds = tuple(float(t) for t in value)
     elif key == "merge_function":
       decode.merge_function = str(value)
     else:
-      decode[key] = float(value)
+      section[key] = float(value)
+  return out
+
+
+def with_params(decode: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
+  """A plain ``config.decode`` dict with a trial's ``params`` applied where its method keeps
+  them (top level, or ``decode.mws`` for the mutex watershed)."""
+  out = dict(decode)
+  name = TUNED_SECTION.get(str(out.get("method")))
+  if name is None:
+    out.update(params)
+  else:
+    out[name] = {**dict(out.get(name) or {}), **params}
   return out
 
 
@@ -262,9 +280,10 @@ def decode_and_evaluate(
   Returns:
     The ``metrics.json`` contents: ``volume``, ``decoder``, ``affinities``, ``mask``,
     ``results`` (``[{"threshold", "segmentation", "segments", **metrics}]``, one per
-    threshold), ``best`` (index into ``results`` by the decoder's tuning objective, or None
-    without ground truth), ``objective``, ``decode`` (the decode summary), ``seconds``,
-    ``reused`` (True when a finished identical job was found).
+    threshold; mws rows add ``params``, its two biases), ``best`` (index into ``results`` by
+    the decoder's tuning objective, or None without ground truth), ``objective``, ``decode``
+    (the decode summary), ``seconds``, ``reused`` (True when a finished identical job was
+    found).
 
   Raises:
     VolumeError: bad inputs, or ``output_dir`` holds a decode made differently (unless
@@ -302,6 +321,9 @@ def decode_and_evaluate(
   if decision is Decision.REUSE:
     scores.invalidate()
   results = _score_rows(summary, volume, config.eval, has_gt, erl_cache_dir)
+  if settings.mws is not None:  # its one segmentation's parameters, for the report's rows
+    for row in results:
+      row["params"] = {"bias_short": settings.mws.bias_short, "bias_long": settings.mws.bias_long}
   best = _best_row(results, objective) if has_gt else None
   out = {
     "volume": cached.name,

@@ -2,7 +2,8 @@
 
 Every bad value is reported before any volume is read, and a key the decoder does not know is an
 error: PyTC's ``decode_waterz`` silently drops ``best_buddy`` and friends, we refuse to. Keys of
-the other method are allowed (every recipe carries both, see ``configs/common.py``) and unused.
+the other methods are allowed (every recipe carries all of them, see ``configs/common.py``) and
+unused.
 
 Shapes are ``(z, y, x)`` voxel triples. Numpy only (no jax).
 """
@@ -19,7 +20,7 @@ import ml_collections
 from jaxseg.common import config_util
 from jaxseg.common.errors import ConfigError
 
-METHODS = ("cc", "waterz")
+METHODS = ("cc", "waterz", "mws")
 BLOCKWISE = ("auto", "always", "never")
 CONVENTIONS = ("source", "target")
 
@@ -54,16 +55,45 @@ class BranchMergeSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class MwsSettings:
+  """The mutex watershed (``docs/decoding.md``, "Mutex watershed").
+
+  Attributes:
+    channels: the preset's channel numbers decoded; ``()`` = every channel the file holds.
+    bias_short: a nearest-neighbour edge weighs ``p - bias_short`` (attractive when > 0).
+    bias_long: a long-range edge weighs ``p - bias_long``.
+    strides: ``(z, y, x)``: long-range edges are kept at every ``strides``-th voxel per axis.
+    randomized_strides: keep each long-range edge with probability ``1 / prod(strides)``
+      instead (mwatershed's unseeded draw: not reproducible).
+    max_voxels: the largest volume decoded (whole-volume, in memory); larger ones are refused.
+  """
+
+  channels: tuple[int, ...]
+  bias_short: float
+  bias_long: float
+  strides: tuple[int, int, int]
+  randomized_strides: bool
+  max_voxels: int
+
+  def fingerprint(self) -> dict:
+    """What changes the labels (``max_voxels`` only refuses)."""
+    out = dataclasses.asdict(self)
+    out.pop("max_voxels")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
 class DecodeSettings:
   """``config.decode`` resolved.
 
   Attributes:
-    method: ``"cc"`` or ``"waterz"``.
+    method: ``"cc"``, ``"waterz"`` or ``"mws"``.
     channels: the three affinity channels decoded, as the preset numbers them (mapped to stored
       positions through the file's ``channels`` attribute when it has one).
     channel_order: axis (``z``/``y``/``x``) of each channel, for files that record no offsets.
     convention: storage convention, for files that record none.
-    thresholds: CC: the single threshold (strict ``>``); waterz: the merge thresholds, ascending.
+    thresholds: CC: the single threshold (strict ``>``); waterz: the merge thresholds, ascending;
+      mws: ``(bias_short,)``, the operating point its one segmentation is reported under.
     merge_function: waterz merge function name (``aff85_his256``, ``mean``, ...).
     discretize_queue: waterz's queue bins (0 = exact).
     aff_threshold_low, aff_threshold_high: waterz's watershed thresholds.
@@ -76,6 +106,7 @@ class DecodeSettings:
     context: waterz only: voxels read around each block for its watershed.
     num_workers: daisy worker processes (1 = in the calling process).
     worker_command: command prefix that starts a worker on a cluster ("" = local processes).
+    mws: the mutex watershed's settings when ``method == "mws"``, else None.
   """
 
   method: str
@@ -96,6 +127,7 @@ class DecodeSettings:
   context: tuple[int, int, int]
   num_workers: int
   worker_command: str
+  mws: MwsSettings | None = None
 
   @property
   def threshold(self) -> float:
@@ -119,6 +151,8 @@ class DecodeSettings:
         dust=dataclasses.asdict(self.dust) if self.dust else None,
         branch_merge=dataclasses.asdict(self.branch_merge) if self.branch_merge else None,
       )
+    if self.mws is not None:
+      out["mws"] = self.mws.fingerprint()
     return json.loads(json.dumps(out))  # tuples -> lists: comparable with what was saved
 
 
@@ -170,16 +204,17 @@ def _fraction(value, name: str) -> float:
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every decoder key (``docs/decoding.md``), for both methods, with PyTC's numbers.
+  """Every decoder key (``docs/decoding.md``), for every method, with PyTC's numbers.
 
-  A recipe picks ``method`` and sets its own storage convention and block shape. Both methods'
+  A recipe picks ``method`` and sets its own storage convention and block shape. Every method's
   keys are always present so ``--config.decode.method=waterz`` works on any recipe; a key that is
   not listed here is an error, never silently ignored. This is the only place these defaults are
   written: recipes start from it (``configs/common.py``) and :func:`decode_settings` fills a
   partial section (a trial's parameters, a test's dict) from it.
   """
   decode = ml_collections.ConfigDict()
-  decode.method = "cc"  # "cc" (NISB: thresholded connected components) or "waterz" (SNEMI)
+  # "cc" (NISB: thresholded connected components), "waterz" (SNEMI) or "mws" (mutex watershed)
+  decode.method = "cc"
   decode.channels = (0, 1, 2)  # the preset's channel numbers of the three decoded edges
   decode.channel_order = "xyz"  # axis of each channel, used when the file records no offsets
   decode.convention = "source"  # used when the file records no convention
@@ -205,7 +240,17 @@ def default_config() -> ml_collections.ConfigDict:
   decode.branch_merge.one_sided_threshold = 0.8
   decode.branch_merge.one_sided_min_size = 100
   decode.branch_merge.affinity_threshold = 0.0  # 0 disables the mean z-affinity gate
-  # -- both
+  # -- mutex watershed (whole volume; needs the long-range channels in the prediction)
+  decode.mws = ml_collections.ConfigDict()
+  decode.mws.channels = ()  # the preset's channel numbers to decode; () = every stored channel
+  # Edge weight p - bias: attractive iff p > bias, processed by |p - bias|. 0.5 is where a
+  # calibrated net is undecided; a higher bias_long makes long-range edges repulsive more often.
+  decode.mws.bias_short = 0.5
+  decode.mws.bias_long = 0.5
+  decode.mws.strides = (1, 1, 1)  # (z, y, x): long-range edges at every stride-th voxel
+  decode.mws.randomized_strides = False  # keep each with prob. 1 / prod(strides): not reproducible
+  decode.mws.max_voxels = 1 << 25  # about 15 GB with banis6's 6 channels; larger is refused
+  # -- every method
   decode.affinity_mask_path = ""  # uint8 volume, 1 = keep (jaxseg.qc writes one)
   decode.min_size = 0  # segments below this many voxels become 0 (PyTC: no size filter)
   # -- blockwise (volumes larger than memory)
@@ -245,8 +290,11 @@ def decode_settings(config_or_section: Any) -> DecodeSettings:
   if convention not in CONVENTIONS:
     raise ConfigError(f"config.decode.convention must be one of {CONVENTIONS}, not {convention!r}")
 
+  mws_settings = _mws_settings(d["mws"]) if method == "mws" else None
   if method == "cc":
     thresholds = (_fraction(d["threshold"], "threshold"),)
+  elif method == "mws":
+    thresholds = (mws_settings.bias_short,)
   else:
     raw = d["thresholds"]
     raw = (raw,) if isinstance(raw, (int, float)) else tuple(raw)
@@ -302,6 +350,11 @@ def decode_settings(config_or_section: Any) -> DecodeSettings:
   blockwise = d["blockwise"]
   if blockwise not in BLOCKWISE:
     raise ConfigError(f"config.decode.blockwise must be one of {BLOCKWISE}, not {blockwise!r}")
+  if method == "mws" and blockwise == "always":
+    raise ConfigError(
+      "config.decode.blockwise='always' cannot run decode.method='mws', which decodes whole "
+      "volumes only (docs/decoding.md, \"Mutex watershed\"); use 'auto' or 'never'"
+    )
   num_workers = _number(d["num_workers"], "num_workers", int)
   if num_workers < 1:
     raise ConfigError(f"config.decode.num_workers must be >= 1, not {num_workers}")
@@ -327,4 +380,35 @@ def decode_settings(config_or_section: Any) -> DecodeSettings:
     context=config_util.triple(d["context"], "config.decode.context", 0),
     num_workers=num_workers,
     worker_command=str(d["worker_command"] or ""),
+    mws=mws_settings,
+  )
+
+
+def _mws_settings(section: Mapping) -> MwsSettings:
+  """``config.decode.mws`` checked (``docs/decoding.md``, "Mutex watershed")."""
+  raw = section["channels"]
+  try:
+    channels = tuple(int(c) for c in ((raw,) if isinstance(raw, int) else raw or ()))
+  except (TypeError, ValueError):
+    channels = (-1,)
+  if any(c < 0 for c in channels) or len(set(channels)) != len(channels):
+    raise ConfigError(
+      "config.decode.mws.channels must be () (every stored channel) or distinct channel "
+      f"numbers, not {raw!r}"
+    )
+  max_voxels = _number(section["max_voxels"], "mws.max_voxels", int)
+  if max_voxels < 1:
+    raise ConfigError(f"config.decode.mws.max_voxels must be >= 1, not {max_voxels}")
+  randomized = section["randomized_strides"]
+  if not isinstance(randomized, bool):
+    raise ConfigError(
+      f"config.decode.mws.randomized_strides must be True or False, not {randomized!r}"
+    )
+  return MwsSettings(
+    channels=channels,
+    bias_short=_fraction(section["bias_short"], "mws.bias_short"),
+    bias_long=_fraction(section["bias_long"], "mws.bias_long"),
+    strides=config_util.triple(section["strides"], "config.decode.mws.strides", 1),
+    randomized_strides=randomized,
+    max_voxels=max_voxels,
   )

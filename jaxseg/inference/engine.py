@@ -19,7 +19,6 @@ output is bit-for-bit the one a single device writes.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -111,8 +110,15 @@ class WindowEngine:
     """``[b, z, y, x, cin]`` -> ``[b, z, y, x, C_out]`` float32, views ensembled."""
     s = self.settings
     activation = self._activation if s.activation_before_blend else None
+    n_aff = len(s.offsets)
+
+    def affinity_logits(x):
+      # A model with local shape descriptors has them after the affinities: never written.
+      y = self._apply(variables, x)
+      return y[..., :n_aff] if y.shape[-1] > n_aff else y
+
     out = tta_lib.predict_with_tta(
-      functools.partial(self._apply, variables),
+      affinity_logits,
       windows,
       self.views,
       s.offsets,

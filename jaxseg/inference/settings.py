@@ -3,7 +3,8 @@
 Everything the sliding-window engine and the block streamer need, with every bad value reported
 before any volume is read: window sizes the network cannot take, unknown blending / activation /
 ensemble names, output channels the model does not produce, a model whose output channels do not
-match the affinity preset. Numpy only (no jax).
+match the affinity preset (plus the 10 local shape descriptor channels of ``target.lsd``, which
+follow the affinities and are never written). Numpy only (no jax).
 
 Shapes are ``(z, y, x)`` voxel triples; ``crop_pad`` is PyTC's six numbers
 ``(z0, z1, y0, y1, x0, x1)`` cropped from the padded, blended result, or ``()`` to crop exactly
@@ -21,6 +22,7 @@ import numpy as np
 from jaxseg.common import config_util
 from jaxseg.common.errors import ConfigError
 from jaxseg.data.affinity import Offsets, check_convention, get_preset
+from jaxseg.data.targets import check_out_channels
 from jaxseg.inference.geometry import BLEND_MODES, Geometry, plan_geometry
 from jaxseg.inference.tta import ENSEMBLES
 
@@ -48,7 +50,8 @@ class InferenceSettings:
       SNEMI blends logits).
     offsets: the ``(dz, dy, dx)`` offset of every model output channel.
     convention: affinity storage convention of the model's channels.
-    output_channels: model channels written, in this order.
+    output_channels: model channels written, in this order (affinity channels only: the model's
+      local shape descriptor channels, after the affinities, are never written).
     output_dtype: numpy dtype of the written affinities.
     block_shape: output voxels per block (a multiple of ``chunk_shape``).
     chunk_shape: spatial chunk shape of the output zarr (``()`` in the config = derived).
@@ -180,19 +183,14 @@ def inference_settings(config) -> InferenceSettings:
     convention = check_convention(config.target.get("convention", spec.convention))
   except ValueError as e:
     raise ConfigError(f"target.convention: {e}") from None
-  out_channels = int(model.out_channels)
-  if out_channels != spec.num_channels:
-    raise ConfigError(
-      f"model.out_channels={out_channels} but target.preset={spec.name!r} has "
-      f"{spec.num_channels} affinity channels"
-    )
+  n_aff, _ = check_out_channels(config)  # the affinities, then any descriptor channels
   try:
-    channels = tuple(int(c) for c in (infer.output_channels or range(out_channels)))
+    channels = tuple(int(c) for c in (infer.output_channels or range(n_aff)))
   except (TypeError, ValueError):
     channels = ()
-  if not channels or any(c < 0 or c >= out_channels for c in channels):
+  if not channels or any(c < 0 or c >= n_aff for c in channels):
     raise ConfigError(
-      f"infer.output_channels {channels} must name channels of the model's {out_channels}"
+      f"infer.output_channels {channels} must name affinity channels of the model's {n_aff}"
     )
   if len(set(channels)) != len(channels):
     raise ConfigError(f"infer.output_channels {channels} repeats a channel")

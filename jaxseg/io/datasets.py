@@ -17,7 +17,7 @@ None), a skeleton path (or None) and an optional z range. Layouts (``config.data
   (``{"train": [...], "val": [...], "test": [...]}``); an entry is a mapping with ``image`` and
   optionally ``labels``, ``skeleton`` (``skeleton.pkl`` or em_erl ``.npz``), ``mask`` (uint8 or bool
   ``[z, y, x]``, 1 = labelled region: voxels outside are ignored by training and scoring),
-  ``name``, ``axis_order``, ``resolution`` and ``z_range`` (``(z0, z1)``: only those sections, so
+  ``boundaries`` (another tool's ``[z, y, x]`` boundary map, scored as a reference), ``name``, ``axis_order``, ``resolution`` and ``z_range`` (``(z0, z1)``: only those sections, so
   one file can give both a training and a validation entry). Relative paths resolve against ``data.root``; an
   entry's ``axis_order`` / ``resolution`` default to ``data.axis_order`` / ``data.resolution``,
   then to the file's own attributes (``docs/own_data.md``).
@@ -57,6 +57,8 @@ class LabeledVolume:
     mask: lazy uint8 / bool ``[z, y, x]`` volume, 1 where the labels hold (voxels outside are
       ignored by training and scoring), or None.
     z_range: ``(z0, z1)`` of the usable sections, or None for all of them.
+    boundaries: lazy ``[z, y, x]`` boundary probability map of the image made by another tool
+      (float in [0, 1] or uint8, 1 = membrane), scored as a reference row, or None.
   """
 
   name: str
@@ -65,6 +67,7 @@ class LabeledVolume:
   skeleton: str | None = None
   z_range: tuple[int, int] | None = None
   mask: Volume | None = None
+  boundaries: Volume | None = None
 
   @property
   def spatial_shape(self) -> tuple[int, int, int]:
@@ -95,6 +98,7 @@ class LabeledVolume:
       labels=self.labels.z_window(z0, z1) if self.labels is not None else None,
       skeleton=self.skeleton,
       mask=self.mask.z_window(z0, z1) if self.mask is not None else None,
+      boundaries=self.boundaries.z_window(z0, z1) if self.boundaries is not None else None,
     )
 
 
@@ -232,7 +236,17 @@ def _cremi(data_config, split: str) -> list[LabeledVolume]:
 
 # -- a lab's own volumes ---------------------------------------------------------------------------
 
-ENTRY_KEYS = ("image", "labels", "skeleton", "mask", "name", "axis_order", "resolution", "z_range")
+ENTRY_KEYS = (
+  "image",
+  "labels",
+  "skeleton",
+  "mask",
+  "boundaries",
+  "name",
+  "axis_order",
+  "resolution",
+  "z_range",
+)
 SKELETON_SUFFIXES = (".pkl", ".npz")
 
 
@@ -327,6 +341,27 @@ def _resolve(root: str, spec: str) -> str:
   return os.path.join(root or "", spec)
 
 
+def check_boundaries(image: Volume, boundaries: Volume | None) -> None:
+  """Checks that a boundary map is a ``[z, y, x]`` float or uint8 map of the image's shape."""
+  if boundaries is None:
+    return
+  if boundaries.ndim != 3 or boundaries.dtype not in (
+    np.dtype("uint8"),
+    np.dtype("float16"),
+    np.dtype("float32"),
+    np.dtype("float64"),
+  ):
+    raise VolumeError(
+      f"{boundaries.path}: a boundary map must be float (0..1) or uint8 (z, y, x); found "
+      f"{boundaries.dtype} of shape {boundaries.shape}"
+    )
+  if boundaries.shape != image.shape[-3:]:
+    raise VolumeError(
+      f"boundaries {boundaries.path} has shape {boundaries.shape} (z, y, x) but image "
+      f"{image.path} has {image.shape[-3:]}"
+    )
+
+
 def _open_entry(data_config, entry: dict) -> LabeledVolume:
   where = entry["_where"]
   root = data_config.root or ""
@@ -361,8 +396,10 @@ def _open_entry(data_config, entry: dict) -> LabeledVolume:
   image = open_one("image", spatial=False)
   labels = open_one("labels", spatial=True)
   mask = open_one("mask", spatial=True)
+  boundaries = open_one("boundaries", spatial=True)
   try:
     check_pair(image, labels, mask)
+    check_boundaries(image, boundaries)
   except VolumeError as e:
     raise VolumeError(f"{where}: {e}") from None
   skeleton = entry.get("skeleton") or None
@@ -388,7 +425,9 @@ def _open_entry(data_config, entry: dict) -> LabeledVolume:
         f"{where}: a skeleton belongs to the whole volume; give z_range only to entries without "
         "one (jaxseg makes a skeleton of the range's labels when NERL needs it)"
       )
-  return LabeledVolume(str(name), image, labels, skeleton, z_range=z_range, mask=mask)
+  return LabeledVolume(
+    str(name), image, labels, skeleton, z_range=z_range, mask=mask, boundaries=boundaries
+  )
 
 
 def _default_name(spec: str) -> str:

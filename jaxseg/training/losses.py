@@ -13,6 +13,11 @@ whose partner lies outside the crop). Everything is computed in float32 whatever
 * :func:`masked_bce` -- plain BCE, mean over all valid entries (BANIS, NISB base).
 * :func:`affinity_accuracy` -- fraction of valid entries where ``sigmoid(logit) > 0.5`` agrees
   with ``target > 0.5``.
+* :func:`lsd_mse` -- the local shape descriptor loss: masked mean squared error of
+  ``sigmoid(logits)`` against the descriptors ``[b, z, y, x, 10]`` (mask ``[b, z, y, x, 1]``).
+* :func:`make_objective` -- the training objective on the model's logits ``[b, z, y, x, n_aff
+  (+ 10)]``: ``train.loss`` on the affinity channels, plus ``target.lsd.weight`` x :func:`lsd_mse`
+  on the descriptor channels when ``target.lsd.enabled`` (``docs/targets_and_losses.md``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxseg.common.errors import ConfigError
+from jaxseg.data.targets import check_out_channels, lsd_settings
 
 LOSSES = ("per_channel_bce", "masked_bce")
 
@@ -116,3 +122,47 @@ def make_loss_fn(train_config):
   if name == "masked_bce":
     return lambda logits, target, mask: masked_bce(logits, target, mask)
   raise ConfigError(f"unknown train.loss {name!r}; valid: {', '.join(LOSSES)}")
+
+
+def lsd_mse(logits, target, mask):
+  """Mean of ``(sigmoid(logits) - target)^2`` over the valid entries (0 if there are none).
+
+  ``logits`` and ``target`` are ``[b, z, y, x, 10]``, ``mask`` ``[b, z, y, x, 1]`` (broadcast over
+  the descriptor channels), all reduced in float32 over the whole (global) batch.
+  """
+  x, y, valid = _prepare(logits, target, mask)
+  err = jnp.square(jax.nn.sigmoid(x) - y)
+  return jnp.sum(valid * err) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def make_objective(config):
+  """``objective(logits, batch) -> (total, aux)`` on the model's logits ``[b, z, y, x, C]``.
+
+  ``batch`` holds ``target`` / ``mask`` ``[b, z, y, x, n_aff]`` and, when ``target.lsd.enabled``,
+  ``lsd_target`` ``[b, z, y, x, 10]`` / ``lsd_mask`` ``[b, z, y, x, 1]``. The affinity loss is
+  ``train.loss`` on channels ``[:n_aff]``; with descriptors, ``total = affinity loss +
+  target.lsd.weight * lsd_mse(channels [n_aff:])``. ``aux``: ``loss_per_channel`` (the affinity
+  channels) and, with descriptors, the scalars ``loss_affinity`` and ``loss_lsd``.
+
+  Raises:
+    ConfigError: ``model.out_channels`` is not ``n_aff`` (+ 10 with descriptors), or a bad
+      ``train.loss`` / ``target.lsd`` setting.
+  """
+  n_aff, n_lsd = check_out_channels(config)
+  loss_fn = make_loss_fn(config.train)
+  if not n_lsd:
+
+    def affinity_only(logits, batch):
+      total, per_channel = loss_fn(logits, batch["target"], batch["mask"])
+      return total, {"loss_per_channel": per_channel}
+
+    return affinity_only
+  weight = lsd_settings(config).weight
+
+  def with_lsd(logits, batch):
+    affinity, per_channel = loss_fn(logits[..., :n_aff], batch["target"], batch["mask"])
+    lsd = lsd_mse(logits[..., n_aff:], batch["lsd_target"], batch["lsd_mask"])
+    aux = {"loss_per_channel": per_channel, "loss_affinity": affinity, "loss_lsd": lsd}
+    return affinity + weight * lsd, aux
+
+  return with_lsd

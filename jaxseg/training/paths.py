@@ -60,6 +60,9 @@ def completed_steps(folder: str | os.PathLike) -> list[int]:
 # so a work dir trained before they existed still resumes and is reused.
 INERT_WHEN_OFF = {
   "data.aug.contrast_gamma_p": ("data.aug.contrast_range", "data.aug.gamma_range"),
+  "data.aug.warp_p": ("data.aug.warp_spacing", "data.aug.warp_sigma"),
+  # The whole section: while the descriptors are off, the fingerprint has no target.lsd at all.
+  "target.lsd.enabled": ("target.lsd",),
 }
 
 
@@ -77,6 +80,12 @@ def training_fingerprint(config) -> dict:
       inert.update((switch, *dependents))
 
   def prune(node, prefix):
+    if prefix.startswith("data.volumes.") and isinstance(node, list):
+      # Another tool's boundary map is only scored beside the model, never trained on.
+      return [
+        {k: v for k, v in e.items() if k != "boundaries"} if isinstance(e, dict) else e
+        for e in node
+      ]
     if not isinstance(node, dict):
       return node
     out = {}

@@ -8,7 +8,11 @@ Yr, Xr, c]`` and ``labels`` int32 ``[B, Zr, Yr, Xr]`` (``Zr..`` = patch + target
 global batch = ``train.batch_size`` per device x devices). Inside the jitted step
 :func:`jaxseg.data.pipeline.make_device_transform` augments them (key ``fold_in(base, step)``),
 erodes the labels and computes ``target`` / ``mask`` ``[B, Z, Y, X, n_aff]``; the model maps the
-image ``[B, Z, Y, X, c]`` to logits ``[B, Z, Y, X, n_aff]``.
+image ``[B, Z, Y, X, c]`` to logits ``[B, Z, Y, X, n_aff]``. With ``target.lsd.enabled`` the
+transform also hands over the patch labels ``[B, Z, Y, X]``, the step computes the local shape
+descriptors ``lsd_target`` ``[B, Z, Y, X, 10]`` / ``lsd_mask`` ``[B, Z, Y, X, 1]`` from them
+(:func:`jaxseg.data.lsd.lsd_targets`), and the logits gain 10 channels after the affinities
+(:func:`jaxseg.training.losses.make_objective`).
 
 State layout (a plain pytree, replicated on every device)::
 
@@ -47,7 +51,8 @@ from flax import nnx
 
 from jaxseg.common import config_util, outputs
 from jaxseg.common.errors import ConfigError, MissingInputError
-from jaxseg.data import pipeline
+from jaxseg.data import lsd as lsd_lib
+from jaxseg.data import pipeline, targets
 from jaxseg.io.datasets import dataset_volumes
 from jaxseg.training import checkpoint as ckpt_lib
 from jaxseg.training import ema as ema_lib
@@ -57,6 +62,10 @@ from jaxseg.training import sharding as sharding_lib
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss or gradient became NaN / Inf."""
+
+
+# Scalars the objective adds with local shape descriptors (losses.make_objective), logged as is.
+_PART_LOSSES = ("loss_affinity", "loss_lsd")
 
 
 # -- model and state -------------------------------------------------------------------------------
@@ -115,6 +124,22 @@ def create_train_state(config, tx: optax.GradientTransformation, sharding) -> tu
 # -- steps ---------------------------------------------------------------------------------------
 
 
+def _make_batch_fn(config, read_shape, *, train: bool):
+  """``batch(key, image, labels)``: the device transform, plus the local shape descriptors
+  (``lsd_target``, ``lsd_mask``) from the patch labels when ``target.lsd.enabled``."""
+  transform = pipeline.make_device_transform(config, read_shape, train=train)
+  lsd = targets.lsd_settings(config)
+  if lsd is None:
+    return transform
+
+  def with_lsd(key, image, labels):
+    batch = transform(key, image, labels)
+    batch["lsd_target"], batch["lsd_mask"] = lsd_lib.lsd_targets(batch.pop("labels"), lsd)
+    return batch
+
+  return with_lsd
+
+
 def make_train_step(config, graphdef, tx, sharding, read_shape):
   """The jitted ``train_step(state, image, labels) -> (state, metrics)`` (state donated).
 
@@ -123,8 +148,8 @@ def make_train_step(config, graphdef, tx, sharding, read_shape):
   the loss or the gradient norm is not finite, the state is returned unchanged (``metrics
   ["finite"]`` is False) so no NaN ever reaches the parameters or a checkpoint; the host stops.
   """
-  transform = pipeline.make_device_transform(config, read_shape, train=True)
-  loss_fn = losses.make_loss_fn(config.train)
+  transform = _make_batch_fn(config, read_shape, train=True)
+  objective = losses.make_objective(config)
   lr_fn = optim.create_learning_rate_fn(config.optim, int(config.train.num_steps))
   base_key = jax.random.key(int(config.seed))
   # A separate stream from parameter init, named so that other uses of the seed cannot collide.
@@ -141,11 +166,11 @@ def make_train_step(config, graphdef, tx, sharding, read_shape):
     def loss_of(params):
       model = nnx.merge(graphdef, params, state["rest"])
       logits = model(batch["image"])
-      total, per_channel = loss_fn(logits, batch["target"], batch["mask"])
+      total, parts = objective(logits, batch)
       _, _, rest = nnx.split(model, nnx.Param, ...)
-      return total, (per_channel, nnx.to_pure_dict(rest))
+      return total, (parts, nnx.to_pure_dict(rest))
 
-    (loss, (per_channel, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    (loss, (parts, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -160,7 +185,7 @@ def make_train_step(config, graphdef, tx, sharding, read_shape):
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
     metrics = {
       "loss": loss,
-      "loss_per_channel": per_channel,
+      **parts,  # loss_per_channel (+ loss_affinity, loss_lsd)
       "grad_norm": grad_norm,
       "lr": lr_fn(step),
       "finite": finite,
@@ -179,18 +204,21 @@ def make_train_step(config, graphdef, tx, sharding, read_shape):
 def make_eval_step(config, graphdef, sharding, read_shape):
   """The jitted ``eval_step(params, rest, image, labels) -> (sums, preview)``.
 
-  ``sums``: ``loss`` and ``loss_per_channel`` of the batch, ``correct`` / ``valid`` entry counts
-  for the accuracy. ``preview``: the mid-z slice of the first sample's ``image`` ``[Y, X, c]``,
-  ``target`` and ``prediction`` (probabilities) ``[Y, X, n_aff]``.
+  ``sums``: ``loss`` and ``loss_per_channel`` of the batch (with local shape descriptors also
+  ``loss_affinity`` and ``loss_lsd``), ``correct`` / ``valid`` entry counts for the affinity
+  accuracy. ``preview``: the mid-z slice of the first sample's ``image`` ``[Y, X, c]``, ``target``
+  and ``prediction`` (probabilities) ``[Y, X, n_aff]``.
   """
-  transform = pipeline.make_device_transform(config, read_shape, train=False)
-  loss_fn = losses.make_loss_fn(config.train)
+  transform = _make_batch_fn(config, read_shape, train=False)
+  objective = losses.make_objective(config)
+  n_aff, _ = targets.model_out_channels(config)
 
   def eval_step(params, rest, image, labels):
     batch = transform(None, image, labels)
     model = nnx.merge(graphdef, params, rest)
     logits = model(batch["image"])
-    total, per_channel = loss_fn(logits, batch["target"], batch["mask"])
+    total, parts = objective(logits, batch)
+    logits = logits[..., :n_aff]  # the affinity channels
     correct, valid = losses.accuracy_counts(logits, batch["target"], batch["mask"])
     mid = batch["image"].shape[1] // 2
     preview = {
@@ -198,7 +226,7 @@ def make_eval_step(config, graphdef, sharding, read_shape):
       "target": batch["target"][0, mid],
       "prediction": jax.nn.sigmoid(logits[0, mid].astype(jnp.float32)),
     }
-    sums = {"loss": total, "loss_per_channel": per_channel, "correct": correct, "valid": valid}
+    sums = {"loss": total, **parts, "correct": correct, "valid": valid}
     return sums, preview
 
   repl = sharding.replicated
@@ -228,6 +256,7 @@ def _channel_scalars(prefix: str, values) -> dict[str, float]:
 def _check_batch_geometry(config) -> None:
   from jaxseg.models import input_multiple
 
+  targets.check_out_channels(config)  # model.out_channels = affinities (+ 10 descriptors)
   patch = tuple(int(p) for p in config.data.patch_size)
   multiple = input_multiple(config.model)
   if any(p % m for p, m in zip(patch, multiple, strict=True)):
@@ -273,6 +302,9 @@ class _Evaluator:
     correct = float(np.sum([t["correct"] for t in totals]))
     valid = float(np.sum([t["valid"] for t in totals]))
     metrics = {"loss": loss, "accuracy": correct / max(valid, 1.0)}
+    metrics.update(
+      {k: float(np.mean([t[k] for t in totals])) for k in _PART_LOSSES if k in totals[0]}
+    )
     metrics.update(_channel_scalars("loss", per_channel))
     return metrics, jax.device_get(preview)
 
@@ -481,7 +513,8 @@ class _TrainingRun:
     step, num_steps, window = self.step, self.num_steps, self.window
     elapsed = max(time.perf_counter() - self.t_window - self.overhead, 1e-9)
     rate = self.steps_window / elapsed
-    mean = {k: float(np.mean([m[k] for m in window])) for k in ("loss", "grad_norm")}
+    keys = ("loss", "grad_norm", *(k for k in _PART_LOSSES if k in window[0]))
+    mean = {k: float(np.mean([m[k] for m in window])) for k in keys}
     self.last_train_loss = mean["loss"]  # one augmented batch is too noisy to report alone
     scalars = {
       **mean,

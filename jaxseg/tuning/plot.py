@@ -1,6 +1,6 @@
 """The tuning plot (``objective.png``): the objective per trial with the best so far, and the
 objective against the decoder's main parameter (cc: the threshold; waterz: the best merge
-threshold, one colour per merge function). Matplotlib with the Agg backend; never imports JAX.
+threshold, one colour per merge function; mws: its two biases, coloured by the objective). Matplotlib with the Agg backend; never imports JAX.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def plot_trials(
     rows: one dict per trial with ``number``, ``state``, ``value`` (None when failed), ``params``
       and ``threshold`` (the decoded threshold that scored ``value``), ``timed_out``.
     path: the PNG to write.
-    decoder: ``cc`` or ``waterz`` (picks the right panel).
+    decoder: ``cc``, ``waterz`` or ``mws`` (picks the right panel).
     objective: its name, for the axis.
     direction: ``maximize`` or ``minimize`` (for the best-so-far line).
 
@@ -69,6 +69,16 @@ def plot_trials(
     pts = sorted((r["params"]["threshold"], r["value"]) for r in finite)
     right.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue")
     right.set_xlabel("threshold")
+  elif decoder == "mws":
+    points = right.scatter(
+      [r["params"]["bias_short"] for r in finite],
+      [r["params"]["bias_long"] for r in finite],
+      c=[r["value"] for r in finite],
+      cmap="viridis" if direction == "maximize" else "viridis_r",
+    )
+    if finite:
+      fig.colorbar(points, ax=right, label=objective)
+    right.set_xlabel("bias_short")
   else:
     by_merge: dict[str, list] = {}
     for r in finite:
@@ -78,7 +88,7 @@ def plot_trials(
     right.set_xlabel("best merge threshold of the trial")
     if by_merge:
       right.legend(loc="best", fontsize="small")
-  right.set_ylabel(objective)
+  right.set_ylabel("bias_long" if decoder == "mws" else objective)
   right.grid(alpha=0.3)
   left.grid(alpha=0.3)
   with atomic_output(path) as tmp:

@@ -5,7 +5,8 @@ Owns:
     as value lists on an inclusive grid (``(low, high, step)`` in the config, rounded so that
     ``0.3 + 0.05 * k`` is exactly ``0.45``, not ``0.45000000000000007``) or categorical choices.
     cc: ``threshold``; waterz: ``merge_function``, ``aff_threshold_low``,
-    ``aff_threshold_high`` (its merge ``thresholds`` are decoded in every trial, not sampled).
+    ``aff_threshold_high`` (its merge ``thresholds`` are decoded in every trial, not sampled);
+    mws: ``bias_short``, ``bias_long`` (``decode.mws``).
   * :func:`make_sampler`: ``grid`` (:class:`ResumableGridSampler`, every grid point once) or
     ``tpe`` (:class:`ResumableTPESampler`: Optuna's TPE, each trial seeded from ``config.seed``
     and the trials before it, so a resumed study draws what an uninterrupted one draws).
@@ -63,14 +64,14 @@ class SearchSpace:
   """What one decoder's tuning samples.
 
   Attributes:
-    decoder: ``cc`` or ``waterz``.
+    decoder: ``cc``, ``waterz`` or ``mws``.
     sampler: ``grid`` or ``tpe``.
     objective: ``nerl``, ``adapted_rand`` or ``voi``.
     choices: parameter -> its values (floats on a grid, or strings), in order.
     thresholds: waterz merge thresholds decoded in every trial (not sampled); ``()`` for cc.
     n_trials: trials a full study runs (the grid size for ``grid``).
     n_startup_trials: TPE's random trials before it models the objective.
-    defaults: the config's own values, run first (waterz ``enqueue_defaults``), or None.
+    defaults: the config's own values, run first (TPE ``enqueue_defaults``), or None.
   """
 
   decoder: str
@@ -154,10 +155,21 @@ def search_space(config, decoder: str) -> SearchSpace:
     scoring.direction(objective)
   except ConfigError as e:
     raise ConfigError(f"{where}.{e}") from None  # "objective must be one of ...": name the key
+  thresholds: tuple[float, ...] = ()
+  defaults = None
+  # A grid visits every point anyway; the config's own values are TPE's first trial.
+  enqueue = section.get("enqueue_defaults", False) and sampler == "tpe"
   if decoder == "cc":
     choices = {"threshold": grid_values(section.threshold_grid, f"{where}.threshold_grid")}
-    thresholds: tuple[float, ...] = ()
-    defaults = None
+  elif decoder == "mws":
+    choices = {
+      "bias_short": grid_values(section.bias_short, f"{where}.bias_short"),
+      "bias_long": grid_values(section.bias_long, f"{where}.bias_long"),
+    }
+    if enqueue:
+      defaults = _in_space(
+        {k: float(config.decode.mws[k]) for k in ("bias_short", "bias_long")}, choices
+      )
   else:
     merge = tuple(str(m) for m in section.merge_functions)
     if not merge:
@@ -182,10 +194,8 @@ def search_space(config, decoder: str) -> SearchSpace:
       raise ConfigError(f"{where}.thresholds must be values in [0, 1], not {section.thresholds}")
     if len(set(thresholds)) != len(thresholds):
       raise ConfigError(f"{where}.thresholds has repeats: {section.thresholds}")
-    # A grid visits every point anyway; the defaults are TPE's first trial.
-    enqueue = section.get("enqueue_defaults", False) and sampler == "tpe"
     defaults = _waterz_defaults(config, choices) if enqueue else None
-  for name in ("threshold", "aff_threshold_low", "aff_threshold_high"):
+  for name in ("threshold", "aff_threshold_low", "aff_threshold_high", "bias_short", "bias_long"):
     if name in choices and not all(0.0 <= v <= 1.0 for v in choices[name]):
       raise ConfigError(f"{where}: {name} values must lie in [0, 1], got {choices[name]}")
   grid_size = math.prod(len(v) for v in choices.values())
@@ -225,9 +235,15 @@ def _waterz_defaults(config, choices: Mapping[str, tuple]) -> dict | None:
   }
   if params["merge_function"] not in choices["merge_function"]:
     return None
-  for name in ("aff_threshold_low", "aff_threshold_high"):
+  return _in_space(params, choices)
+
+
+def _in_space(params: dict, choices: Mapping[str, tuple]) -> dict | None:
+  """``params`` when each float lies within its grid's range (between steps is fine), else
+  None."""
+  for name, value in params.items():
     values = choices[name]
-    if not values[0] - _SNAP_TOL <= params[name] <= values[-1] + _SNAP_TOL:
+    if not isinstance(value, str) and not values[0] - _SNAP_TOL <= value <= values[-1] + _SNAP_TOL:
       return None
   return params
 

@@ -1,9 +1,9 @@
 """Tuning trials in a child process: decode cached affinities with trial parameters, score them.
 
 Owns :class:`TrialWorker`, one long-lived child process that loads a split's affinities ``[3, z, y,
-x]`` (the decoded channels, in their stored dtype), masks ``[z, y, x]``, dense labels ``[z, y, x]``
-and skeletons once, then serves many trials; and the two functions it runs there,
-:func:`load_state` and :func:`run_trial`. A trial decodes every volume in memory with
+x]`` (the decoded channels, in their stored dtype; the mutex watershed's ``[C, z, y, x]`` with
+their offsets), masks ``[z, y, x]``, dense labels ``[z, y, x]`` and skeletons once, then serves
+many trials; and the two functions it runs there, :func:`load_state` and :func:`run_trial`. A trial decodes every volume in memory with
 :func:`jaxseg.decoding.decode_lib.decode_array` (waterz: all ``tune.waterz.thresholds`` in one pass)
 and scores each segmentation with :func:`jaxseg.decoding.scoring.evaluate_loaded`; the objective over
 several volumes is their mean, and for waterz the best threshold's mean is the trial's value.
@@ -93,6 +93,7 @@ def load_state(setup: Mapping[str, Any]) -> dict:
     check_decoder_fits,
     open_affinities,
     open_mask,
+    read_decoded,
     wants_blockwise,
   )
   from jaxseg.decoding.settings import decode_settings
@@ -139,7 +140,7 @@ def load_state(setup: Mapping[str, Any]) -> dict:
         }
       )
       continue
-    aff = source.read()
+    aff, offsets = read_decoded(source, base)
     if not np.isfinite(aff).all():
       raise VolumeError(f"{source.volume.path}: affinities contain NaN or Inf")
     mask = None
@@ -158,6 +159,7 @@ def load_state(setup: Mapping[str, Any]) -> dict:
         "name": name,
         "aff": aff,
         "distances": source.distances,
+        "offsets": offsets,
         "convention": source.convention,
         "mask": mask,
         "labels": labels,
@@ -180,7 +182,8 @@ def run_trial(state: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
   Args:
     state: from :func:`load_state`.
     params: decode keys to override (``threshold``; or ``merge_function``,
-      ``aff_threshold_low``, ``aff_threshold_high``).
+      ``aff_threshold_low``, ``aff_threshold_high``; or ``decode.mws``'s ``bias_short``,
+      ``bias_long``).
 
   Returns:
     ``value`` (mean objective over the volumes at the best threshold; NaN scores count as the
@@ -194,14 +197,19 @@ def run_trial(state: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
   start = time.perf_counter()
   objective = state["objective"]
   direction = scoring.direction(objective)
-  settings = decode_settings({**state["decode"], **params})
+  settings = decode_settings(scoring.with_params(state["decode"], params))
   per_threshold: dict[float, dict[str, float]] = {}
   for v in state["volumes"]:
     if v.get("lazy"):
       results = _decode_to_scratch(state, v, params)
     else:
       results = decode_array(
-        v["aff"], settings, distances=v["distances"], convention=v["convention"], mask=v["mask"]
+        v["aff"],
+        settings,
+        distances=v["distances"],
+        offsets=v["offsets"],
+        convention=v["convention"],
+        mask=v["mask"],
       )
     for threshold, seg in results:
       metrics = scoring.evaluate_loaded(
@@ -232,11 +240,13 @@ def _decode_to_scratch(state: Mapping[str, Any], v: Mapping[str, Any], params: M
   The scratch folder of the previous trial is replaced (its fingerprint differs); the decode
   uses ``decode.num_workers`` / ``decode.worker_command`` like ``python -m jaxseg.decode``.
   """
+  from jaxseg.decoding import scoring
   from jaxseg.decoding.decode_lib import decode
   from jaxseg.decoding.settings import decode_settings
   from jaxseg.io import open_volume
 
-  settings = decode_settings({**state["decode"], **params, "affinity_mask_path": v["mask"]})
+  decode_section = scoring.with_params(state["decode"], params)
+  settings = decode_settings({**decode_section, "affinity_mask_path": v["mask"]})
   if not state.get("scratch"):
     state["scratch"] = tempfile.mkdtemp(prefix="jaxseg_trials_")
   out = os.path.join(state["scratch"], v["name"])

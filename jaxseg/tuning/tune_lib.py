@@ -40,7 +40,7 @@ from jaxseg.common import config_util, outputs
 from jaxseg.common.errors import ConfigError, MissingInputError, OutputError
 from jaxseg.common.files import atomic_output, json_ready, read_json, write_json
 from jaxseg.common.outputs import Decision, StageOutput
-from jaxseg.decoding import scoring
+from jaxseg.decoding import mws, scoring
 from jaxseg.decoding.settings import decode_settings
 from jaxseg.inference import cache
 from jaxseg.io.datasets import LabeledVolume, dataset_volumes
@@ -112,6 +112,8 @@ def study_fingerprint(config, space: search.SearchSpace, key: str, split: str) -
   decode = decode_settings(scoring.decoder_config(config, space.decoder)).fingerprint()
   for k in ("thresholds", "merge_function", "aff_threshold"):
     decode.pop(k, None)
+  for k in scoring.TUNED_KEYS[space.decoder]:
+    decode.get("mws", {}).pop(k, None)
   # The QC's masks are covered by the qc settings; a user's own mask (qc off) by its path and
   # the rules it records, so one rebuilt in place does not continue the old study.
   user_mask = decode.pop("affinity_mask_path", "")
@@ -214,7 +216,7 @@ def tune(
       ``qc``, ``seed``).
     workdir: the run folder (outputs in ``tune/<decoder>``, affinities in ``predictions``).
     checkpoint: the training workdir or its ``checkpoints`` folder (for predicting).
-    decoder: ``cc`` or ``waterz`` (default ``config.decode.method``).
+    decoder: ``cc``, ``waterz`` or ``mws`` (default ``config.decode.method``).
     force_test: allow ``tune.split == "test"`` (default ``config.tune.force_test``).
     n_trials: complete trials the study should have (default: the grid size, or
       ``tune.<decoder>.n_trials`` for TPE); a finished study asked for more continues.
@@ -276,6 +278,8 @@ def tune(
       stage.invalidate()  # asked for more trials, or for timed-out ones again
     # Everything that can refuse is checked before the (possibly hours long) prediction.
     _check_ground_truth(dataset_volumes(config.data, split), space.objective)
+    if decoder == "mws":
+      mws.check_predicted_channels(config)  # the long-range channels must be predicted
     result = _tune_locked(
       config, workdir, checkpoint, decoder, split, space, target, timeout, folder, fingerprint,
       key, ingredients, show_progress, start,
@@ -538,6 +542,8 @@ def _trial_rows(study, space: search.SearchSpace) -> list[dict]:
 def _best_params(space: search.SearchSpace, row: Mapping[str, Any]) -> dict:
   if space.decoder == "cc":
     return {"threshold": row["params"]["threshold"]}
+  if space.decoder == "mws":
+    return {k: row["params"][k] for k in ("bias_short", "bias_long")}
   return {
     "merge_function": row["params"]["merge_function"],
     "aff_threshold_low": row["params"]["aff_threshold_low"],

@@ -99,12 +99,16 @@ def score_baselines(
 
 
 def margin(learned: dict, baselines: dict[str, dict], metric: str) -> float | None:
-  """How much better ``learned[metric]`` is than the best baseline (positive = better).
+  """How much better ``learned[metric]`` is than the best trivial baseline (positive = better).
 
   ``None`` when the metric is missing from the learned result or from every baseline.
   """
   direction = METRIC_DIRECTIONS[metric]
-  values = [b[metric] for b in baselines.values() if b.get(metric) is not None]
+  values = [
+    b[metric]
+    for name, b in baselines.items()
+    if name.removeprefix("baseline: ") in BASELINES and b.get(metric) is not None
+  ]
   if learned.get(metric) is None or not values:
     return None
   best = max(v * direction for v in values)

@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from absl import logging
+
 from jaxseg.common import config_util, files, outputs
 from jaxseg.common.errors import JaxsegError
 from jaxseg.decoding.scoring import DECODERS
@@ -161,6 +163,11 @@ class Chain:
     """Runs the stages of ``mode`` (:data:`MODES`); returns what each did."""
     if mode not in MODES:
       raise ChainError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
+    if "mws" in self.decoders and {"test", "tune", "tune-test"} & set(MODES[mode]):
+      from jaxseg.decoding import mws
+
+      # Before hours of training and predicting.
+      mws.check_predicted_channels(self.config, f"config.run.decoders={self.decoders}")
 
     out = []
     for stage in MODES[mode]:
@@ -303,7 +310,7 @@ class Chain:
   def _baselines(self, volume) -> bool:
     """Scores the trivial baselines of one test volume unless an identical score exists."""
     from jaxseg.decoding import scoring
-    from jaxseg.workflow import baselines
+    from jaxseg.workflow import baselines, boundary_baseline
 
     path = self.baseline_path(volume.name)
     fingerprint = {
@@ -320,6 +327,19 @@ class Chain:
       "labels": None if volume.labels is None else outputs.input_identity(volume.labels.path),
       "skeleton": outputs.input_identity(volume.skeleton) if volume.skeleton else None,
     }
+    boundary_val = self._boundary_val() if volume.boundaries is not None else []
+    if boundary_val:
+      # Another tool's boundary map, tuned on the validation maps like the learned affinities.
+      fingerprint["boundaries"] = {
+        "test": os.path.abspath(str(volume.boundaries.path)),
+        "val": [[v.name, os.path.abspath(str(v.boundaries.path))] for v in boundary_val],
+        "decoders": [d for d in self.decoders if d in boundary_baseline.DECODERS],
+        "decode": self.config.decode.to_dict(),
+        "tune": {d: self.config.tune[d].to_dict() for d in boundary_baseline.DECODERS},
+      }
+      inputs["boundaries"] = [
+        outputs.input_identity(v.boundaries.path) for v in [volume, *boundary_val]
+      ]
     entry = outputs.StageOutput(
       os.path.dirname(path),
       name=f"baselines:{volume.name}",
@@ -332,12 +352,33 @@ class Chain:
     if entry.open(overwrite=True) is outputs.Decision.REUSE:
       return False
     scores = baselines.score_baselines(volume, self.config, erl_cache_dir=self.erl_cache_dir)
+    if boundary_val:
+      scores.update(
+        boundary_baseline.score_boundary_map(
+          volume, boundary_val, self.config, self.decoders, erl_cache_dir=self.erl_cache_dir
+        )
+      )
     files.write_json(
       path,
       files.json_ready({"volume": volume.name, "fingerprint": fingerprint, "baselines": scores}),
     )
     entry.finish()
     return True
+
+  def _boundary_val(self) -> list:
+    """The tuning split's labelled volumes with a boundary map (windowed), or [] when any of
+    them lacks one (a reference tuned on part of the split would not be tuned like the model)."""
+    from jaxseg.io.datasets import dataset_volumes
+
+    volumes = [v.windowed() for v in dataset_volumes(self.config.data, str(self.config.tune.split))]
+    if not volumes or any(v.boundaries is None or v.labels is None for v in volumes):
+      logging.warning(
+        "test volumes have boundary maps but the %s volumes do not all have one (and labels): "
+        "the boundary-map reference is not scored",
+        self.config.tune.split,
+      )
+      return []
+    return volumes
 
   def stage_tune(self) -> tuple[str, str]:
     """Tunes each decoder on ``tune.split`` (resuming studies; finished ones are kept)."""

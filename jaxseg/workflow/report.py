@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from jaxseg.common import files
+from jaxseg.workflow.baselines import BASELINES as TRIVIAL
 
 REPORT_NAME = "report.md"
 METRICS_NAME = "metrics.json"
@@ -164,6 +165,11 @@ def _params_text(params: dict | None) -> str:
   return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
+def _row_params(entry: dict) -> dict:
+  """A decoded segmentation's own parameters: its threshold, or the mutex watershed's biases."""
+  return dict(entry.get("params") or {"threshold": entry.get("threshold")})
+
+
 def _entries(decode_metrics: dict | None) -> list[dict]:
   return list((decode_metrics or {}).get("results", []))
 
@@ -189,7 +195,7 @@ def metric_rows(results: dict) -> list[dict]:
             **entry,
             "volume": volume,
             "row": f"{decoder} (config)",
-            "params": _params_text({"threshold": entry.get("threshold")}),
+            "params": _params_text(_row_params(entry)),
           }
         )
     for decoder, tuned in results.get("tuned", {}).items():
@@ -197,12 +203,17 @@ def metric_rows(results: dict) -> list[dict]:
       best.pop("thresholds", None)  # waterz's tuned threshold list: the row's own threshold
       best.pop("threshold", None)
       for entry in _entries(tuned.get("volumes", {}).get(volume)):
-        params = {**best, "threshold": entry.get("threshold")}
+        params = {**best, **_row_params(entry)}
         rows.append(
           {**entry, "volume": volume, "row": f"{decoder} (tuned)", "params": _params_text(params)}
         )
     for name, metrics in results.get("baselines", {}).get(volume, {}).items():
-      rows.append({**metrics, "volume": volume, "row": f"baseline: {name}", "params": ""})
+      params = dict(metrics.get("params") or {})  # a boundary map's tuned decode keys
+      if "thresholds" in params:
+        params["threshold"] = float(params.pop("thresholds")[0])
+      rows.append(
+        {**metrics, "volume": volume, "row": f"baseline: {name}", "params": _params_text(params)}
+      )
   return rows
 
 
@@ -249,13 +260,20 @@ def _summary_lines(rows: Sequence[dict]) -> list[str]:
   out = []
   for metric, label, direction in (("adapted_rand", "adapted Rand error", -1), ("nerl", "NERL", 1)):
     best = _best_learned(rows, metric, direction)
-    bases = [r for r in rows if r["row"].startswith("baseline") and r.get(metric) is not None]
     if best is None:
       continue
     line = f"- best {label}: **{best[metric]:.4f}** ({best['row']}, {best['volume']})"
-    if bases:
-      base = max(bases, key=lambda r: direction * r[metric])
-      line += f"; best trivial baseline {base[metric]:.4f} ({base['row'][10:]})"
+    for kind, names in (("trivial baseline", TRIVIAL), ("boundary-map reference", None)):
+      bases = [
+        r
+        for r in rows
+        if r["row"].startswith("baseline: ")
+        and (r["row"][10:] in names if names else r["row"][10:] not in TRIVIAL)
+        and r.get(metric) is not None
+      ]
+      if bases:
+        base = max(bases, key=lambda r: direction * r[metric])
+        line += f"; best {kind} {base[metric]:.4f} ({base['row'][10:]})"
     out.append(line)
   return out
 
