@@ -1,5 +1,7 @@
 """Sections shared by several recipes (``from configs import common``); not a recipe itself."""
 
+import math
+
 import ml_collections
 
 from jaxseg.decoding.settings import default_config as decode_config
@@ -15,6 +17,14 @@ def qc_defaults(enabled: bool) -> ml_collections.ConfigDict:
 def decode_defaults() -> ml_collections.ConfigDict:
   """Every decoder key with PyTC's numbers: the one copy lives with the decoder's settings."""
   return decode_config()
+
+
+def tempered(probability: float, temperature: float) -> float:
+  """A threshold set for plain ``sigmoid(x)`` affinities, moved onto ``sigmoid(x / temperature)``
+  affinities: the same logit, so it cuts the same edges (``docs/decoding.md``, "Watershed
+  thresholds"). Rounded to 3 decimals, as a config value is read."""
+  logit = math.log(probability / (1.0 - probability))
+  return round(1.0 / (1.0 + math.exp(-logit / temperature)), 3)
 
 
 def contrast_gamma_aug(aug: ml_collections.ConfigDict, p: float = 0.0) -> None:

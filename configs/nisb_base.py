@@ -139,6 +139,10 @@ def get_config(arg=None):
   decode.convention = "source"
   decode.threshold = 0.75  # strict >; tuned values: about 0.66 (base), 0.70 (LICONN)
   decode.min_size = 0  # PyTC applies no size filter
+  # waterz (when asked for): its watershed thresholds 0.1 / 0.999 are for plain sigmoid outputs;
+  # on the tempered ones the same logits are 0.392 / 0.799 (0.999 is almost never reached there).
+  decode.aff_threshold_low = common.tempered(0.1, infer.temperature)
+  decode.aff_threshold_high = common.tempered(0.999, infer.temperature)
   decode.block_shape = (256, 512, 512)
 
   # -- affinity QC -----------------------------------------------------------------------------

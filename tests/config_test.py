@@ -11,7 +11,15 @@ from jaxseg.common import config_util
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-RECIPES = ["snemi.py", "nisb_base.py", "liconn.py", "demo.py", "own_data_example.py"]
+RECIPES = [
+  "snemi.py",
+  "nisb_base.py",
+  "liconn.py",
+  "demo.py",
+  "own_data_example.py",
+  "fibsem.py",
+  "fibsem.py:gpu",
+]
 SECTIONS = (
   "data",
   "target",
@@ -173,3 +181,16 @@ def test_own_recipe_builds_on_a_shipped_one(tmp_path):
   assert result.returncode != 0
   # The recipe loaded (the error is about the override, not an import).
   assert "no_such_key" in result.stderr and "ModuleNotFoundError" not in result.stderr
+
+
+def test_watershed_thresholds_sit_on_each_recipe_s_activation():
+  """waterz's 0.1 / 0.999 are plain-sigmoid probabilities; a recipe that tempers its outputs
+  (sigmoid(x / T)) states the same logits on its own scale."""
+  from configs import common
+
+  assert common.tempered(0.999, 1.0) == 0.999 and common.tempered(0.5, 5.0) == 0.5
+  for name in RECIPES:
+    c = config_util.load_config(str(REPO_ROOT / "configs" / name))
+    t = c.infer.temperature if c.infer.activation == "scale_sigmoid" else 1.0
+    got = (c.decode.aff_threshold_low, c.decode.aff_threshold_high)
+    assert got == (common.tempered(0.1, t), common.tempered(0.999, t)), (name, got)
