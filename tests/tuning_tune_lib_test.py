@@ -61,6 +61,10 @@ def make_config(root, **overrides):
     "tune.waterz.aff_threshold_low": (0.0, 0.2, 0.1),
     "tune.waterz.aff_threshold_high": (0.8, 1.0, 0.1),
     "tune.waterz.thresholds": (0.3, 0.6),
+    # waterz's own plain-sigmoid watershed thresholds (the demo states them on its tempered
+    # scale, 0.392 / 0.799): trial 0 runs them, 0.999 between grid steps.
+    "decode.aff_threshold_low": 0.1,
+    "decode.aff_threshold_high": 0.999,
   }
   values.update({k.replace("__", "."): v for k, v in overrides.items()})
   return load_config(DEMO, values)
