@@ -151,19 +151,24 @@ def _range(aug: Any, key: str) -> tuple[float, float]:
   return low, high
 
 
-def _contrast_gamma_steps(aug: Any) -> list[Impl]:
-  """The contrast and gamma of another microscope (``data.aug.contrast_gamma_p``,
-  ``contrast_range``, ``gamma_range``): no step at all when the probability is 0 or absent, so
-  a recipe with it off draws exactly the random numbers, and makes the bytes, it did without it.
-  """
-  p = getattr(aug, "contrast_gamma_p", 0.0)
+def _optional_probability(aug: Any, key: str) -> float:
+  """``data.aug.<key>`` of an optional step as a probability (0 when absent)."""
+  p = getattr(aug, key, 0.0)
   try:
     ok = 0.0 <= float(p) <= 1.0
   except (TypeError, ValueError):
     ok = False
   if not ok:
-    raise ConfigError(f"data.aug.contrast_gamma_p must be a probability in [0, 1], got {p!r}")
-  p = float(p)
+    raise ConfigError(f"data.aug.{key} must be a probability in [0, 1], got {p!r}")
+  return float(p)
+
+
+def _contrast_gamma_steps(aug: Any) -> list[Impl]:
+  """The contrast and gamma of another microscope (``data.aug.contrast_gamma_p``,
+  ``contrast_range``, ``gamma_range``): no step at all when the probability is 0 or absent, so
+  a recipe with it off draws exactly the random numbers, and makes the bytes, it did without it.
+  """
+  p = _optional_probability(aug, "contrast_gamma_p")
   # Declared ranges are checked even while off; both are needed when on.
   ranges = {
     key: _range(aug, key)
@@ -196,14 +201,7 @@ def _grid_warp_steps(aug: Any) -> list[Impl]:
   ``warp_sigma`` in voxels >= 0): no step at all when the probability is 0 or absent, so a recipe
   with it off draws exactly the random numbers, and makes the bytes, it did without it.
   """
-  p = getattr(aug, "warp_p", 0.0)
-  try:
-    ok = 0.0 <= float(p) <= 1.0
-  except (TypeError, ValueError):
-    ok = False
-  if not ok:
-    raise ConfigError(f"data.aug.warp_p must be a probability in [0, 1], got {p!r}")
-  p = float(p)
+  p = _optional_probability(aug, "warp_p")
   # Declared values are checked even while off; both are needed when on.
   values = {
     key: _triple(aug, key, low)
