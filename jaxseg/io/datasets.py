@@ -108,17 +108,9 @@ def check_pair(image: Volume, labels: Volume | None, mask: Volume | None = None)
     raise VolumeError(
       f"{image.path}: image dtype {image.dtype} is not supported; expected uint8, uint16 or float"
     )
-  if mask is not None:
-    if mask.ndim != 3 or mask.dtype not in (np.dtype("uint8"), np.dtype("bool")):
-      raise VolumeError(
-        f"{mask.path}: a mask must be uint8 or bool (z, y, x), 1 = labelled; found "
-        f"{mask.dtype} of shape {mask.shape}"
-      )
-    if mask.shape != image.shape[-3:]:
-      raise VolumeError(
-        f"mask {mask.path} has shape {mask.shape} (z, y, x) but image {image.path} has "
-        f"{image.shape[-3:]}; check the axis order of both"
-      )
+  _check_spatial_map(
+    image, mask, "mask", ("uint8", "bool"), "a mask must be uint8 or bool (z, y, x), 1 = labelled"
+  )
   if labels is None:
     return
   if labels.ndim != 3:
@@ -341,25 +333,31 @@ def _resolve(root: str, spec: str) -> str:
   return os.path.join(root or "", spec)
 
 
+def _check_spatial_map(
+  image: Volume, volume: Volume | None, role: str, dtypes, expected: str
+) -> None:
+  """Checks that a per-voxel map (mask, boundary map) is 3-D, of ``dtypes``, and shaped like the
+  image's spatial axes."""
+  if volume is None:
+    return
+  if volume.ndim != 3 or volume.dtype not in tuple(np.dtype(t) for t in dtypes):
+    raise VolumeError(f"{volume.path}: {expected}; found {volume.dtype} of shape {volume.shape}")
+  if volume.shape != image.shape[-3:]:
+    raise VolumeError(
+      f"{role} {volume.path} has shape {volume.shape} (z, y, x) but image {image.path} has "
+      f"{image.shape[-3:]}; check the axis order of both"
+    )
+
+
 def check_boundaries(image: Volume, boundaries: Volume | None) -> None:
   """Checks that a boundary map is a ``[z, y, x]`` float or uint8 map of the image's shape."""
-  if boundaries is None:
-    return
-  if boundaries.ndim != 3 or boundaries.dtype not in (
-    np.dtype("uint8"),
-    np.dtype("float16"),
-    np.dtype("float32"),
-    np.dtype("float64"),
-  ):
-    raise VolumeError(
-      f"{boundaries.path}: a boundary map must be float (0..1) or uint8 (z, y, x); found "
-      f"{boundaries.dtype} of shape {boundaries.shape}"
-    )
-  if boundaries.shape != image.shape[-3:]:
-    raise VolumeError(
-      f"boundaries {boundaries.path} has shape {boundaries.shape} (z, y, x) but image "
-      f"{image.path} has {image.shape[-3:]}"
-    )
+  _check_spatial_map(
+    image,
+    boundaries,
+    "boundaries",
+    ("uint8", "float16", "float32", "float64"),
+    "a boundary map must be float (0..1) or uint8 (z, y, x)",
+  )
 
 
 def _open_entry(data_config, entry: dict) -> LabeledVolume:
