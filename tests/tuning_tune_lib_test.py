@@ -689,3 +689,82 @@ def test_ground_truth_or_checkpoint_changed_in_place_makes_the_tuning_stale(data
   write_predictions(config, ckpt, "test", os.path.join(work, "predictions"))
   with pytest.raises(OutputError, match="tune again"):
     tune_lib.tune_test(config, work, checkpoint=ckpt, decoder="cc", show_progress=False)
+
+
+class SpikeAndPlateau:
+  """``TrialWorker`` without a decode: cc threshold 0.3 scores best by a lone spike, 0.5-0.7 form
+  a plateau that is almost as good (the shape of a small validation crop's noise)."""
+
+  def __init__(self, setup, timeout_s):
+    self.starts = 1
+    self.values = {0.3: 0.05, 0.4: 0.30, 0.5: 0.12, 0.6: 0.10, 0.7: 0.16}
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    pass
+
+  def run(self, params):
+    t = params["threshold"]
+    return {"value": self.values[t], "threshold": t, "per_volume": {}, "seconds": 0.0}
+
+
+def test_flat_selection_keeps_the_plateau_not_the_spike(data_root, tmp_path, monkeypatch):
+  monkeypatch.setattr(tune_lib.trials_lib, "TrialWorker", SpikeAndPlateau)
+  config = make_config(data_root, tune__cc__objective="adapted_rand")
+  ckpt = make_checkpoint(tmp_path)
+  write_predictions(config, ckpt, "val", str(tmp_path / "predictions"))
+  best = tune_lib.tune(config, str(tmp_path), checkpoint=ckpt, decoder="cc", show_progress=False)
+  assert best["best_params"] == {"threshold": 0.3} and best["best_value"] == 0.05
+  flat = make_config(data_root, tune__cc__objective="adapted_rand", tune__selection="flat")
+  # Another selection is another result: the finished study is not silently reused for it.
+  with pytest.raises(OutputError, match="selection"):
+    tune_lib.tune(flat, str(tmp_path), checkpoint=ckpt, decoder="cc", show_progress=False)
+  result = tune_lib.tune(flat, str(tmp_path), checkpoint=ckpt, decoder="cc", overwrite=True,
+                         show_progress=False)  # fmt: skip
+  assert result["best_params"] == {"threshold": 0.6} and result["best_value"] == 0.10
+  with open(result["best_params_path"]) as f:
+    saved = json.load(f)
+  assert saved["selection"] == "flat"
+  assert saved["neighbourhood_value"] == pytest.approx((0.12 + 0.10 + 0.16) / 3)
+  with pytest.raises(ConfigError, match=r"config\.tune\.selection must be one of"):
+    search.search_space(make_config(data_root, tune__selection="smooth"), "cc")
+
+
+def test_flat_selection_spans_waterz_parameters_and_merge_thresholds(data_root):
+  """A waterz point's neighbours differ by one grid step in the low and high watershed
+  thresholds and the merge threshold, never in the merge function; an enqueued default between
+  grid steps (0.999) reaches the grid values on either side."""
+  config = make_config(data_root, tune__selection="flat", tune__waterz__thresholds=(0.3, 0.6))
+  space = search.search_space(config, "waterz")
+  assert space.choices["aff_threshold_high"] == (0.8, 0.9, 1.0)
+
+  def trial(number, merge, low, high, values):
+    params = {"merge_function": merge, "aff_threshold_low": low, "aff_threshold_high": high}
+    thresholds = [{"threshold": t, "value": v} for t, v in zip((0.3, 0.6), values, strict=True)]
+    best = min(thresholds, key=lambda r: r["value"])
+    return {"number": number, "params": params, "value": best["value"],
+            "threshold": best["threshold"], "thresholds": thresholds}  # fmt: skip
+
+  rows = [
+    trial(0, "aff85_his256", 0.1, 0.999, (0.20, 0.21)),  # the config's default, off the grid
+    trial(1, "aff50_his256", 0.0, 0.8, (0.01, 0.90)),  # a spike: its threshold neighbour is bad
+    trial(2, "aff85_his256", 0.0, 1.0, (0.06, 0.07)),
+    trial(3, "aff85_his256", 0.0, 0.9, (0.08, 0.07)),
+    trial(4, "aff85_his256", 0.2, 1.0, (0.30, 0.30)),  # two steps from 0.0: not a neighbour of 2
+    trial(5, "aff85_his256", 0.0, 0.8, (0.50, 0.50)),  # a neighbour of 3, two steps from 2
+  ]
+  chosen = tune_lib.select_point(rows, space)
+  assert chosen["params"] == {
+    "merge_function": "aff85_his256", "aff_threshold_low": 0.0, "aff_threshold_high": 1.0,
+  }  # fmt: skip
+  # Trial 2's neighbours: itself, trial 3 and the default (within a step of low 0.0 and of high
+  # 1.0), at both merge thresholds; its own best threshold is reported with the neighbourhood's
+  # mean, though trial 1 scores best.
+  assert chosen["number"] == 2 and chosen["threshold"] == 0.3 and chosen["value"] == 0.06
+  assert chosen["neighbourhood_value"] == pytest.approx(
+    (0.20 + 0.21 + 0.06 + 0.07 + 0.08 + 0.07) / 6
+  )
+  best = tune_lib.select_point(rows, search.search_space(make_config(data_root), "waterz"))
+  assert best["number"] == 1 and best["threshold"] == 0.3

@@ -36,10 +36,11 @@ from jaxseg.decoding import scoring
 
 FINGERPRINT_ATTR = "jaxseg_fingerprint"
 SAMPLERS = ("grid", "tpe")
+SELECTIONS = ("best", "flat")
 # Grid values are rounded to this many decimals (no float drift from low + k * step).
 _DECIMALS = 10
 # A sampled float within this of a grid value is that value.
-_SNAP_TOL = 1e-6
+SNAP_TOL = 1e-6
 
 
 def grid_values(spec: Sequence[float], name: str) -> tuple[float, ...]:
@@ -72,6 +73,8 @@ class SearchSpace:
     n_trials: trials a full study runs (the grid size for ``grid``).
     n_startup_trials: TPE's random trials before it models the objective.
     defaults: the config's own values, run first (TPE ``enqueue_defaults``), or None.
+    selection: ``best`` (the best scored point) or ``flat`` (the point whose grid neighbourhood
+      scores best on average; :func:`jaxseg.tuning.tune_lib.select_point`).
   """
 
   decoder: str
@@ -82,6 +85,7 @@ class SearchSpace:
   n_trials: int = 0
   n_startup_trials: int = 10
   defaults: dict | None = None
+  selection: str = "best"
 
   @property
   def direction(self) -> str:
@@ -110,7 +114,7 @@ class SearchSpace:
         out[name] = value
         continue
       nearest = min(values, key=lambda v, x=float(value): abs(v - x))
-      out[name] = nearest if abs(nearest - value) <= _SNAP_TOL else round(float(value), _DECIMALS)
+      out[name] = nearest if abs(nearest - value) <= SNAP_TOL else round(float(value), _DECIMALS)
     return out
 
   def grid_points(self) -> list[dict]:
@@ -126,13 +130,16 @@ class SearchSpace:
 
   def fingerprint(self) -> dict:
     """What makes two studies comparable (not the trial budget or the TPE settings)."""
-    return {
+    out = {
       "decoder": self.decoder,
       "sampler": self.sampler,
       "objective": self.objective,
       "choices": {k: list(v) for k, v in self.choices.items()},
       "thresholds": list(self.thresholds),
     }
+    if self.selection != "best":  # what best_params.json holds depends on it
+      out["selection"] = self.selection
+    return out
 
 
 def search_space(config, decoder: str) -> SearchSpace:
@@ -150,6 +157,9 @@ def search_space(config, decoder: str) -> SearchSpace:
   sampler = str(section.get("sampler", "grid"))
   if sampler not in SAMPLERS:
     raise ConfigError(f"{where}.sampler must be one of {SAMPLERS}, not {sampler!r}")
+  selection = str(config.tune.get("selection", "best"))
+  if selection not in SELECTIONS:
+    raise ConfigError(f"config.tune.selection must be one of {SELECTIONS}, not {selection!r}")
   objective = str(section.objective)
   try:
     scoring.direction(objective)
@@ -217,6 +227,7 @@ def search_space(config, decoder: str) -> SearchSpace:
     n_trials=n_trials,
     n_startup_trials=int(section.get("n_startup_trials", 10)),
     defaults=defaults,
+    selection=selection,
   )
 
 
@@ -243,7 +254,7 @@ def _in_space(params: dict, choices: Mapping[str, tuple]) -> dict | None:
   None."""
   for name, value in params.items():
     values = choices[name]
-    if not isinstance(value, str) and not values[0] - _SNAP_TOL <= value <= values[-1] + _SNAP_TOL:
+    if not isinstance(value, str) and not values[0] - SNAP_TOL <= value <= values[-1] + SNAP_TOL:
       return None
   return params
 

@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from absl import logging
 from optuna import logging as optuna_logging
 
@@ -365,7 +366,8 @@ def _tune_locked(
   }
   write_json(os.path.join(folder, SUMMARY), json_ready(summary))
   say(
-    f"tune {decoder}: best {space.objective} {summary['best_value']:.4f} with "
+    f"tune {decoder}: {'flat optimum' if space.selection == 'flat' else 'best'} "
+    f"{space.objective} {summary['best_value']:.4f} with "
     f"{_format_params(summary['best_params'])} (trial {summary['best_trial']}); "
     f"{summary['n_complete']} trials; {summary['best_params_path']}"
   )
@@ -516,6 +518,70 @@ def _best_of(rows: Sequence[Mapping[str, Any]], direction: str) -> Mapping[str, 
   return min(rows, key=lambda r: (sign * r["value"], r["number"]))
 
 
+def select_point(rows: Sequence[Mapping[str, Any]], space: search.SearchSpace) -> dict:
+  """The setting tuning keeps, from the scored trials (``_trial_rows``, finite values only).
+
+  ``selection = "best"``: the best trial (its best waterz threshold). ``"flat"``: every scored
+  point (a trial's parameters with each waterz threshold it decoded) gets the mean value of its
+  neighbourhood, the scored points within one grid step of it along every numeric parameter
+  (and the same merge function); the best mean wins, its own value is reported. Points off the
+  grid (an enqueued default between steps) reach the grid values on either side. Ties go to
+  the earliest trial, then the lowest threshold.
+
+  Returns:
+    ``params`` (sampled), ``threshold``, ``value``, ``number`` and, for ``flat``,
+    ``neighbourhood_value``.
+  """
+  if space.selection == "best":
+    best = _best_of(rows, space.direction)
+    return {k: best[k] for k in ("params", "threshold", "value", "number")}
+  axes = {k: v for k, v in space.choices.items() if not isinstance(v[0], str)}
+  if space.decoder == "waterz":
+    axes["threshold"] = tuple(space.thresholds)
+  points = []
+  for row in rows:
+    per_threshold = row.get("thresholds") or []
+    if space.decoder == "waterz" and per_threshold:
+      for entry in per_threshold:
+        if math.isfinite(entry["value"]):
+          point = {**row["params"], "threshold": entry["threshold"]}
+          points.append({"point": point, "value": entry["value"], "number": row["number"]})
+    else:
+      point = {**row["params"], "threshold": row["threshold"]}
+      points.append({"point": point, "value": row["value"], "number": row["number"]})
+  spans = {name: sorted(set(values)) for name, values in axes.items()}
+
+  def reach(name: str, x: float) -> tuple[float, float]:
+    """The grid values on either side of ``x`` (itself where at an end)."""
+    below = [v for v in spans[name] if v < x - search.SNAP_TOL]
+    above = [v for v in spans[name] if v > x + search.SNAP_TOL]
+    return (below[-1] if below else x, above[0] if above else x)
+
+  def near(a: Mapping[str, Any], ranges: Mapping[str, tuple], b: Mapping[str, Any]) -> bool:
+    for name, value in a.items():
+      if name in ranges:
+        low, high = ranges[name]
+        if not low - search.SNAP_TOL <= float(b[name]) <= high + search.SNAP_TOL:
+          return False
+      elif b.get(name) != value:
+        return False
+    return True
+
+  sign = -1.0 if space.direction == "maximize" else 1.0
+  for p in points:
+    ranges = {k: reach(k, float(v)) for k, v in p["point"].items() if k in axes}
+    p["mean"] = float(np.mean([q["value"] for q in points if near(p["point"], ranges, q["point"])]))
+  chosen = min(points, key=lambda p: (sign * p["mean"], p["number"], p["point"]["threshold"]))
+  params = {k: v for k, v in chosen["point"].items() if k in space.choices}
+  return {
+    "params": params,
+    "threshold": chosen["point"]["threshold"],
+    "value": chosen["value"],
+    "number": chosen["number"],
+    "neighbourhood_value": chosen["mean"],
+  }
+
+
 def _trial_rows(study, space: search.SearchSpace) -> list[dict]:
   rows = []
   for t in study.get_trials(deepcopy=False):
@@ -528,6 +594,7 @@ def _trial_rows(study, space: search.SearchSpace) -> list[dict]:
         "value": t.value,
         "params": space.snap(t.params),
         "threshold": t.user_attrs.get("threshold", t.params.get("threshold")),
+        "thresholds": t.user_attrs.get("thresholds", []),
         "seconds": t.user_attrs.get("seconds"),
         "timed_out": bool(t.user_attrs.get("timed_out", False)),
         "defaults": bool(t.user_attrs.get("defaults", False)),
@@ -588,13 +655,17 @@ def write_outputs(
       f"{folder}: no trial of {n_complete} scored a finite {space.objective} (all timed out?); "
       "raise config.tune.trial_timeout_s"
     )
-  best_row = _best_of(scored, space.direction)
+  best_row = select_point(scored, space)
   best = {
     "decoder": space.decoder,
     "params": _best_params(space, best_row),
     "best_value": float(best_row["value"]),
     "best_threshold": best_row["threshold"],
     "best_trial": best_row["number"],
+    "selection": space.selection,
+    **(
+      {"neighbourhood_value": best_row["neighbourhood_value"]} if space.selection == "flat" else {}
+    ),
     "objective": space.objective,
     "direction": space.direction,
     "n_complete": n_complete,

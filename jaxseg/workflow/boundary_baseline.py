@@ -27,7 +27,7 @@ from jaxseg.decoding import scoring
 from jaxseg.decoding.decode_lib import decode_array
 from jaxseg.decoding.settings import decode_settings
 from jaxseg.io.datasets import LabeledVolume
-from jaxseg.tuning import search
+from jaxseg.tuning import search, tune_lib
 
 # Decoders that decode in-memory nearest-neighbour affinities (decode_array).
 DECODERS = ("cc", "waterz")
@@ -95,31 +95,53 @@ def _grid_params(space: search.SearchSpace) -> list[dict]:
 def tune_boundaries(
   config, decoder: str, val: Sequence[tuple[LabeledVolume, np.ndarray]]
 ) -> tuple[dict, float]:
-  """Best decode parameters on the validation maps: ``(params, objective value)``.
+  """The kept decode parameters on the validation maps: ``(params, objective value)``.
 
   Every point of the decoder's search space is decoded (waterz: every merge threshold of the
-  point in one pass) and scored on every validation volume; the objective is averaged.
+  point in one pass) and scored on every validation volume; the objective is averaged, and the
+  setting is kept by ``config.tune.selection`` as a study keeps it
+  (:func:`jaxseg.tuning.tune_lib.select_point`), so the map and the model are tuned alike.
   """
   space = search.search_space(config, decoder)
-  direction = space.direction
-  best_params, best_value = None, scoring.worst_value(direction)
-  for params in _grid_params(space):
+  worst = scoring.worst_value(space.direction)
+  rows = []
+  for number, params in enumerate(_grid_params(space)):
     totals: dict[float, list[float]] = {}
     for volume, aff in val:
       for threshold, seg in _segmentations(config, decoder, params, aff):
         metrics = scoring.score(seg, volume, config.eval)
         totals.setdefault(threshold, []).append(scoring.objective_value(metrics, space.objective))
-    for threshold, values in totals.items():
+    per_threshold = []
+    for threshold, values in sorted(totals.items()):
       value = float(np.mean(values))
-      if np.isfinite(value) and scoring.better(value, best_value, direction):
-        best_value = value
-        best_params = {k: v for k, v in params.items() if k != "thresholds"}
-        best_params["thresholds" if decoder == "waterz" else "threshold"] = (
-          (threshold,) if decoder == "waterz" else threshold
-        )
-  if best_params is None:
+      per_threshold.append(
+        {"threshold": threshold, "value": value if np.isfinite(value) else worst}
+      )
+    sampled = {k: v for k, v in params.items() if k != "thresholds"}
+    best = _best_threshold(per_threshold, space.direction)
+    if np.isfinite(best["value"]):
+      rows.append(
+        {
+          "number": number,
+          "params": sampled,
+          "threshold": best["threshold"] if decoder != "mws" else None,
+          "value": best["value"],
+          "thresholds": per_threshold if decoder == "waterz" else [],
+        }
+      )
+  if not rows:
     raise InputError(f"no {decoder} parameters scored a finite {space.objective} on the maps")
-  return best_params, best_value
+  kept = tune_lib.select_point(rows, space)
+  params = dict(kept["params"])
+  if decoder == "waterz":
+    params["thresholds"] = (kept["threshold"],)
+  return params, kept["value"]
+
+
+def _best_threshold(rows: Sequence[dict], direction: str) -> dict:
+  """The best ``{"threshold", "value"}`` row, the first among equals."""
+  sign = -1.0 if direction == "maximize" else 1.0
+  return min(rows, key=lambda r: sign * r["value"])
 
 
 def score_boundary_map(

@@ -312,7 +312,13 @@ def write_report(results_dir: str, results: dict) -> dict[str, str]:
         f"**{decoder}** tuned on `{split}`{leak}: "
         f"{_params_text(best.get('params'))}; {best.get('objective', 'objective')} = "
         f"{_cell(best.get('best_value'), '{:.4f}')} over "
-        f"{best.get('n_complete', best.get('n_trials', '?'))} trials.",
+        f"{best.get('n_complete', best.get('n_trials', '?'))} trials"
+        + (
+          f" (the flattest optimum: its grid neighbours average "
+          f"{_cell(best.get('neighbourhood_value'), '{:.4f}')})."
+          if best.get("selection") == "flat"
+          else "."
+        ),
       ]
   images = results.get("images", {})
   if images:
