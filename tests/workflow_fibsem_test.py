@@ -4,7 +4,7 @@ tuned on the validation sections the same way, in adapted Rand and in VOI.
 
 Marked ``long``: 700 training steps take about 20 minutes on 2 CPU cores, more than the CPU suite's
 10-minute budget holds (500 steps of smaller crops reach adapted Rand 0.27 against the map's
-0.215; ``benchmarks/RESULTS.md``, "Real EM accuracy"). Run it by hand::
+0.215 then; ``benchmarks/RESULTS.md``, "Real EM accuracy"). Run it by hand::
 
   pytest -m long tests/workflow_fibsem_test.py
 """
@@ -20,7 +20,7 @@ from jaxseg.workflow import boundary_baseline, chain
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIBSEM = os.path.join(REPO_ROOT, "configs", "fibsem.py")
 
-SHORT = {"train.num_steps": 700, "tune.waterz.n_trials": 12, "run.decoders": ("cc", "waterz")}
+SHORT = {"train.num_steps": 700, "run.decoders": ("cc", "waterz")}
 # How much better than the reference the better tuned decoder must be (adapted Rand error and
 # VOI split + merge in bits, lower is better). Measured at 700 steps (with the earlier waterz
 # search over high thresholds 0.7-1.0): 0.093 / 0.63 against the map's 0.215 / 1.59.
