@@ -16,6 +16,11 @@ MedNeXt on a CPU. The two PyTorch schemes the reference networks use:
   ``kaiming_uniform_(a=sqrt(5))`` default for ``nn.Conv*`` weights (and their biases) reduces to
   (MedNeXt). The caller passes the fan-in PyTorch would compute, which differs between
   ``Conv3d`` and ``ConvTranspose3d`` (see ``torch_fan_in``).
+
+Three functions have their own backward pass to bound training memory (``docs/memory.md``):
+``group_norm`` and ``gelu`` keep only their input and recompute the rest, and ``call_block``
+rematerialises a whole block. Each recompute starts from an input tied to the incoming cotangent
+(``_after``), so XLA can neither merge it with the forward pass nor run it early.
 """
 
 from __future__ import annotations
@@ -364,11 +369,37 @@ class ConvTranspose(nnx.Module):
     return y
 
 
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, ``x * Phi(x)``, as ``torch.nn.GELU()`` (not the tanh approximation).
+
+  Its gradient keeps only ``x`` for the backward pass and recomputes ``Phi(x) + x * phi(x)`` there
+  (in float32). Differentiating ``jax.nn.gelu`` instead keeps the erfc and exp intermediates as
+  well: in MedNeXt, whose GELU acts on the 2-8x expanded width, that was two more expanded-width
+  arrays per block (``docs/memory.md``).
+  """
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+  return gelu(x), x
+
+
+def _gelu_bwd(x, cotangent):
+  # Tied to the cotangent so that XLA does not merge this erfc with the forward's (the same
+  # expression for a float32 x) and keep the forward's intermediates alive instead.
+  v = _after(x, cotangent).astype(jnp.float32)
+  cdf = 0.5 * lax.erfc(-v * np.float32(1 / math.sqrt(2)))
+  pdf = jnp.exp(-0.5 * v * v) * np.float32(1 / math.sqrt(2 * math.pi))
+  return (((cdf + v * pdf) * cotangent.astype(jnp.float32)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
 _ACTIVATIONS = {
   "elu": jax.nn.elu,  # alpha = 1, as torch.nn.ELU()
   "relu": jax.nn.relu,
-  # torch.nn.GELU() is the exact (erf) form, not the tanh approximation.
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu": gelu,
 }
 
 
@@ -388,7 +419,8 @@ class GroupNorm(nnx.Module):
   (PyTorch ``nn.GroupNorm``, eps 1e-5). They are always computed in float32, whatever the compute
   dtype: a mean and variance over ~1e5-1e6 voxels summed in bf16 (8-bit mantissa) lose most of
   their digits, and ``E[(x - mean)^2]`` of nearly constant activations would be noise. The
-  normalised, scaled (and activated) result is cast back to ``dtype``.
+  normalised, scaled (and activated) result is cast back to ``dtype``. See :func:`group_norm` for
+  what the backward pass keeps.
   """
 
   def __init__(
@@ -412,17 +444,90 @@ class GroupNorm(nnx.Module):
     self.bias = new_param(ZEROS, None, (num_channels,), param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    shape = x.shape
-    channels = shape[-1]
-    grouped = x.astype(jnp.float32).reshape(
-      *shape[:-1], self.num_groups, channels // self.num_groups
+    return group_norm(
+      x,
+      self.scale[...],
+      self.bias[...],
+      self.num_groups,
+      self.epsilon,
+      self.activation,
+      jnp.dtype(self.dtype),
     )
-    axes = (*range(1, grouped.ndim - 2), grouped.ndim - 1)
-    mean = jnp.mean(grouped, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
-    y = ((grouped - mean) * lax.rsqrt(var + self.epsilon)).reshape(shape)
-    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-    return activation_fn(self.activation)(y).astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def group_norm(
+  x: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array,
+  num_groups: int,
+  epsilon: float,
+  activation: str | None,
+  dtype: jnp.dtype,
+) -> jax.Array:
+  """``activation(GroupNorm(x) * scale + bias)`` in ``dtype``; the function behind
+  :class:`GroupNorm` (``x`` ``[b, ..., c]``, ``scale`` / ``bias`` ``[c]``).
+
+  The backward pass keeps only ``x`` in its own dtype and the per-group mean and ``1 / std``
+  (``[b, 1, .., 1, groups, 1]``) and recomputes the normalised values from them in float32.
+  Plain autodiff of the same forward keeps ``x - mean``, the normalised values and the activation's
+  intermediates, all in float32 at the full width: 6-8 times the bytes of a bf16 ``x``, the
+  largest excess over the hand count in ``docs/memory.md``.
+  """
+  return _group_norm_forward(x, scale, bias, num_groups, epsilon, activation, dtype)[0]
+
+
+def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
+  """``x`` in float32 as ``[b, ..., groups, c // groups]``."""
+  return x.astype(jnp.float32).reshape(*x.shape[:-1], num_groups, x.shape[-1] // num_groups)
+
+
+def _group_axes(grouped: jax.Array) -> tuple[int, ...]:
+  """The axes a group's statistics reduce: the spatial ones and the channels within the group."""
+  return (*range(1, grouped.ndim - 2), grouped.ndim - 1)
+
+
+def _normalized_and_affine(x, scale, bias, mean, rstd, num_groups):
+  """``(x_hat, x_hat * scale + bias)`` in float32 with ``x``'s shape."""
+  x_hat = ((_grouped(x, num_groups) - mean) * rstd).reshape(x.shape)
+  return x_hat, x_hat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+def _group_norm_forward(x, scale, bias, num_groups, epsilon, activation, dtype):
+  grouped = _grouped(x, num_groups)
+  axes = _group_axes(grouped)
+  mean = jnp.mean(grouped, axis=axes, keepdims=True)
+  var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
+  rstd = lax.rsqrt(var + epsilon)
+  _, y = _normalized_and_affine(x, scale, bias, mean, rstd, num_groups)
+  return activation_fn(activation)(y).astype(dtype), (x, scale, bias, mean, rstd)
+
+
+def _group_norm_bwd(num_groups, epsilon, activation, dtype, residuals, cotangent):
+  del epsilon, dtype  # folded into rstd / the cotangent's dtype
+  x, scale, bias, mean, rstd = residuals
+  # Recomputed from an ``x`` tied to the cotangent: the same expression of the plain ``x`` would
+  # be merged with the forward's (XLA's CSE), which then keeps its float32 results alive across
+  # the network, just what this function avoids.
+  x_hat, y = _normalized_and_affine(_after(x, cotangent), scale, bias, mean, rstd, num_groups)
+  _, activation_vjp = jax.vjp(activation_fn(activation), y)
+  (dy,) = activation_vjp(cotangent.astype(jnp.float32))
+  outer = tuple(range(x.ndim - 1))  # batch and spatial axes: per-channel parameter gradients
+  d_scale = jnp.sum(dy * x_hat, axis=outer).astype(scale.dtype)
+  d_bias = jnp.sum(dy, axis=outer).astype(bias.dtype)
+  # d x = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) with g = dy * scale, means per group.
+  g = _grouped(dy * scale.astype(jnp.float32), num_groups)
+  x_hat = x_hat.reshape(g.shape)
+  axes = _group_axes(g)
+  dx = rstd * (
+    g
+    - jnp.mean(g, axis=axes, keepdims=True)
+    - x_hat * jnp.mean(g * x_hat, axis=axes, keepdims=True)
+  )
+  return dx.reshape(x.shape).astype(x.dtype), d_scale, d_bias
+
+
+group_norm.defvjp(_group_norm_forward, _group_norm_bwd)
 
 
 # -- fixed resampling -----------------------------------------------------------------------------
@@ -502,13 +607,51 @@ def max_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
 def call_block(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
   """``block(x)``, rematerialised in the backward pass when ``remat`` (gradient checkpointing).
 
-  With remat only the block's input is kept for the backward pass; its internal activations are
-  recomputed, trading one extra forward of the block for memory (PyTorch ``checkpoint``).
+  With remat the forward pass keeps only the block's input (and its parameters, which live
+  anyway); the backward pass recomputes the block's forward from it and differentiates that,
+  trading one extra forward of the block for memory (PyTorch ``checkpoint``). The block must be
+  pure: state it updates in the call (none of ours does) would be dropped.
+
+  Written as a ``jax.custom_vjp`` rather than ``jax.checkpoint`` because of where the recompute
+  is scheduled. ``jax.checkpoint`` keeps XLA from merging the recompute with the forward pass
+  (common-subexpression elimination) by an optimisation barrier, but XLA:CPU drops the barriers
+  right after CSE, and then nothing ties the recompute to its place in the backward pass: the
+  scheduler runs every block's recompute as soon as its input exists, i.e. during the forward,
+  and all of them stay live. Memory was then that of no remat at all (``docs/memory.md``). Here
+  the recompute reads the input only through :func:`_after` the incoming cotangent, a real data
+  dependency no pass removes, so each block is recomputed just before its own backward and its
+  internals die with it.
   """
-  if remat:
-    return nnx.remat(_apply)(block, x)
-  return block(x)
+  if not remat:
+    return block(x)
+  graphdef, state = nnx.split(block)
+  return _rematerialized(graphdef, state, x)
 
 
-def _apply(block: nnx.Module, x: jax.Array) -> jax.Array:
-  return block(x)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rematerialized(graphdef, state, x: jax.Array) -> jax.Array:
+  return nnx.merge(graphdef, state)(x)
+
+
+def _rematerialized_fwd(graphdef, state, x):
+  return nnx.merge(graphdef, state)(x), (state, x)
+
+
+def _rematerialized_bwd(graphdef, residuals, cotangent):
+  state, x = residuals
+  x = _after(x, cotangent)
+  _, vjp = jax.vjp(lambda s, v: nnx.merge(graphdef, s)(v), state, x)
+  return vjp(cotangent)
+
+
+_rematerialized.defvjp(_rematerialized_fwd, _rematerialized_bwd)
+
+
+def _after(x: jax.Array, y: jax.Array) -> jax.Array:
+  """``x`` unchanged, but computed from ``y``: ``x + 0 * y[0, .., 0]`` (a non-finite ``y[0]``
+  counts as 0, so it cannot turn ``x`` into NaN). XLA does not fold ``0 * v`` for floats (it is
+  NaN for an infinite ``v``), so the dependency survives every pass and orders the work that
+  reads the result after ``y``."""
+  first = y[(0,) * y.ndim]
+  zero = jnp.where(jnp.isfinite(first), first, 0) * 0
+  return x + zero.astype(x.dtype)

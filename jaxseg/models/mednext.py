@@ -35,7 +35,8 @@ half, quarter, eighth, sixteenth)`` of logits, finest first (MedNeXt's ``[x, x_d
 x_ds_4]``), from extra 1x1 heads after dec1, dec2, dec3 and the bottleneck.
 
 Remat: with ``remat=True`` every block (including down and up blocks) is rematerialised in the
-backward pass, PyTorch's ``checkpoint_style='outside_block'``.
+backward pass, PyTorch's ``checkpoint_style='outside_block'``; the memory it saves (MedNeXt-L at
+128^3, batch 2: about 20 GB per device for the step) is counted in ``docs/memory.md``.
 
 Parameter counts (1 -> 6 channels): S/k3 5,551,046 (paper: 5.6 M), B/k3 10,526,438 (10.5 M),
 M/k3 17,549,094 (17.6 M), L/k3 61,779,398 (61.8 M), L/k5 62,993,030 (63.0 M). The reference
