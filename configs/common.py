@@ -83,6 +83,8 @@ def tune_defaults() -> ml_collections.ConfigDict:
   tune.split = "val"
   tune.force_test = False
   tune.trial_timeout_s = 300.0  # per trial, in a child process; a timed-out trial scores worst
+  # The Optuna study's name in tune/<decoder>/study.db; "{decoder}" is replaced by the decoder.
+  tune.study_name = "jaxseg-{decoder}"
   # Which tried setting each decoder keeps: "best" (the best score) or "flat" (the one whose grid
   # neighbours, one step along each numeric parameter and waterz's merge threshold, score best
   # on average: a small validation crop ranks single points by noise, a flat optimum transfers).

@@ -7,12 +7,14 @@ small shapes, a small model and short schedules, so every stage runs in minutes 
 
 import ml_collections
 
-from configs import nisb_base
+from configs import common, nisb_base
 from jaxseg.synthesis.config import default_config as synth_defaults
 
 
 def get_config(arg=None):
   config = nisb_base.get_config(arg)
+  # The NISB tutorial names its study; this recipe's studies keep jaxseg's own name.
+  config.tune.study_name = common.tune_defaults().study_name
   config.name = "demo"
 
   # -- generated data: the seeds and resolution of `data` follow `data.synth` ---------------------

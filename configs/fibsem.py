@@ -12,7 +12,7 @@ The settings are the ones the ablation in ``benchmarks/RESULTS.md`` ("Real EM ac
 
 import ml_collections
 
-from configs import nisb_base
+from configs import common, nisb_base
 
 
 def get_config(arg=None):
@@ -20,6 +20,8 @@ def get_config(arg=None):
   if arg not in (None, "", "gpu"):
     raise ValueError(f"configs/fibsem.py takes no argument or ':gpu', got {arg!r}")
   config = nisb_base.get_config()
+  # The NISB tutorial names its study; this recipe's studies keep jaxseg's own name.
+  config.tune.study_name = common.tune_defaults().study_name
   config.name = "fibsem"
 
   # -- data: the two gala crops; val and test are two z ranges of the test crop ------------------

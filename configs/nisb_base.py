@@ -160,7 +160,9 @@ def get_config(arg=None):
   tune.split = "val"
   tune.trial_timeout_s = 3600.0
   tune.cc.objective = "nerl"
-  tune.cc.threshold_grid = (0.50, 0.90, 0.02)  # (low, high, step): 21 points, inclusive
+  # The NISB / LICONN tutorial's grid and study name (nisb_base_banis_cc_tuning).
+  tune.cc.threshold_grid = (0.40, 0.94, 0.06)  # (low, high, step): 10 points, inclusive
+  tune.study_name = "nisb_base_banis_{decoder}_tuning"
 
   # -- the chain (python -m jaxseg.run) ---------------------------------------------------------
   config.run = common.run_defaults(decoders=("cc",))

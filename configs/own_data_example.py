@@ -14,11 +14,13 @@ and a short schedule sized for a CPU. On a GPU, take ``nisb_base``'s MedNeXt (se
 
 import ml_collections
 
-from configs import nisb_base
+from configs import common, nisb_base
 
 
 def get_config(arg=None):
   config = nisb_base.get_config(arg)
+  # The NISB tutorial names its study; this recipe's studies keep jaxseg's own name.
+  config.tune.study_name = common.tune_defaults().study_name
   config.name = "own_data_example"
 
   # -- data: which files make up each split -----------------------------------------------------

@@ -173,6 +173,7 @@ def get_config(arg=None):
   tune.split = "test" if pytc_compat else "val"
   tune.force_test = pytc_compat  # PyTC's SNEMI3D tuning set is its test volume
   tune.trial_timeout_s = 300.0
+  tune.study_name = "snemi_{decoder}_tuning"  # the SNEMI tutorial's snemi_waterz_tuning
   tune.waterz.n_trials = 25
   tune.waterz.n_startup_trials = 10
 

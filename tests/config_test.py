@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from jaxseg.common import config_util
+from jaxseg.tuning import search
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +94,12 @@ def test_nisb_and_liconn_recipe_numbers():
     "float16",
   )
   assert (base.decode.method, base.decode.threshold) == ("cc", 0.75)
-  assert (base.tune.cc.threshold_grid, base.tune.cc.objective) == ((0.50, 0.90, 0.02), "nerl")
+  # The NISB / LICONN tutorial's grid and study name.
+  assert (base.tune.cc.threshold_grid, base.tune.cc.objective) == ((0.40, 0.94, 0.06), "nerl")
+  assert search.grid_values(base.tune.cc.threshold_grid, "g")[-1] == 0.94
+  assert search.study_name(base, "cc") == "nisb_base_banis_cc_tuning"
+  snemi = config_util.load_config(str(REPO_ROOT / "configs" / "snemi.py"))
+  assert search.study_name(snemi, "waterz") == "snemi_waterz_tuning"
   assert base.run.decoders == ("cc",)
   aug = base.data.aug
   assert (aug.name, aug.slice_shift_max, aug.affine_shear, aug.noise_std) == (

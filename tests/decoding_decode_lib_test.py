@@ -419,3 +419,12 @@ def test_waterz_decode_warns_before_a_watershed_that_cuts_too_finely(tmp_path, c
     summary = decode_lib.decode(settings, sharp, str(tmp_path / "s"), show_progress=False)
   assert summary["watershed_estimate"]["voxels_per_region"] >= 20
   assert not [r for r in caplog.records if "watershed would leave" in r.getMessage()]
+
+
+@pytest.mark.parametrize("no_mask", ["", "null", "None", "NONE", " null ", None])
+def test_null_mask_path_means_no_mask(no_mask, tmp_path):
+  """PyTC's tutorial turns the mask off with ``affinity_mask_path=null``: not a file name."""
+  settings = decode_settings({"method": "cc", "affinity_mask_path": no_mask})
+  assert settings.affinity_mask_path == ""
+  real = str(tmp_path / "null.zarr")
+  assert decode_settings({"method": "cc", "affinity_mask_path": real}).affinity_mask_path == real

@@ -768,3 +768,17 @@ def test_flat_selection_spans_waterz_parameters_and_merge_thresholds(data_root):
   )
   best = tune_lib.select_point(rows, search.search_space(make_config(data_root), "waterz"))
   assert best["number"] == 1 and best["threshold"] == 0.3
+
+
+def test_a_study_under_another_name_is_another_study(cc_run):
+  """``tune.study_name`` (the tutorials' ``snemi_waterz_tuning``): a work dir tuned under the old
+  name is refused, not silently started again beside it; a bad template is one line."""
+  config = cc_run["config"].copy_and_resolve_references()
+  config.tune.study_name = "nisb_base_banis_{decoder}_tuning"
+  with pytest.raises(OutputError, match="study_name"):
+    tune_lib.tune(config, cc_run["workdir"], checkpoint=cc_run["ckpt"], decoder="cc",
+                  show_progress=False)  # fmt: skip
+  config.tune.study_name = "{model}_tuning"
+  with pytest.raises(ConfigError, match=r"config\.tune\.study_name '\{model\}_tuning'"):
+    tune_lib.tune(config, cc_run["workdir"], checkpoint=cc_run["ckpt"], decoder="cc",
+                  show_progress=False)  # fmt: skip

@@ -262,6 +262,17 @@ def default_config() -> ml_collections.ConfigDict:
   return decode
 
 
+# What PyTC's tutorial writes for "no mask" (``test.decoding.affinity_mask_path=null``), and
+# what a YAML / Python None becomes on the command line.
+NO_MASK = ("", "null", "none")
+
+
+def mask_path(value) -> str:
+  """``decode.affinity_mask_path`` as a path, ``""`` for no mask (None, empty, ``null``, ``None``)."""
+  text = "" if value is None else str(value).strip()
+  return "" if text.lower() in NO_MASK else text
+
+
 def decode_settings(config_or_section: Any) -> DecodeSettings:
   """Checks ``config.decode`` (or the section itself) and resolves it.
 
@@ -373,7 +384,7 @@ def decode_settings(config_or_section: Any) -> DecodeSettings:
     aff_threshold_high=high,
     dust=dust_settings,
     branch_merge=branch_settings,
-    affinity_mask_path=str(d["affinity_mask_path"] or ""),
+    affinity_mask_path=mask_path(d["affinity_mask_path"]),
     min_size=min_size,
     blockwise=blockwise,
     block_shape=config_util.triple(d["block_shape"], "config.decode.block_shape", 1),

@@ -142,6 +142,27 @@ class SearchSpace:
     return out
 
 
+DEFAULT_STUDY_NAME = "jaxseg-{decoder}"
+
+
+def study_name(config, decoder: str) -> str:
+  """``config.tune.study_name`` with ``{decoder}`` filled in.
+
+  Raises:
+    ConfigError: a template with other fields, or an empty name.
+  """
+  template = str(config.tune.get("study_name", DEFAULT_STUDY_NAME))
+  try:
+    name = template.format(decoder=decoder)
+  except (KeyError, IndexError, ValueError):
+    raise ConfigError(
+      f"config.tune.study_name {template!r}: only {{decoder}} can be filled in"
+    ) from None
+  if not name.strip():
+    raise ConfigError("config.tune.study_name is empty")
+  return name
+
+
 def search_space(config, decoder: str) -> SearchSpace:
   """The search space of ``config.tune.<decoder>``.
 

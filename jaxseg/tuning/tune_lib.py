@@ -42,7 +42,7 @@ from jaxseg.common.errors import ConfigError, MissingInputError, OutputError
 from jaxseg.common.files import atomic_output, json_ready, read_json, write_json
 from jaxseg.common.outputs import Decision, StageOutput
 from jaxseg.decoding import mws, scoring
-from jaxseg.decoding.settings import decode_settings
+from jaxseg.decoding.settings import decode_settings, mask_path
 from jaxseg.inference import cache
 from jaxseg.io.datasets import LabeledVolume, dataset_volumes
 from jaxseg.io.skeleton import workdir_cache_dir, workdir_skeleton_dir
@@ -126,9 +126,14 @@ def study_fingerprint(config, space: search.SearchSpace, key: str, split: str) -
   inputs = {v.name: scoring.ground_truth_identity(v) for v in dataset_volumes(config.data, split)}
   if user_mask:
     inputs["affinity_mask"] = outputs.input_identity(user_mask)
+  named = {}
+  name = search.study_name(config, space.decoder)
+  if name != search.DEFAULT_STUDY_NAME.format(decoder=space.decoder):
+    named["study_name"] = name  # a study under another name is another study
   return json.loads(
     json.dumps(
       {
+        **named,
         "space": space.fingerprint(),
         "split": split,
         "cache_key": key,
@@ -159,7 +164,7 @@ def trial_setup(
   decode["method"] = space.decoder
   if space.decoder == "waterz":
     decode["thresholds"] = list(space.thresholds)
-  user_mask = decode.get("affinity_mask_path") or None
+  user_mask = mask_path(decode.get("affinity_mask_path")) or None
   decode["affinity_mask_path"] = ""  # masks travel per volume
   return {
     "data": config_util.config_to_dict(config.data),
@@ -314,7 +319,7 @@ def _tune_locked(
   open_study = functools.partial(
     search.open_study,
     os.path.join(folder, STUDY_DB),
-    f"jaxseg-{decoder}",
+    search.study_name(config, decoder),
     space,
     fingerprint,
     int(config.seed),
