@@ -96,6 +96,7 @@ def get_config(arg=None):
   # 100 random 128^3 crops of the validation cube. PyTC reseeds them every epoch; we use the same
   # crops at every validation so the monitored loss compares models, not draws of crops.
   train.eval_batches = 100
+  train.preview_every = 0  # validation previews its crops (snemi.py: previews without validation)
   # Checkpoints: every 5000 steps (resume granularity) and at every validation; kept are the
   # latest, the top-3 by val_loss and PyTC's permanent every-50k-steps checkpoints.
   train.checkpoint_every = 5000

@@ -107,6 +107,9 @@ def get_config(arg=None):
   train.log_every = 50
   train.eval_every = 0  # PyTC: no validation set (data.val_sections > 0 holds one out: set both)
   train.eval_batches = 0  # validation batches (fixed crops) per evaluation
+  # Without validation, a preview of a fixed training crop (image, targets, prediction) every
+  # 10 PyTC epochs, as the tutorial logs; 0 = none. Ignored while validation runs (it previews).
+  train.preview_every = 10_000
   train.checkpoint_every = 1000  # = one PyTC epoch; also saved at the end
   train.keep_every = 0  # steps that are multiples of this are never deleted (0: none)
   # Kept: the latest checkpoint (for resuming) plus the top-k by `monitor`. PyTC ranks by

@@ -340,3 +340,31 @@ def test_distributed_switch():
   assert runtime.wants_distributed(config, environ={"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
   config.train.distributed = True
   assert runtime.wants_distributed(config, environ={})
+
+
+def test_training_previews_without_validation(data_root, tmp_path, monkeypatch):
+  """``train.preview_every`` (SNEMI has no validation; PyTC logs image previews): a fixed,
+  unaugmented training crop, its targets and the current prediction, as TensorBoard images and
+  ``previews/train_preview.png``; the crop stays the same while the prediction changes."""
+  images = []
+  original = summary.MetricWriter.write_image
+
+  def recording(self, step, tag, image):
+    images.append((step, tag, np.asarray(image)))
+    original(self, step, tag, image)
+
+  monkeypatch.setattr(summary.MetricWriter, "write_image", recording)
+  config = _config(data_root, **{"train.num_steps": 4, "train.preview_every": 2})
+  train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  assert [(step, tag) for step, tag, _ in images] == [(2, "train/preview"), (4, "train/preview")]
+  (_, _, first), (_, _, last) = images
+  half = first.shape[0] // 2  # top row: image and targets; bottom row: image and prediction
+  assert np.array_equal(first[:half], last[:half]) and first[:half].std() > 0
+  assert not np.array_equal(first[half:], last[half:])
+  assert os.path.getsize(tmp_path / "run" / "previews" / "train_preview.png") > 200
+  # With validation on, its own preview is enough: no training preview.
+  images.clear()
+  config = _config(data_root, **{"train.num_steps": 2, "train.preview_every": 1,
+                                 "train.eval_every": 2, "train.eval_batches": 1})  # fmt: skip
+  train_lib.train_and_evaluate(config, str(tmp_path / "with_val"))
+  assert {tag for _, tag, _ in images} == {"val/preview"}

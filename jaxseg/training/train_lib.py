@@ -294,12 +294,18 @@ def _eval_enabled(config) -> bool:
 
 
 class _Evaluator:
-  """Runs validation on the fixed val crops with the EMA (or raw) parameters."""
+  """Runs validation on the fixed val crops with the EMA (or raw) parameters.
 
-  def __init__(self, config, graphdef, sharding, local_batch: int, volumes):
+  On ``split="train"`` (``train.preview_every`` without validation) the same fixed, unaugmented
+  crops come from the training volumes: a preview of what the net makes of its training data.
+  """
+
+  def __init__(
+    self, config, graphdef, sharding, local_batch: int, volumes, split="val", n_batches=None
+  ):
     self.data = pipeline.TrainData(
       config,
-      "val",
+      split,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       volumes=volumes,
@@ -307,7 +313,7 @@ class _Evaluator:
     self.step_fn = make_eval_step(config, graphdef, sharding, self.data.read_shape)
     self.sharding = sharding
     self.local_batch = local_batch
-    self.n_batches = int(config.train.eval_batches)
+    self.n_batches = int(config.train.eval_batches if n_batches is None else n_batches)
 
   def __call__(self, params, rest) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     totals, preview = [], None
@@ -446,6 +452,16 @@ class _TrainingRun:
       if _eval_enabled(config)
       else None
     )
+    # Previews of a fixed training crop where there is no validation to show (SNEMI: PyTC logs
+    # image previews every 10 epochs and holds no validation volume out).
+    self.preview_every = int(train_cfg.get("preview_every", 0))
+    self.previewer = (
+      _Evaluator(
+        config, self.graphdef, self.sharding, self.local_batch, self.volumes["train"], "train", 1
+      )
+      if self.preview_every > 0 and self.evaluator is None
+      else None
+    )
     self.writer = summary.MetricWriter(self.workdir, enabled=self.is_main)
     self.stack.callback(self.writer.close)
     self.voxels_per_step = self.global_batch * math.prod(int(p) for p in config.data.patch_size)
@@ -571,10 +587,24 @@ class _TrainingRun:
     if self.evaluator is not None and (step % self.eval_every == 0 or is_last):
       self._drain()
       evaluated = self.last_val = self._evaluate(step)
+    if self.previewer is not None and (step % self.preview_every == 0 or is_last):
+      self._drain()
+      self._preview(step)
     periodic = self.ckpt_every > 0 and step % self.ckpt_every == 0
     if periodic or is_stop or (evaluated is not None and self.monitor_on_val):
       self._save(step, evaluated)
     self.overhead += time.perf_counter() - t0
+
+  def _preview(self, at: int) -> None:
+    """``train/preview`` (TensorBoard and ``previews/train_preview.png``): a fixed training crop's
+    mid-z slice, its affinity targets and the prediction of the EMA (or raw) weights."""
+    state = self.state
+    params = state["ema"] if state["ema"] is not None else state["params"]
+    _, preview = self.previewer(params, state["rest"])
+    self.writer.write_image(
+      at, "train/preview", summary.preview_grid(preview["image"], preview["target"],
+                                                preview["prediction"])
+    )  # fmt: skip
 
   def _evaluate(self, at: int) -> dict:
     state = self.state
