@@ -135,12 +135,16 @@ def _commands(lab) -> dict[str, tuple[str, list[str]]]:
       ],
     ),
     "run": ("jaxseg.run", [demo, *data, f"--workdir={lab}"]),
+    "export": (
+      "jaxseg.export",
+      [f"--input={lab}/aff.zarr", "--format=h5", "--axis_order=xyz", f"--output={lab}"],
+    ),
   }
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
 @pytest.mark.parametrize(
-  "command", ["synth", "train", "predict", "decode", "qc", "tune", "evaluate", "run"]
+  "command", ["synth", "train", "predict", "decode", "qc", "tune", "evaluate", "run", "export"]
 )
 def test_no_command_touches_the_users_folder(lab, command, overwrite):
   before = snapshot(lab)

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from jaxseg.common import outputs
+from jaxseg.common.errors import InputError
 from jaxseg.common.outputs import Decision, StageOutput, input_identity
 from jaxseg.common.progress import progress
 from jaxseg.io import Volume, VolumeError, block_chunks, create_zarr, open_volume
@@ -47,6 +48,7 @@ def mask_spec(
   *,
   image: str | os.PathLike | Volume | None = None,
   shape: Sequence[int] | None = None,
+  where: str | os.PathLike | None = None,
 ) -> tuple[dict, Volume | None]:
   """The mask's spec and the image its ring rule reads (None when it needs none).
 
@@ -55,16 +57,20 @@ def mask_spec(
     image: the image (default: the report's ``img``); ``[z, y, x]`` or ``[c, z, y, x]``.
     shape: the mask's ``(z, y, x)`` (default: the report's ``shape``, else the image's, else the
       affinities' (``out``)).
+    where: what the messages name (default: the report's path when given one).
 
   Raises:
-    ValueError: a front matter without usable ``low_z`` / ``high_z`` / ``bg_thresh`` /
-      ``border_width``, or one that contradicts ``shape``.
+    InputError: a front matter without usable ``low_z`` / ``high_z`` / ``bg_thresh`` /
+      ``border_width``, or one that contradicts ``shape`` (one line naming ``where``).
     VolumeError: an unreadable image or affinities, or shapes that disagree.
   """
+  if where is None and isinstance(report_or_frontmatter, (str, os.PathLike)):
+    where = report_or_frontmatter
+  named = f"{os.fspath(where)}: " if where is not None else ""
   fm = _frontmatter(report_or_frontmatter)
   for key in ("low_z", "high_z", "bg_thresh", "border_width"):
     if key not in fm:
-      raise ValueError(f"QC front matter lacks {key!r} (has {sorted(fm)})")
+      raise InputError(f"{named}QC front matter lacks {key!r} (has {sorted(fm)})")
   low, high, width = int(fm["low_z"]), int(fm["high_z"]), int(fm["border_width"])
   bg_thresh = fm["bg_thresh"]
   image_spec = image if image is not None else fm.get("img")
@@ -80,20 +86,23 @@ def mask_spec(
     elif fm.get("out"):
       shape = open_volume(os.fspath(fm["out"])).shape[-3:]
     else:
-      raise ValueError("no mask shape: pass shape=, or a report with 'shape', 'img' or 'out'")
+      raise InputError(
+        f"{named}no mask shape: pass shape=, or a report with 'shape', 'img' or 'out'"
+      )
   shape = tuple(int(n) for n in shape)
   if len(shape) != 3 or min(shape) < 1:
-    raise ValueError(f"mask shape must be three positive sizes (z, y, x), not {shape}")
+    raise InputError(f"{named}mask shape must be three positive sizes (z, y, x), not {shape}")
   if reported is not None and tuple(int(n) for n in reported[-3:]) != shape:
     raise VolumeError(
-      f"the QC report was made for (z, y, x) {tuple(reported[-3:])}, but the mask is {shape}"
+      f"{named}the QC report was made for (z, y, x) {tuple(reported[-3:])}, but the mask is {shape}"
     )
   if img is not None and tuple(img.shape[-3:]) != shape:
     raise VolumeError(f"{img.path}: image (z, y, x) {tuple(img.shape[-3:])} is not the mask's {shape}")  # fmt: skip
   # low == high is a QC that passed no section: a mask that keeps nothing.
   if not 0 <= low <= high <= shape[0]:
-    raise ValueError(
-      f"QC low_z {low} / high_z {high} must satisfy 0 <= low_z <= high_z <= {shape[0]} sections"
+    raise InputError(
+      f"{named}QC low_z {low} / high_z {high} must satisfy 0 <= low_z <= high_z <= {shape[0]} "
+      "sections"
     )
   spec = {
     "low_z": low,
@@ -133,6 +142,7 @@ def build_affinity_mask(
   overwrite: bool = False,
   block_shape: Sequence[int] = DEFAULT_BLOCK_SHAPE,
   show_progress: bool = False,
+  where: str | os.PathLike | None = None,
 ) -> Volume:
   """Builds (or reuses) the affinity mask of a QC report.
 
@@ -144,6 +154,7 @@ def build_affinity_mask(
     overwrite: replace an existing array that is not this mask.
     block_shape: the decoder's block shape; chunks divide it (``block_chunks``).
     show_progress: a progress bar over the slabs.
+    where: what error messages name (default: the report's path when given one).
 
   Returns:
     The mask, opened for reading.
@@ -154,7 +165,7 @@ def build_affinity_mask(
     VolumeError: bad inputs, as :func:`mask_spec`.
   """
   output = os.path.abspath(os.fspath(output))
-  spec, img = mask_spec(report_or_frontmatter, image=image, shape=shape)
+  spec, img = mask_spec(report_or_frontmatter, image=image, shape=shape, where=where)
   shape = tuple(spec["shape"])
   folder, name = os.path.split(output.rstrip("/"))
   partial_name = name + ".partial"
