@@ -1,7 +1,12 @@
-r"""Inference benchmarks: host memory against volume size, streaming overhead, GPU speed.
+r"""Inference benchmarks: window plans, host memory against volume size, streaming overhead, GPU.
 
 Cases (each prints a markdown table; ``--output`` saves all numbers as one JSON document):
 
+* ``plan``: no model, the plan alone: windows of the volume, windows computed, model calls, for
+  the demo setting and a NISB-shaped one (``--plan_volume``, 128^3 windows at overlap 0.5 in
+  512^3 blocks, batch 8), beside what predicting every block on its own (each window once per
+  block it touches, a partly empty last batch per block) would run. Goal: computed / windows
+  <= 1.02 and model calls = ceil(windows / batch).
 * ``memory``: peak host RSS of a child process predicting a volume V and a volume 8V (2x per
   axis) with the same block shape and a tiny RSUNet on CPU. Goal: 8V within 1.25x of V, because
   the streamer holds a few blocks, never the volume. Each child resets its RSS high-water mark
@@ -12,14 +17,14 @@ Cases (each prints a markdown table; ``--output`` saves all numbers as one JSON 
   in the same process) against pure model time: the same number of model calls with the same
   batch shape (``[sw_batch_size, *window, 1]`` float32) through the jitted ``apply``, dispatched
   one after the other as the engine's steps are. Each repetition times both back to back and the
-  median ratio is reported (other processes may share the CPU). ``predict_volumes`` traces and
-  compiles its engine again on every call, so the compile seconds inside each timed run are
-  measured (``jax.monitoring``) and the overhead is given with and without them. Also reported:
-  windows, blocks, the windows recomputed because they straddle block boundaries plus the
-  blocks' partly filled last batches (the overhead over the *volume's* windows in full batches),
-  and a serial breakdown of one pass: hull read, normalisation, device_put, engine (model +
-  window cutting, blending, accumulation, finalize) against the bare model, copy back, write.
-  Goal: total / model - 1 <= 20%.
+  median ratio is reported (other processes may share the CPU). ``predict_volumes`` traces its
+  engine again on every call; with ``--compilation_cache`` (the default, as the entry points
+  run) XLA's executables come from the persistent cache the warm-up filled. The tracing and
+  compile seconds inside each timed run are measured (``jax.monitoring``) and the overhead is
+  given with and without them. Also reported: windows, windows computed, model calls, and a
+  serial breakdown of one pass: hull read, normalisation, engine (hulls to the device, window
+  cutting and packing, model, blending, folds and carries, finalize) against the bare model,
+  copy back, write. Goal: total / model - 1 <= 20%.
 * ``snemi`` (GPU): a SNEMI3D-sized volume (100 x 1024 x 1024 uint8) with the SNEMI RSUNet preset
   (``configs/snemi.py``, random weights, bf16 compute as configured): seconds, windows/s and
   compile time. Goal: under 10 s.
@@ -30,7 +35,7 @@ The CPU cases run in child processes of this script (``JAX_PLATFORMS=cpu``) so t
 compile caches are their own; the GPU cases run in this process (a first run that compiles, then
 two timed runs). Usage::
 
-  .venv/bin/python benchmarks/predict.py --output=/tmp/predict.json    # CPU: memory, overhead
+  .venv/bin/python benchmarks/predict.py --output=/tmp/predict.json    # plan, memory, overhead
   python benchmarks/predict.py --gpu --cases= --output=gpu.json         # snemi, mednext only
   .venv/bin/python benchmarks/predict.py --cases= --gpu_smoke          # GPU code, tiny shapes
 
@@ -41,6 +46,7 @@ memory too); outputs are the library's affinity zarrs.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -66,7 +72,7 @@ _machine = load_sibling(__file__, "machine")
 DEMO = os.path.join(REPO, "configs", "demo.py")
 SNEMI = os.path.join(REPO, "configs", "snemi.py")
 NISB = os.path.join(REPO, "configs", "nisb_base.py")
-CPU_CASES = ("memory", "overhead")
+CPU_CASES = ("plan", "memory", "overhead")
 
 _CASES = flags.DEFINE_list("cases", list(CPU_CASES), f"CPU cases to run: {', '.join(CPU_CASES)}.")
 _GPU = flags.DEFINE_bool(
@@ -91,12 +97,17 @@ _BREAKDOWN = flags.DEFINE_bool("breakdown", True, "overhead: also time each stag
 _SNEMI_VOLUME = flags.DEFINE_list("snemi_volume", ["100", "1024", "1024"], "snemi: volume.")
 _MEDNEXT_VOLUME = flags.DEFINE_list("mednext_volume", ["256", "512", "512"], "mednext: volume.")
 _MEDNEXT_CALLS = flags.DEFINE_integer("mednext_calls", 8, "mednext: timed model-only calls.")
+_PLAN_VOLUME = flags.DEFINE_list("plan_volume", ["1024", "1024", "1024"], "plan: NISB volume.")
+_CACHE = flags.DEFINE_bool(
+  "compilation_cache", True, "CPU children: JAX's persistent compilation cache (a fresh folder)."
+)
 _CHILD = flags.DEFINE_string("child", "", "Internal: run one CPU case from this JSON spec file.")
 
 MB = 1024 * 1024
 GOAL_RSS_RATIO = 1.25
 GOAL_OVERHEAD = 0.20
 GOAL_SNEMI_S = 10.0
+GOAL_REDUNDANCY = 1.02
 
 
 def _ints(values) -> tuple[int, ...]:
@@ -126,27 +137,43 @@ def write_image(path: str, shape, seed: int = 0) -> str:
 
 
 def window_counts(config, volume_shape) -> dict:
-  """Windows of the volume, windows run block by block, and model calls (batches) for both."""
+  """The volume's windows, the windows the planned tasks compute and the model calls they take.
+
+  ``windows_per_block`` is what a streamer that predicts every block on its own would run (each
+  window once per block it touches): the scheme before windows were owned by one block.
+  """
+  from jaxseg.inference.schedule import plan_tasks
   from jaxseg.inference.settings import inference_settings
 
   s = inference_settings(config)
   g = s.plan(volume_shape)
-  per_block = [len(b.windows) for b in g.blocks()]
-  calls = sum(math.ceil(n / s.batch_size) for n in per_block)
-  minimal = math.ceil(g.num_windows / s.batch_size)
+  tasks = plan_tasks(g, np.zeros(g.grid, bool))
+  computed = sum(t.num_windows for t in tasks)
+  per_block = []  # windows touching each block
+  for block in g.blocks():
+    count = 1
+    for axis in range(3):
+      lo, hi = g.useful[axis]
+      starts = g.starts[axis][lo:hi]
+      p0, p1 = block.region_start[axis], block.region_stop[axis]
+      count *= int(np.sum((starts < p1) & (starts + g.window[axis] > p0)))
+    per_block.append(count)
   return {
     "volume": list(volume_shape),
     "window": list(s.window),
     "stride": list(g.stride),
     "block": list(g.block_shape),
-    "acc_shape": list(g.acc_shape),
+    "frame_shape": list(g.frame_shape),
+    "carry_shape": list(g.carry_shape),
     "batch": s.batch_size,
     "blocks": g.num_blocks,
     "windows": g.num_windows,
-    "windows_run": sum(per_block),
-    "redundancy": sum(per_block) / g.num_windows,
-    "model_calls": calls,
-    "model_calls_min": minimal,
+    "windows_computed": computed,
+    "redundancy": computed / g.num_windows,
+    "model_calls": math.ceil(computed / s.batch_size),
+    "model_calls_min": math.ceil(g.num_windows / s.batch_size),
+    "windows_per_block": sum(per_block),
+    "model_calls_per_block": sum(math.ceil(n / s.batch_size) for n in per_block),
   }
 
 
@@ -316,8 +343,8 @@ def child_overhead(spec: dict) -> dict:
     "overhead": median(lambda r: r["wall"] / r["model_wall"]) - 1.0,
     "overhead_no_compile": median(lambda r: (r["wall"] - r["compile"]) / r["model_wall"]) - 1.0,
     "overhead_cpu_time": median(lambda r: r["cpu"] / r["model_cpu"]) - 1.0,
-    # Against the volume's own windows, each run once in full batches: adds the windows
-    # recomputed because they straddle blocks and the blocks' partly filled last batches.
+    # Against the volume's own windows, each run once in full batches (what the plan runs,
+    # unless it computes halos).
     "overhead_vs_volume_windows": median(lambda r: r["wall"] * calls / (r["model_wall"] * minimal))
     - 1.0,
     "overhead_vs_volume_windows_no_compile": median(
@@ -331,12 +358,13 @@ def child_overhead(spec: dict) -> dict:
 
 
 def breakdown(config, apply, variables, image: str, work: str, timer: ModelTimer) -> dict:
-  """One serial pass over every block, each stage timed on its own (nothing overlaps).
+  """One serial pass over every task, each stage timed on its own (nothing overlaps).
 
-  Uses the library's public pieces in the order ``predict_lib`` runs them: read the padded hull
-  and normalise it into the zero-filled accumulator-shaped array, put it on the device, run the
-  engine (model + window cutting + blending + accumulation + finalize), copy the block back,
-  write it (with its completion marker).
+  Uses the library's pieces in the order ``predict_lib`` runs them: read every task's padded
+  hull and normalise it into the zero-filled hull-shaped array; run the engine (hulls to the
+  device, windows cut and packed into batches, model, blending, the folds and carries, finalize)
+  and wait for every output; copy the blocks and carries back; write them (blocks, completion
+  markers, carry files). The pass runs twice; the second is timed (the first compiles).
   """
   import jax
 
@@ -344,6 +372,7 @@ def breakdown(config, apply, variables, image: str, work: str, timer: ModelTimer
   from jaxseg.inference import engine as engine_lib
   from jaxseg.inference import predict_lib, tta
   from jaxseg.inference.geometry import read_padded
+  from jaxseg.inference.schedule import plan_tasks, task_layout
   from jaxseg.inference.settings import inference_settings
   from jaxseg.io import block_chunks, create_zarr
   from jaxseg.training import sharding as sharding_lib
@@ -363,38 +392,57 @@ def breakdown(config, apply, variables, image: str, work: str, timer: ModelTimer
     chunks=(channels, *block_chunks(g.block_shape)),
   )
   done = create_zarr(f"{work}/breakdown.zarr/done", g.grid, np.uint8, chunks=(1, 1, 1))
-  stages = dict.fromkeys(["read", "normalise", "device_put", "engine", "fetch", "write"], 0.0)
-  stages["model_only"] = 0.0
-  blocks = list(g.blocks())
-  for i, block in enumerate([blocks[0], *blocks]):  # block 0 twice: the first compiles
+  os.makedirs(f"{work}/breakdown.zarr/scratch", exist_ok=True)
+  tasks = plan_tasks(g, np.zeros(g.grid, bool))
+  stages = {}
+  for _ in range(2):  # the first pass compiles
     t = [time.perf_counter()]
-    raw = read_padded(volume, block.hull_start, block.hull_stop, g.pad, s.pad_mode)
+    raws = []
+    for task in tasks:
+      lay = task_layout(g, task)
+      raws.append(read_padded(volume, lay.hull_start, lay.hull_stop, g.pad, s.pad_mode))
     t.append(time.perf_counter())
-    values = normalize_image(raw, config.data, None)
-    hull = np.zeros((*g.acc_shape, values.shape[0]), np.float32)
-    hz, hy, hx = values.shape[1:]
-    hull[:hz, :hy, :hx] = np.moveaxis(values, 0, -1)
+    hulls = []
+    for raw in raws:
+      values = normalize_image(raw, config.data, None)
+      hull = np.zeros((*g.hull_shape, values.shape[0]), np.float32)
+      hz, hy, hx = values.shape[1:]
+      hull[:hz, :hy, :hx] = np.moveaxis(values, 0, -1)
+      hulls.append(hull)
     t.append(time.perf_counter())
-    on_device = jax.block_until_ready(engine.put_hull(hull))
+    finished = []
+    carries = {}
+
+    def keep(f, carries=carries, finished=finished):
+      finished.append(f)
+      carries.update({f.task.y_out: f.y_out, f.task.z_out: f.z_out})
+
+    def carries_of(task, carries=carries):
+      return carries.get(task.y_in), carries.get(task.z_in)
+
+    stream = engine.stream(g, 1, keep)
+    for task, hull in zip(tasks, hulls, strict=True):
+      stream.push(task, hull, functools.partial(carries_of, task))
+    stream.close()
+    jax.block_until_ready([[f.block, f.y_out, f.z_out] for f in finished])
     t.append(time.perf_counter())
-    result = jax.block_until_ready(engine.predict_block(on_device, block, g.block_shape))
+    host = [(f.task, *(None if a is None else np.asarray(a) for a in f[1:])) for f in finished]
     t.append(time.perf_counter())
-    size = [e - b for b, e in zip(block.out_start, block.out_stop, strict=True)]
-    host = np.asarray(result)[:, : size[0], : size[1], : size[2]]
+    for task, block, y_out, z_out in host:
+      b = task.block
+      size = [e - a for a, e in zip(b.out_start, b.out_stop, strict=True)]
+      out.write((0, *b.out_start), block[:, : size[0], : size[1], : size[2]]).result()
+      done.write(tuple(b.index), np.ones((1, 1, 1), np.uint8)).result()
+      for key, array in ((task.y_out, y_out), (task.z_out, z_out)):
+        if key is not None:
+          np.save(f"{work}/breakdown.zarr/scratch/{key}.npy", array)
     t.append(time.perf_counter())
-    out.write((0, *block.out_start), host).result()
-    done.write(tuple(block.index), np.ones((1, 1, 1), np.uint8)).result()
-    t.append(time.perf_counter())
-    if i == 0:
-      continue
-    for name, a, b in zip(stages, t[:-1], t[1:], strict=False):  # the six timed stages
-      stages[name] += b - a
-    # The same calls of the bare model, right after the engine's (under the same load).
-    stages["model_only"] += timer(math.ceil(len(block.windows) / engine.batch_size))[0]
+    names = ("read", "normalise", "engine", "fetch", "write")
+    stages = {name: b - a for name, a, b in zip(names, t[:-1], t[1:], strict=True)}
+  # The same calls of the bare model, right after the engine's (under the same load).
+  stages["model_only"] = timer(stream.model_calls)[0]
   stages["engine_beyond_model"] = stages["engine"] - stages["model_only"]
-  stages["serial_total"] = sum(
-    stages[k] for k in ("read", "normalise", "device_put", "engine", "fetch", "write")
-  )
+  stages["serial_total"] = sum(stages[k] for k in names)
   return stages
 
 
@@ -402,6 +450,8 @@ def run_child(case: str, spec: dict, work: str) -> dict:
   """Runs one CPU case in a fresh ``JAX_PLATFORMS=cpu`` process of this script."""
   spec = {**spec, "case": case, "result": os.path.join(work, f"{case}_{time.time_ns()}.json")}
   spec_path = spec["result"] + ".spec"
+  if _CACHE.value:
+    spec["compilation_cache"] = os.path.join(work, f"xla_cache_{case}")
   with open(spec_path, "w") as f:
     json.dump(spec, f)
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -445,20 +495,22 @@ def memory_case(work: str) -> dict:
       1e-9, v["predict_peak_mb"] - v["rss_before_mb"]
     )
   print("\n### memory: peak host RSS, tiny RSUNet on CPU, same block shape\n")
-  print("| volume | voxels | blocks | windows (run) | RSS before | predict peak | process peak "
+  print("| volume | voxels | blocks | windows (computed) | RSS before | predict peak "
+        "| process peak "
         "| output size | s |")  # fmt: skip
   print("|---|---|---|---|---|---|---|---|---|")
   for name, r in rows.items():
     peak = f"{r['predict_peak_mb']:.0f} MB" if r["predict_peak_mb"] else "-"
     print(
       f"| {name} {tuple(r['volume'])} | {np.prod(r['volume']) / 1e6:.1f} M | {r['blocks']} "
-      f"| {r['windows']} ({r['windows_run']}) | {r['rss_before_mb']:.0f} MB | {peak} "
+      f"| {r['windows']} ({r['windows_computed']}) | {r['rss_before_mb']:.0f} MB | {peak} "
       f"| {r['process_peak_mb']:.0f} MB | {r['output_mb']:.0f} MB | {r['seconds']:.1f} |"
     )
   for name, r in rows.items():
     quarters = ", ".join(f"{q:.0f}" for q in r["rss_quarters_mb"])
     print(
-      f"{name}: accumulator {tuple(r['acc_shape'])}; highest RSS in each quarter of the "
+      f"{name}: frame {tuple(r['frame_shape'])}, carries {tuple(r['carry_shape'])}; highest RSS "
+      f"in each quarter of the "
       f"prediction time: {quarters} MB"
     )
   line = f"8V / V process peak = {result['process_peak_ratio']:.3f} (goal <= {GOAL_RSS_RATIO})"
@@ -469,6 +521,32 @@ def memory_case(work: str) -> dict:
     )
   print(line)
   return result
+
+
+def plan_case() -> dict:
+  """Windows, windows computed and model calls of the demo and NISB-shaped plans (no model)."""
+  from jaxseg.common.config_util import load_config
+
+  cases = {
+    "demo": (load_config(DEMO), _ints(_OH_VOLUME.value)),
+    "nisb": (load_config(NISB, {"infer.block_shape": (512, 512, 512)}), _ints(_PLAN_VOLUME.value)),
+  }
+  rows = {name: window_counts(config, volume) for name, (config, volume) in cases.items()}
+  print("\n### plan: each window computed once, batches filled (no model run)\n")
+  print("| setting | volume | window, stride | block | batch | windows | computed | model calls "
+        "| block by block: windows, calls |")  # fmt: skip
+  print("|---|---|---|---|---|---|---|---|---|")
+  for name, r in rows.items():
+    print(
+      f"| {name} | {tuple(r['volume'])} | {tuple(r['window'])}, {tuple(r['stride'])} "
+      f"| {tuple(r['block'])} | {r['batch']} | {r['windows']} | {r['windows_computed']} "
+      f"({r['redundancy']:.3f}x) | {r['model_calls']} (min {r['model_calls_min']}) "
+      f"| {r['windows_per_block']} ({r['windows_per_block'] / r['windows']:.2f}x), "
+      f"{r['model_calls_per_block']} |"
+    )
+    r["goal_met"] = r["redundancy"] <= GOAL_REDUNDANCY and r["model_calls"] == r["model_calls_min"]
+  print(f"goal: computed / windows <= {GOAL_REDUNDANCY}, model calls = ceil(windows / batch)")
+  return rows
 
 
 def overhead_case(work: str) -> dict:
@@ -495,9 +573,10 @@ def overhead_case(work: str) -> dict:
   print(
     f"volume {tuple(r['volume'])}, block {tuple(r['block'])}, window {tuple(r['window'])}, "
     f"stride {tuple(r['stride'])}, sw_batch_size {r['batch']}: {r['blocks']} blocks, "
-    f"{r['windows']} windows, {r['windows_run']} run block by block ({r['redundancy']:.2f}x), "
+    f"{r['windows']} windows, {r['windows_computed']} computed ({r['redundancy']:.2f}x) in "
     f"{r['model_calls']} model calls (the volume's windows in full batches: "
-    f"{r['model_calls_min']})\n"
+    f"{r['model_calls_min']}; block by block it was {r['windows_per_block']} windows in "
+    f"{r['model_calls_per_block']} calls)\n"
   )
   print("| what | median of runs |")
   print("|---|---|")
@@ -586,7 +665,7 @@ def _gpu_predict(name: str, config, volume, model_batches: int, repeats: int) ->
     "compile_in_run_s": compile_s,
     "seconds_no_compile": seconds - compile_s,
     "windows_per_s": counts["windows"] / (seconds - compile_s),
-    "windows_run_per_s": counts["windows_run"] / (seconds - compile_s),
+    "windows_computed_per_s": counts["windows_computed"] / (seconds - compile_s),
     "voxels_per_s": int(np.prod(volume)) / (seconds - compile_s),
     "model_batch": list(batch),
     "model_calls_timed": model_batches,
@@ -646,7 +725,8 @@ def mednext_case(smoke: bool) -> dict:
 def print_gpu(rows: list[dict]) -> None:
   """The GPU table."""
   print("\n### GPU: random-weight recipe nets, compute dtype as configured\n")
-  print("| net | device | volume | block | windows (run) | first run s (compile s) | predict s "
+  print("| net | device | volume | block | windows (computed) | first run s (compile s) "
+        "| predict s "
         "| of which compile s | windows/s | voxels/s | model voxels/s | model share "
         "| peak GB |")  # fmt: skip
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -655,7 +735,7 @@ def print_gpu(rows: list[dict]) -> None:
     share = r["model_s_for_run"] / r["seconds_no_compile"]
     print(
       f"| {r['case']} | {r['device']} | {tuple(r['volume'])} | {tuple(r['block'])} "
-      f"| {r['windows']} ({r['windows_run']}) | {r['first_run_s']:.1f} ({r['compile_s']:.1f}) "
+      f"| {r['windows']} ({r['windows_computed']}) | {r['first_run_s']:.1f} ({r['compile_s']:.1f}) "
       f"| {r['seconds']:.2f} | {r['compile_in_run_s']:.2f} | {r['windows_per_s']:.1f} "
       f"| {r['voxels_per_s']:.3g} | {r['model_voxels_per_s']:.3g} | {100 * share:.0f}% | {peak} |"
     )
@@ -692,6 +772,10 @@ def child_main(spec_path: str) -> None:
   """Entry point of a child process: runs the case its spec names, writes the result JSON."""
   with open(spec_path) as f:
     spec = json.load(f)
+  if spec.get("compilation_cache"):
+    from jaxseg.common import runtime
+
+    runtime.enable_compilation_cache(spec["compilation_cache"])
   run = {"memory": child_memory, "overhead": child_overhead}[spec["case"]]
   result = run(spec)
   with open(spec["result"], "w") as f:
@@ -711,6 +795,8 @@ def main(argv):
   results = {"machine": info}
   work = tempfile.mkdtemp(prefix="jaxseg_predict_bench_")
   try:
+    if "plan" in _CASES.value:
+      results["plan"] = plan_case()
     if "memory" in _CASES.value:
       results["memory"] = memory_case(work)
     if "overhead" in _CASES.value:

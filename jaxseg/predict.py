@@ -13,7 +13,10 @@ arguments. Examples::
 Inputs: a volume path (zarr / N5 / HDF5 ``file.h5:dataset`` / TIFF / PNG folder / precomputed),
 a NISB cube folder (``.../seed101``), or ``split:test`` (the images of a split of
 ``config.data``). Multi-host: run the same command on every host (``--config.train.distributed``
-or ``JAX_COORDINATOR_ADDRESS``); each process predicts its share of the blocks.
+or ``JAX_COORDINATOR_ADDRESS``); each process predicts a range of slabs of blocks. Compiled steps
+are kept in JAX's persistent compilation cache (``~/.cache/jaxseg/jax``, or
+``$JAXSEG_CACHE_DIR/jax``; ``JAXSEG_COMPILATION_CACHE=0`` turns it off), so a repeated predict
+does not compile them again.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def main(argv: list[str]) -> None:
   import jax
 
   runtime.initialize_distributed(config)
+  runtime.enable_compilation_cache()  # repeated runs load their compiled steps
   from jaxseg.inference.predict_lib import predict
 
   # The user's mistakes (input, checkpoint, settings) raise JaxsegError: one line via cli.

@@ -64,6 +64,8 @@ def main(argv: list[str]) -> int:
 
     raise NeuroglancerMissingError(f"--view: {INSTALL_HINT}")
   runtime.quiet_libraries()
+  # Stages and the processes they start (tuning trials) load compiled steps of earlier runs.
+  runtime.enable_compilation_cache()
   # Imported after flag parsing: --help stays fast; JAX loads only in stages that need it.
   from jaxseg.workflow import chain
 

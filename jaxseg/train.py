@@ -48,6 +48,7 @@ def main(argv: list[str]) -> None:
   import jax
 
   runtime.initialize_distributed(config)
+  runtime.enable_compilation_cache()  # repeated runs load their compiled steps
   from jaxseg.training.train_lib import train_and_evaluate
 
   result = train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value)

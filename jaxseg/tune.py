@@ -57,6 +57,8 @@ def main(argv: list[str]) -> None:
   from jaxseg.tuning.trials import TrialError
 
   runtime.quiet_libraries()
+  # Trials predict with the same compiled steps: each study run loads them instead of compiling.
+  runtime.enable_compilation_cache()
   config = _CONFIG.value
   workdir = _WORKDIR.value
   checkpoint = _CHECKPOINT.value or workdir

@@ -18,6 +18,7 @@ from jaxseg.inference.geometry import (
   stride_for,
   window_starts,
 )
+from jaxseg.inference.schedule import plan_tasks, task_layout
 from jaxseg.io import create_zarr, open_volume
 
 # ---------------------------------------------------------------------------------------------
@@ -168,12 +169,22 @@ def test_gaussian_and_constant_weights():
 # plan_geometry.
 
 
+def _useful(g):
+  """The windows (padded starts) that cover at least one output voxel."""
+  lo = np.array([c[0] for c in g.crop])
+  hi = lo + g.output_shape
+  wnd = np.array(g.window)
+  return {w for w in _all_windows(g) if np.all(np.array(w) < hi) and np.all(w + wnd > lo)}
+
+
 def _check_plan(g):
   """Checks every block of ``g`` against brute force over all windows."""
-  windows = _all_windows(g)
+  useful = _useful(g)
   lo = np.array([c[0] for c in g.crop])
   wnd = np.array(g.window)
   tiled = np.zeros(g.output_shape, np.int32)
+  owners = {}
+  reach = {}  # per axis and block: the furthest end of the windows owned up to that block
   for flat, plan in enumerate(g.blocks()):
     assert plan.flat == flat and plan.index == tuple(np.unravel_index(flat, g.grid))
     assert g.block(plan.index).out_start == plan.out_start
@@ -185,21 +196,41 @@ def _check_plan(g):
     np.testing.assert_array_equal(start, np.array(plan.index) * g.block_shape)
     tiled[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))] += 1
     p0, p1 = start + lo, stop + lo
-    expected = sorted(w for w in windows if np.all(np.array(w) < p1) and np.all(w + wnd > p0))
-    hull0 = np.array(plan.hull_start)
-    got = [tuple(int(v) for v in r + hull0) for r in plan.windows]
-    assert plan.windows.dtype == np.int32 and plan.windows.shape == (len(expected), 3)
-    assert got == expected  # the same windows, sorted in global C order
-    assert plan.hull_start == tuple(np.min(expected, axis=0))
-    assert plan.hull_stop == tuple(np.max(expected, axis=0) + wnd)
-    hull_size = np.array(plan.hull_stop) - hull0
-    assert np.all(plan.windows >= 0) and np.all(plan.windows + wnd <= hull_size)
-    np.testing.assert_array_equal(plan.crop_start, p0 - hull0)
-    assert np.all(hull_size <= g.acc_shape)
-    assert np.all(np.array(plan.crop_start) + g.block_shape <= g.acc_shape)
+    assert plan.region_start == tuple(p0) and plan.region_stop == tuple(p1)
+    # A useful window belongs to the block its start lies in (the first block per axis also
+    # takes those starting before the output).
+    first = np.array(plan.index) == 0
+    expected = sorted(
+      w for w in useful if np.all((np.array(w) >= p0) | first) and np.all(np.array(w) < p1)
+    )
+    own = sorted(
+      itertools.product(*(g.starts[a][lo_:hi_].tolist() for a, (lo_, hi_) in enumerate(plan.own)))
+    )
+    assert own == expected and plan.num_windows == len(expected)
+    for w in own:
+      owners.setdefault(w, []).append(plan.index)
+    f0 = np.array(plan.frame_start)
+    assert np.all(f0 <= p0) and np.all(np.array(plan.crop_start) == p0 - f0)
+    assert np.all(np.array(plan.crop_start) + g.block_shape <= g.region_shape)
+    assert np.all(np.array(plan.carry_start) + g.carry_shape <= g.frame_shape)
+    if own:
+      starts = np.array(own)
+      assert np.all(starts >= f0) and np.all(starts.max(0) + wnd <= f0 + g.frame_shape)
+      assert np.all(starts.max(0) + wnd - starts.min(0) <= g.hull_shape)
+    for axis, (a, b) in enumerate(plan.own):
+      assert b - a <= g.own_shape[axis]
+      ends = [int(g.starts[axis][k]) + g.window[axis] for k in range(a, b)]
+      key = (axis, plan.index[axis])
+      previous = reach.get((axis, plan.index[axis] - 1), 0)
+      reach[key] = max([previous, int(p1[axis]), *ends])
+      last = plan.index[axis] == g.grid[axis] - 1
+      assert plan.carry_out[axis] == (0 if last else reach[key] - p1[axis])
+      assert plan.carry_in[axis] == (max(0, previous - p0[axis]) if plan.index[axis] else 0)
+      assert plan.carry_out[axis] <= g.carry_shape[axis]
   assert np.all(tiled == 1)
   assert g.num_blocks == int(np.prod(g.grid)) == flat + 1
-  assert g.num_windows == len(windows)
+  assert sorted(owners) == sorted(useful) and all(len(v) == 1 for v in owners.values())
+  assert g.num_windows == len(useful)
 
 
 def _coverage(g):
@@ -275,13 +306,17 @@ def test_plan_geometry_snemi_numbers():
   assert d.crop == ((8, 8), (128, 128), (128, 128)) and d.output_shape == (100, 1024, 1024)
   first = d.block(0)
   assert first.out_start == (0, 0, 0) and first.out_stop == (100, 512, 512)
-  # Region [128, 640) in y: windows with start < 640 and start + 224 > 128 -> 0..560.
-  assert first.hull_start == (0, 0, 0) and first.hull_stop == (116, 784, 784)
-  assert first.crop_start == (8, 128, 128)
+  # Region [128, 640) in y: it owns the windows starting before 640 (0..560, 6 of them), whose
+  # last one reaches 784: 144 voxels of partial sums go on to the next block.
+  assert first.own == ((0, 14), (0, 6), (0, 6)) and first.frame_start == (0, 0, 0)
+  assert first.crop_start == (8, 128, 128) and first.carry_out == (0, 144, 144)
   last = d.block((0, 1, 1))
   assert last.out_start == (0, 512, 512) and last.out_stop == (100, 1024, 1024)
-  assert last.hull_start == (0, 448, 448) and last.hull_stop == (116, 1280, 1280)
-  assert d.acc_shape == (116, 832, 832)
+  assert last.own == ((0, 14), (6, 11), (6, 11)) and last.frame_start == (0, 640, 640)
+  assert last.carry_in == (0, 144, 144) and last.carry_out == (0, 0, 0)
+  assert d.frame_shape == (116, 784, 784) and d.region_shape == (108, 640, 640)
+  assert d.carry_shape == (0, 144, 144) and d.hull_shape == (116, 784, 784)
+  assert d.own_shape == (14, 6, 6)
 
 
 def test_plan_geometry_nisb_numbers():
@@ -298,8 +333,8 @@ def test_plan_geometry_nisb_numbers():
   assert g.starts[1].tolist() == [0, 64, 128]
   assert g.starts[2].tolist() == [0, 64, 72]
   assert g.grid == (1, 1, 1) and g.block_shape == g.output_shape == (300, 256, 200)
-  assert g.acc_shape == (300, 256, 200)
-  assert len(g.block(0).windows) == 4 * 3 * 3
+  assert g.frame_shape == g.region_shape == g.hull_shape == (300, 256, 200)
+  assert g.carry_shape == (0, 0, 0) and g.block(0).num_windows == 4 * 3 * 3
 
 
 def test_plan_geometry_block_shape_clipped_and_bad_index():
@@ -320,7 +355,7 @@ def test_plan_geometry_errors():
     plan_geometry((2, 8, 8), window=(6, 16, 8), where="myvol", **kwargs)
   # Not snapped: a window larger than the padded volume is fine (read with the pad mode).
   g = plan_geometry((2, 8, 8), window=(6, 16, 8), where="myvol", **{**kwargs, "snap_to_edge": 0})
-  assert g.starts[0].tolist() == [0] and g.block(0).hull_stop == (6, 16, 12)
+  assert g.starts[0].tolist() == [0] and g.hull_shape == (6, 16, 12)
   bad = [
     dict(crop_pad=(1, 1, 1)),
     dict(crop_pad=(1, 1, 1, 1, 1, -1)),
@@ -408,10 +443,14 @@ def test_geometry_hulls_read_like_np_pad():
     array.shape, window=(4, 6, 6), overlap=0.5, snap_to_edge=False, pad=(1, 2, 2),
     crop_pad=None, block_shape=(3, 7, 5),
   )  # fmt: skip
-  for plan in g.blocks():
-    hull = read_padded(array, plan.hull_start, plan.hull_stop, g.pad, "reflect")[0]
-    for rel in plan.windows:
-      start = np.array(plan.hull_start) + rel
+  for task in plan_tasks(g, np.zeros(g.grid, bool)):
+    lay = task_layout(g, task)
+    if lay.hull_start is None:
+      continue
+    hull = read_padded(array, lay.hull_start, lay.hull_stop, g.pad, "reflect")[0]
+    assert np.all(np.array(hull.shape) <= g.hull_shape)
+    for rel in lay.starts:
+      start = np.array(lay.hull_start) + rel
       stop = start + g.window
       cut = hull[tuple(slice(a, a + n) for a, n in zip(rel, g.window, strict=True))]
       np.testing.assert_array_equal(cut, _reference(array, start, stop, g.pad, "reflect")[0])

@@ -6,7 +6,9 @@ The streaming tests use a tiny random RSUNet; they compare bytes, not tolerances
 """
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +22,7 @@ from jaxseg.common.config_util import load_config
 from jaxseg.common.errors import OutputError
 from jaxseg.data.affinity import compute_affinities
 from jaxseg.inference import engine as engine_lib
-from jaxseg.inference import predict_lib
+from jaxseg.inference import predict_lib, streaming
 from jaxseg.io import VolumeError, create_zarr, open_volume
 from jaxseg.models import build_model
 
@@ -229,19 +231,19 @@ def test_killed_run_resumes_to_the_same_bytes(
   (first,) = _predict(config, *tiny_net, volume_path, out, max_blocks=5)
   assert first["blocks_written"] == 5 and not first["complete"]
   # Now die inside the writer after two more blocks, with work still in flight.
-  real_write = predict_lib._write_block
+  real_write = streaming._write_task
   calls = {"n": 0}
 
-  def dying_write(job, block, device_block):
-    calls["n"] += 1
+  def dying_write(job, finished, written):
+    calls["n"] += finished.task.write
     if calls["n"] == 3:
       raise KeyboardInterrupt("killed")
-    real_write(job, block, device_block)
+    real_write(job, finished, written)
 
-  monkeypatch.setattr(predict_lib, "_write_block", dying_write)
+  monkeypatch.setattr(streaming, "_write_task", dying_write)
   with pytest.raises(KeyboardInterrupt):
     _predict(config, *tiny_net, volume_path, out)
-  monkeypatch.setattr(predict_lib, "_write_block", real_write)
+  monkeypatch.setattr(streaming, "_write_task", real_write)
   done = open_volume(os.path.join(out, "image.zarr", "blocks_done")).read()
   assert 5 < done.sum() < 18
   (last,) = _predict(config, *tiny_net, volume_path, out)
@@ -250,14 +252,132 @@ def test_killed_run_resumes_to_the_same_bytes(
   np.testing.assert_array_equal(_read_output(out), reference)
 
 
-def test_hosts_split_the_blocks(tiny_net, volume_path, reference, tmp_path):
-  config = _config(**STREAM)
+@pytest.mark.parametrize(
+  "block, count, order",
+  [((8, 16, 16), 2, (0, 1)), ((8, 16, 16), 2, (1, 0)), ((4, 16, 16), 3, (2, 0, 1))],
+)
+def test_hosts_split_the_slabs(tiny_net, volume_path, reference, tmp_path, block, count, order):
+  """Processes predict contiguous slabs of blocks. One that runs before its predecessor computes
+  the z carries into its first slab itself (a halo); one that runs after finds them on disk."""
+  config = _config(**{**STREAM, "infer.block_shape": block})
   out = str(tmp_path / "out")
-  (p0,) = _predict(config, *tiny_net, volume_path, out, process_index=0, process_count=2)
-  assert p0["blocks_written"] == 9 and not p0["complete"]
-  (p1,) = _predict(config, *tiny_net, volume_path, out, process_index=1, process_count=2)
-  assert p1["blocks_written"] == 9 and p1["complete"]
+  # Process 0 makes the outputs (the others wait for them), here without predicting yet.
+  (made,) = _predict(config, *tiny_net, volume_path, out, process_count=count, max_blocks=0)
+  assert made["blocks_written"] == 0 and made["windows_computed"] == 0
+  grid_z = -(-12 // block[0])
+  for n, p in enumerate(order):
+    (summary,) = _predict(config, *tiny_net, volume_path, out, process_index=p, process_count=count)
+    slabs = grid_z * (p + 1) // count - grid_z * p // count
+    assert summary["blocks_written"] == slabs * 3 * 3
+    assert summary["complete"] == (n == len(order) - 1)
+    predecessor_done = p == 0 or (p - 1) in order[:n]
+    assert (summary["halo_windows"] == 0) == predecessor_done, summary
   np.testing.assert_array_equal(_read_output(out), reference)
+  assert not os.path.exists(os.path.join(out, "image.zarr", "scratch"))
+
+
+@pytest.mark.parametrize("block", [(8, 16, 16), (4, 8, 8), (12, 8, 36), (4, 40, 20), (12, 24, 4)])
+def test_each_window_is_computed_once_in_full_batches(
+  tiny_net, volume_path, reference, tmp_path, block
+):
+  """Any block shape (blocks smaller than the window included): every window once, model calls
+  = ceil(windows / batch), and the bytes of the one-block run."""
+  config = _config(**{**STREAM, "infer.block_shape": block})
+  out = str(tmp_path / "out")
+  (summary,) = _predict(config, *tiny_net, volume_path, out)
+  np.testing.assert_array_equal(_read_output(out), reference)
+  assert summary["windows"] == 2 * 4 * 4  # starts z 0, 4; y 0, 8, 16, 24; x 0, 8, 16, 20
+  assert summary["windows_computed"] == summary["windows"] and summary["halo_windows"] == 0
+  assert summary["model_calls"] == math.ceil(summary["windows"] / 2)
+  with open(os.path.join(out, "image_predict.json")) as f:
+    saved = json.load(f)
+  assert saved["windows_computed"] == saved["windows"] == 32 and saved["model_calls"] == 16
+  assert not os.path.exists(os.path.join(out, "image.zarr", "scratch"))
+
+
+# A child process predicting the volume that kills itself (SIGKILL) at a given point of the
+# writer: before the n-th block is written, while the n-th carry file is half written, after the
+# n-th block is marked done but before the carries it consumed are deleted.
+_KILLED_CHILD = r"""
+import json, os, signal, sys
+from flax import nnx
+from jaxseg.common.config_util import load_config
+from jaxseg.inference import engine as engine_lib, predict_lib, streaming
+from jaxseg.models import build_model
+
+spec = json.loads(sys.argv[1])
+config = load_config(spec["config"], spec["overrides"])
+apply, variables = engine_lib.model_apply(build_model(config.model, rngs=nnx.Rngs(0)))
+where, at = spec["kill"], spec["at"]
+seen = {"blocks": 0, "carries": 0}
+write_task, save_carry, remove = streaming._write_task, streaming._save_carry, os.remove
+
+def die():
+  os.kill(os.getpid(), signal.SIGKILL)
+
+def write(job, finished, written):
+  seen["blocks"] += finished.task.write
+  if where == "before_block" and seen["blocks"] == at and finished.task.write:
+    die()
+  write_task(job, finished, written)
+
+def save(job, key, array):
+  seen["carries"] += 1
+  if where == "saving_carry" and seen["carries"] == at:
+    scratch = streaming.scratch_dir(job)
+    os.makedirs(scratch, exist_ok=True)
+    with open(os.path.join(scratch, key + ".half.tmp"), "wb") as f:
+      f.write(b"NUMPY-half-written" + bytes(100))
+    die()
+  save_carry(job, key, array)
+
+def removing(path):
+  if where == "after_done" and seen["blocks"] >= at and path.endswith(".npy"):
+    die()
+  remove(path)
+
+streaming._write_task, streaming._save_carry, os.remove = write, save, removing
+sources = predict_lib.resolve_inputs(config, [spec["image"]])
+predict_lib.predict_volumes(
+  config, apply, variables, sources, spec["out"], num_devices=1, show_progress=False
+)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "kill, at, lose_scratch",
+  [("before_block", 8, False), ("saving_carry", 5, False), ("after_done", 4, False),
+   ("after_done", 7, True)],
+)  # fmt: skip
+def test_kill_9_then_resume_writes_the_same_bytes(
+  tiny_net, volume_path, reference, tmp_path, kill, at, lose_scratch
+):
+  """SIGKILL at points of the writer, then a resumed run: the bytes of an uninterrupted run.
+  With the scratch folder deleted by hand in between, the lost carries are computed again."""
+  overrides = {**TINY_MODEL, **STREAM}
+  out = str(tmp_path / "out")
+  spec = {"config": DEMO, "overrides": overrides, "image": volume_path, "out": out}
+  spec.update(kill=kill, at=at)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  child = subprocess.run(
+    [sys.executable, "-c", _KILLED_CHILD, json.dumps(spec)],
+    capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+  )  # fmt: skip
+  assert child.returncode == -9, child.stderr[-3000:]
+  done = open_volume(os.path.join(out, "image.zarr", "blocks_done")).read()
+  assert 0 < done.sum() < 18
+  scratch = os.path.join(out, "image.zarr", "scratch")
+  if lose_scratch:
+    shutil.rmtree(scratch)
+  config = _config(**STREAM)
+  (summary,) = _predict(config, *tiny_net, volume_path, out)
+  assert summary["complete"] and summary["blocks_already_done"] == done.sum()
+  assert summary["blocks_written"] == 18 - done.sum()
+  np.testing.assert_array_equal(_read_output(out), reference)
+  assert not os.path.exists(scratch)
+  if lose_scratch:
+    assert summary["halo_windows"] > 0  # finished blocks computed again for their carries
 
 
 def test_tta_of_an_equivariant_model_equals_plain_prediction(tmp_path):

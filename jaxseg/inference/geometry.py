@@ -6,9 +6,11 @@ and how its windows are blended and streamed, so the device engine only sees fix
 * :func:`stride_for` / :func:`window_starts`: window starts along one axis (PyTC / BANIS rules);
 * :func:`blend_weights`: the per-window blending weight, float32 ``[wz, wy, wx]``;
 * :func:`plan_geometry` -> :class:`Geometry`: the padded volume, the crop back to the output, the
-  window grid, and the output split into blocks (:class:`BlockPlan`), each with the windows that
-  touch it and the hull (bounding box) of those windows, which fits a fixed accumulator
-  ``Geometry.acc_shape``;
+  window grid, and the output split into blocks (:class:`BlockPlan`). Each useful window (one
+  that covers an output voxel) is owned by the one block its start lies in; per axis
+  (:class:`AxisPlan`) a block has a frame that holds its own windows, its region and the partial
+  sums it carries on to the next block, all within fixed sizes (``Geometry.frame_shape`` and
+  friends) so the device compiles once per volume;
 * :func:`read_padded`: one box ``[c, z, y, x]`` of the padded volume, read from a lazy
   :class:`~jaxseg.io.volume.Volume` (``[c,] z, y, x``) or a numpy array.
 
@@ -155,39 +157,86 @@ def blend_weights(window: Sequence[int], mode: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Blocks of the output and the windows under them.
+# Blocks of the output, the windows each one computes, and the partial sums carried between them.
+
+
+class AxisPlan(NamedTuple):
+  """The blocks along one axis: int64 arrays with one entry per block, in padded coords.
+
+  Attributes:
+    region_start, region_stop: the block's voxels ``[p0, p1)``.
+    own_lo, own_hi: the range of window indices (into ``Geometry.starts[axis]``) that the block
+      computes: every useful window that starts inside it; the first block also takes the
+      windows starting in the cropped margin before the output.
+    frame_start: where the block's accumulator frame begins: ``p0``, or the first own start when
+      that is earlier (first block only).
+    reach: how far (exclusive) the block's own windows, or the partial sums carried into it,
+      reach: ``max(p1, last own window end, reach of the previous block)``.
+    carry_in, carry_out: voxels of partial sums that come from the previous block / go on to the
+      next one (``reach - p1``; 0 for the last block, which has none after it).
+  """
+
+  region_start: np.ndarray
+  region_stop: np.ndarray
+  own_lo: np.ndarray
+  own_hi: np.ndarray
+  frame_start: np.ndarray
+  reach: np.ndarray
+  carry_in: np.ndarray
+  carry_out: np.ndarray
 
 
 class BlockPlan(NamedTuple):
-  """One block of the output and the windows that write into it.
+  """One block of the output: where it writes and which windows it computes.
 
   Attributes:
     index: ``(bz, by, bx)`` in the block grid.
     flat: C-order index of the block in the grid.
     out_start, out_stop: the box ``[start, stop)`` this block writes, in OUTPUT coords (the last
       block per axis is clipped to the output).
-    hull_start, hull_stop: PADDED coords: the bounding box of every window that intersects the
-      block's region (the region in padded coords is the output box + crop lo). ``hull_stop`` may
-      pass the padded volume when windows are not snapped to the edge.
-    windows: int32 ``[N, 3]``: starts of those windows relative to ``hull_start``, in C order of
-      their global ``(z, y, x)`` start (every voxel sees its windows in one global order, so a
-      block's result does not depend on the blocking).
-    crop_start: where the block's region begins in the accumulator (region start - hull start).
+    region_start, region_stop: the same box in PADDED coords.
+    frame_start: PADDED coords of the origin of the block's accumulator frame (see
+      :class:`AxisPlan`); the frame is ``Geometry.frame_shape`` large.
+    own: per axis, the ``(lo, hi)`` range of window indices the block computes: the windows it
+      owns are the product of the three ranges (possibly empty).
+    carry_in, carry_out: per axis, the voxels of partial sums that come in from the previous
+      block / go out to the next one along that axis (0: nothing).
   """
 
   index: Triple
   flat: int
   out_start: Triple
   out_stop: Triple
-  hull_start: Triple
-  hull_stop: Triple
-  windows: np.ndarray
-  crop_start: Triple
+  region_start: Triple
+  region_stop: Triple
+  frame_start: Triple
+  own: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+  carry_in: Triple
+  carry_out: Triple
+
+  @property
+  def crop_start(self) -> Triple:
+    """Where the block's region begins in its frame."""
+    return tuple(r - f for r, f in zip(self.region_start, self.frame_start, strict=True))
+
+  @property
+  def carry_start(self) -> Triple:
+    """Where the partial sums carried out begin in the frame (the end of the region)."""
+    return tuple(r - f for r, f in zip(self.region_stop, self.frame_start, strict=True))
+
+  @property
+  def num_windows(self) -> int:
+    return int(np.prod([hi - lo for lo, hi in self.own]))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Geometry:
   """The sliding-window plan of one volume (see :func:`plan_geometry`).
+
+  Every window that covers an output voxel (a *useful* window) is owned by exactly one block:
+  the block its start lies in, per axis. Blocks run in C order; each folds its own windows into
+  a frame and hands the partial sums that spill past its far faces to the next block along each
+  axis (``docs/inference.md``, "Streaming").
 
   Attributes:
     volume_shape: spatial shape ``(z, y, x)`` of the volume.
@@ -200,13 +249,19 @@ class Geometry:
     stride: ``(sz, sy, sx)``.
     snap_to_edge: whether the last window per axis is moved back to end at the padded edge.
     starts: per axis, the int64 window starts in padded coords (read-only arrays).
+    useful: per axis, the ``(lo, hi)`` range of the starts whose windows cover output voxels.
     block_shape: the output block shape (clipped to ``output_shape``).
     grid: ``(nbz, nby, nbx)`` blocks per axis.
-    acc_shape: the fixed accumulator shape: per axis the max over blocks of the hull size and of
-      ``crop_start + block_shape``, so every hull and a full ``block_shape`` slice at
-      ``crop_start`` fit.
+    axes: the :class:`AxisPlan` of each axis.
+    frame_shape: per axis the largest frame a block needs: its own windows, its region and the
+      partial sums it carries out, from its frame start.
+    region_shape: per axis the largest ``crop_start + block_shape``: the part of a frame where
+      sums are complete (partial sums are carried into this part of the next block's frame).
+    carry_shape: per axis the widest carry between two blocks (0: nothing is carried).
+    hull_shape: per axis the largest box of input that a block's own windows read.
+    own_shape: per axis the most windows a block owns.
     num_blocks: blocks in the grid.
-    num_windows: windows over the whole padded volume.
+    num_windows: useful windows (each computed once).
   """
 
   volume_shape: Triple
@@ -218,23 +273,17 @@ class Geometry:
   stride: Triple
   snap_to_edge: bool
   starts: tuple[np.ndarray, np.ndarray, np.ndarray]
+  useful: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
   block_shape: Triple
   grid: Triple
-  acc_shape: Triple
+  axes: tuple[AxisPlan, AxisPlan, AxisPlan]
+  frame_shape: Triple
+  region_shape: Triple
+  carry_shape: Triple
+  hull_shape: Triple
+  own_shape: Triple
   num_blocks: int
   num_windows: int
-
-  def _axis_windows(self, axis: int, b: int) -> tuple[int, int, int, int]:
-    """Block ``b`` along ``axis``: (region start, region stop) in padded coords and the index
-    range ``[lo, hi)`` of the starts whose windows intersect it."""
-    lo_crop = self.crop[axis][0]
-    p0 = b * self.block_shape[axis] + lo_crop
-    p1 = min((b + 1) * self.block_shape[axis], self.output_shape[axis]) + lo_crop
-    starts = self.starts[axis]
-    # Starts are sorted: windows with start + window > p0 and start < p1.
-    lo = int(np.searchsorted(starts, p0 - self.window[axis], side="right"))
-    hi = int(np.searchsorted(starts, p1, side="left"))
-    return p0, p1, lo, hi
 
   def block(self, flat_or_index: int | Sequence[int]) -> BlockPlan:
     """The plan of one block, by C-order flat index or by ``(bz, by, bx)``.
@@ -252,34 +301,87 @@ class Geometry:
       if len(index) != 3 or not all(0 <= i < n for i, n in zip(index, self.grid, strict=True)):
         raise IndexError(f"block {flat_or_index!r} outside the grid {self.grid}")
       flat = int(np.ravel_multi_index(index, self.grid))
-    out_start, out_stop, hull_start, hull_stop, crop_start, axis_starts = [], [], [], [], [], []
-    for axis, b in enumerate(index):
-      p0, p1, lo, hi = self._axis_windows(axis, b)
-      starts = self.starts[axis][lo:hi]
-      out_start.append(p0 - self.crop[axis][0])
-      out_stop.append(p1 - self.crop[axis][0])
-      hull_start.append(int(starts[0]))
-      hull_stop.append(int(starts[-1]) + self.window[axis])
-      crop_start.append(p0 - int(starts[0]))
-      axis_starts.append(starts - starts[0])
-    # C order over (z, y, x) starts: the product of the sorted per-axis starts, z slowest.
-    grids = np.meshgrid(*axis_starts, indexing="ij")
-    windows = np.stack([g.reshape(-1) for g in grids], axis=1).astype(np.int32)
+
+    def per_axis(field: str) -> Triple:
+      return tuple(int(getattr(a, field)[b]) for a, b in zip(self.axes, index, strict=True))
+
+    region_start = per_axis("region_start")
+    region_stop = per_axis("region_stop")
     return BlockPlan(
       index=index,
       flat=flat,
-      out_start=tuple(out_start),
-      out_stop=tuple(out_stop),
-      hull_start=tuple(hull_start),
-      hull_stop=tuple(hull_stop),
-      windows=windows,
-      crop_start=tuple(crop_start),
+      out_start=tuple(r - c[0] for r, c in zip(region_start, self.crop, strict=True)),
+      out_stop=tuple(r - c[0] for r, c in zip(region_stop, self.crop, strict=True)),
+      region_start=region_start,
+      region_stop=region_stop,
+      frame_start=per_axis("frame_start"),
+      own=tuple(zip(per_axis("own_lo"), per_axis("own_hi"), strict=True)),
+      carry_in=per_axis("carry_in"),
+      carry_out=per_axis("carry_out"),
     )
 
   def blocks(self) -> Iterator[BlockPlan]:
     """Every block in C order of the grid."""
     for flat in range(self.num_blocks):
       yield self.block(flat)
+
+  def reaching(self, axis: int, b: int, limit: int) -> tuple[int, int]:
+    """The range of block ``b``'s own windows along ``axis`` that end past ``limit`` (padded)."""
+    a = self.axes[axis]
+    lo, hi = int(a.own_lo[b]), int(a.own_hi[b])
+    first = int(np.searchsorted(self.starts[axis], limit - self.window[axis], side="right"))
+    return min(max(lo, first), hi), hi
+
+  def chain_start(self, axis: int, b: int) -> int | None:
+    """The first block along ``axis`` whose own windows reach into block ``b``: the carry into
+    ``b`` is the fold of those blocks' windows, passed on block by block. ``None`` when nothing
+    is carried into ``b``."""
+    a = self.axes[axis]
+    if a.carry_in[b] <= 0:
+      return None
+    for first in range(b):
+      lo, hi = self.reaching(axis, first, int(a.region_start[b]))
+      if hi > lo:
+        return first
+    raise AssertionError(f"axis {axis}: carry into block {b} without a window reaching it")
+
+
+def _axis_plan(
+  starts: np.ndarray, window: int, crop_lo: int, output: int, block: int
+) -> tuple[AxisPlan, tuple[int, int], dict[str, int]]:
+  """Ownership, frames and carries of the blocks along one axis, and the axis's sizes."""
+  count = -(-output // block)
+  p0 = crop_lo + np.arange(count, dtype=np.int64) * block
+  p1 = np.minimum(p0 + block, crop_lo + output)
+  # Useful windows cover an output voxel: start < output end and end > output start.
+  u0 = int(np.searchsorted(starts, crop_lo - window, side="right"))
+  u1 = int(np.searchsorted(starts, crop_lo + output, side="left"))
+  # A window belongs to the block its start lies in (the first block takes those before it).
+  lo = np.maximum(u0, np.searchsorted(starts, p0, side="left"))
+  hi = np.minimum(u1, np.searchsorted(starts, p1, side="left"))
+  lo[0], hi[-1] = u0, u1
+  hi = np.maximum(lo, hi)
+  own = hi > lo
+  first = np.where(own, starts[np.minimum(lo, len(starts) - 1)], p0)
+  last_end = np.where(own, starts[np.maximum(hi - 1, 0)] + window, p1)
+  f0 = np.minimum(p0, first)
+  reach = np.maximum.accumulate(np.maximum(p1, last_end))
+  carry_out = reach - p1
+  carry_out[-1] = 0
+  carry_in = np.concatenate([[0], carry_out[:-1]]).astype(np.int64)
+  carry = int(carry_out.max())
+  region = int((p0 - f0 + block).max())
+  sizes = {
+    "carry": carry,
+    "region": region,
+    "frame": int(max((reach - f0).max(), (p1 - f0 + carry).max(), region)),
+    "hull": int(np.where(own, last_end - first, 0).max()),
+    "own": int((hi - lo).max()),
+  }
+  plan = AxisPlan(p0, p1, lo, hi, f0, reach, carry_in, carry_out)
+  for array in plan:
+    array.setflags(write=False)
+  return plan, (u0, u1), sizes
 
 
 def plan_geometry(
@@ -357,8 +459,12 @@ def plan_geometry(
   )
   for s in starts:
     s.setflags(write=False)
-  grid = tuple(-(-n // b) for n, b in zip(output, block, strict=True))
-  geometry = Geometry(
+  axes, useful, sizes = zip(
+    *(_axis_plan(starts[a], window[a], crop[a][0], output[a], block[a]) for a in range(3)),
+    strict=True,
+  )
+  grid = tuple(len(a.region_start) for a in axes)
+  return Geometry(
     volume_shape=volume,
     pad=pad,
     padded_shape=padded,
@@ -368,24 +474,18 @@ def plan_geometry(
     stride=stride,
     snap_to_edge=bool(snap_to_edge),
     starts=starts,
+    useful=tuple(useful),
     block_shape=block,
     grid=grid,
-    acc_shape=(0, 0, 0),
+    axes=tuple(axes),
+    frame_shape=tuple(s["frame"] for s in sizes),
+    region_shape=tuple(s["region"] for s in sizes),
+    carry_shape=tuple(s["carry"] for s in sizes),
+    hull_shape=tuple(s["hull"] for s in sizes),
+    own_shape=tuple(s["own"] for s in sizes),
     num_blocks=int(np.prod(grid)),
-    num_windows=int(np.prod([len(s) for s in starts])),
+    num_windows=int(np.prod([hi - lo for lo, hi in useful])),
   )
-  # Windows per axis depend only on the block's index along that axis, so the accumulator size
-  # is a per-axis maximum.
-  acc = []
-  for axis in range(3):
-    size = 0
-    for b in range(grid[axis]):
-      p0, _, lo, hi = geometry._axis_windows(axis, b)
-      hull0 = int(geometry.starts[axis][lo])
-      hull1 = int(geometry.starts[axis][hi - 1]) + window[axis]
-      size = max(size, hull1 - hull0, p0 - hull0 + block[axis])
-    acc.append(size)
-  return dataclasses.replace(geometry, acc_shape=tuple(acc))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ For each input ``<name>``::
 
   <name>.zarr/affinities     [C, z, y, x] affinities
   <name>.zarr/blocks_done    uint8 per block, 1 once the block is durable
+  <name>.zarr/scratch/       partial sums carried between blocks (``<key>.npy``), removed
+                             once every block is done
   <name>_predict.json        what was run, timings
   <name>_preview.png         the middle section beside its affinities
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 AFFINITIES = "affinities"
 BLOCKS_DONE = "blocks_done"
+SCRATCH = "scratch"
 
 
 def group_name(name: str) -> str:

@@ -12,33 +12,40 @@ statistics are the input volume's own, computed once per input (a sample of a hu
 ``zscore`` / ``percentile``) and recorded in the affinities' attributes (``jaxseg_predict.stats``)
 and in ``<name>_predict.json`` (``normalization``).
 
-The output is cut into chunk-aligned blocks (``infer.block_shape``). For each block the host reads
-the padded input hull of the windows covering it, the device predicts and blends them
-(:class:`~jaxseg.inference.engine.WindowEngine`), and the block is written once. Three things run
-at the same time: a reader thread fetches and normalises the next hull, the device computes the
-current block, and a writer thread copies the previous block off the device and writes it. Host
-memory is a few hulls and blocks, whatever the size of the volume.
+The output is cut into chunk-aligned blocks (``infer.block_shape``). Every window is computed
+once, by the block its start lies in (``jaxseg.inference.schedule``): blocks run in C order, each
+folding its own windows, and the partial sums that spill past a block's far faces are carried into
+the next block along that axis (on the device along x; through carry files in
+``<name>.zarr/scratch`` along y and z). Windows of consecutive blocks share the model's batches,
+so only an input's last batch can be partly empty. Four things run at the same time: a reader
+thread fetches and normalises the next blocks' input hulls, another loads the carries they need,
+the device computes, and a writer thread copies finished blocks off the device and writes them
+with their carries (:mod:`jaxseg.inference.streaming`). Host memory is a few hulls, blocks and
+carries, whatever the size of the volume.
 
-Resume: a block is marked done only after its write is durable, so a killed run restarts at the
-first unmarked block and writes the same bytes an uninterrupted run would (every block is computed
-from the input alone, in a fixed order). Each input's output is an entry of the folder's jaxseg
-manifest (:mod:`jaxseg.common.outputs`): one made with other settings or another checkpoint is
-refused unless ``overwrite`` (which deletes only that entry's files), one of an image changed in
-place is predicted again, and a folder holding the user's files or the inputs is refused.
+Resume: a block is marked done only after its output and its carries are durable, so a killed run
+restarts at the first unmarked block (recomputing the x carry from its row predecessor's windows
+that reach it) and writes the same bytes an uninterrupted run would: every voxel's sum is the
+same sequence of float additions for any blocking. The scratch folder goes once every block is
+done. Each input's output is an entry of the folder's jaxseg manifest
+(:mod:`jaxseg.common.outputs`): one made with other settings or another checkpoint is refused
+unless ``overwrite`` (which deletes only that entry's files), one of an image changed in place is
+predicted again, and a folder holding the user's files or the inputs is refused.
 
-Many hosts: process ``i`` of ``n`` predicts the blocks whose flat index is ``i`` mod ``n``. Blocks
-own whole chunks, so processes never write the same file; process 0 creates the outputs and the
-others wait for them.
+Many hosts: process ``i`` of ``n`` predicts a contiguous range of slabs of blocks along z
+(:func:`~jaxseg.inference.schedule.slab_range`). Blocks own whole chunks, so processes never
+write the same file; a process whose first slab needs z carries that are not on disk yet computes
+them itself from the previous slab's windows that reach it (a halo: one or a few planes of
+windows). Process 0 creates the outputs and the others wait for them.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import functools
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -47,11 +54,10 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from jaxseg.common import config_util, outputs
 from jaxseg.common.errors import ConfigError
-from jaxseg.common.files import atomic_output, write_json
+from jaxseg.common.files import write_json
 from jaxseg.common.outputs import (
   Decision,
   StageOutput,
@@ -59,17 +65,16 @@ from jaxseg.common.outputs import (
   input_identity,
   prepare_folder,
 )
-from jaxseg.common.progress import progress
 from jaxseg.data.normalize import (
   VolumeStats,
   normalization_stats,
-  normalize_image,
   normalize_settings,
 )
 from jaxseg.inference import engine as engine_lib
-from jaxseg.inference import layout
+from jaxseg.inference import layout, streaming
+from jaxseg.inference import schedule as schedule_lib
 from jaxseg.inference import tta as tta_lib
-from jaxseg.inference.geometry import BlockPlan, Geometry, read_padded
+from jaxseg.inference.geometry import Geometry
 from jaxseg.inference.settings import InferenceSettings, inference_settings
 from jaxseg.io import Volume, VolumeError, block_chunks, create_zarr, open_volume, reopen_zarr
 from jaxseg.io.datasets import dataset_volumes, nisb_cube
@@ -82,8 +87,6 @@ ATTR_KEY = "jaxseg_predict"
 SPLIT_PREFIX = "split:"
 # How long processes other than 0 wait for process 0 to create the outputs.
 _CREATE_TIMEOUT_S = 600.0
-_PREVIEW_MAX_SIDE = 1024
-_PREVIEW_MIN_SIDE = 256
 
 
 @dataclasses.dataclass
@@ -172,27 +175,6 @@ def _check_input(volume: Volume, settings: InferenceSettings) -> None:
 
 
 # -- one output ------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Job:
-  """The state of one input's prediction."""
-
-  source: PredictInput
-  geometry: Geometry
-  views: tuple
-  stats: VolumeStats | None
-  normalization: dict  # the normalisation settings (NormalizeSettings.record())
-  group: str
-  affinities: Any  # WritableVolume
-  done: Any  # WritableVolume of uint8 [nbz, nby, nbx]
-  todo: list[BlockPlan]
-  skipped: int
-  stage: StageOutput
-  blocks_written: int = 0
-  windows_computed: int = 0
-  started: float | None = None  # perf_counter when its first block was dispatched
-  finished: float | None = None  # perf_counter when its last block was durable
 
 
 def _wait_for(path: str, what: str) -> None:
@@ -306,76 +288,6 @@ def _open_outputs(
   return affinities, done, stats
 
 
-# -- the loop --------------------------------------------------------------------------------------
-
-
-def _read_hull(job: _Job, block: BlockPlan, settings: InferenceSettings, data_config) -> np.ndarray:
-  """The block's padded input hull, normalised, channels-last, zero-filled to the acc shape."""
-  g = job.geometry
-  raw = read_padded(job.source.volume, block.hull_start, block.hull_stop, g.pad, settings.pad_mode)
-  if np.issubdtype(raw.dtype, np.floating) and not np.all(np.isfinite(raw)):
-    raise VolumeError(
-      f"{job.source.volume.path}: NaN or Inf in the image within the (padded) box "
-      f"{tuple(block.hull_start)}..{tuple(block.hull_stop)} (z, y, x)"
-    )
-  values = normalize_image(raw, data_config, job.stats)
-  hull = np.zeros((*g.acc_shape, values.shape[0]), np.float32)
-  hz, hy, hx = values.shape[1:]
-  hull[:hz, :hy, :hx] = np.moveaxis(values, 0, -1)
-  return hull
-
-
-def _write_block(job: _Job, block: BlockPlan, device_block) -> None:
-  """Copies a finished block off the device, writes it, then marks it done (writer thread)."""
-  size = tuple(e - s for s, e in zip(block.out_start, block.out_stop, strict=True))
-  values = np.asarray(device_block)[:, : size[0], : size[1], : size[2]]
-  job.affinities.write((0, *block.out_start), values).result()
-  job.done.write(tuple(block.index), np.ones((1, 1, 1), np.uint8)).result()
-  job.finished = time.perf_counter()
-
-
-def _all_done(job: _Job) -> bool:
-  return bool(np.all(job.done.read() == 1))
-
-
-def _strided_plane(volume, lead: tuple, z: int, step: int) -> np.ndarray:
-  """``volume[lead, z, ::step, ::step]`` read in bands of rows, so memory follows the preview."""
-  ny = volume.shape[-2]
-  band = step * max(1, 64 // step)  # rows per read, a multiple of the step
-  parts = [
-    np.asarray(volume[(*lead, z, slice(y, min(ny, y + band)))])[..., ::step, ::step]
-    for y in range(0, ny, band)
-  ]
-  return np.concatenate(parts, axis=-2)
-
-
-def _preview(job: _Job, settings: InferenceSettings, data_config, path: str) -> None:
-  """Middle z section of the image beside up to three affinity channels, as one PNG."""
-  volume = job.source.volume
-  z = volume.shape[-3] // 2
-  step = max(1, -(-max(volume.shape[-2:]) // _PREVIEW_MAX_SIDE))
-  lead = (slice(0, 1),) if volume.has_channels else ()
-  raw = _strided_plane(volume, lead, z, step).astype(np.float32)
-  image = np.asarray(normalize_image(raw, data_config, job.stats)).reshape(raw.shape[-2:])
-  channels = min(3, job.affinities.shape[0])
-  affinity = _strided_plane(job.affinities, (slice(0, channels),), z, step).astype(np.float32)
-  zoom = max(1, _PREVIEW_MIN_SIDE // max(image.shape))  # small demo sections: bigger pixels
-  image = image.repeat(zoom, 0).repeat(zoom, 1)
-  affinity = affinity.repeat(zoom, 1).repeat(zoom, 2)
-  lo, hi = float(image.min()), float(image.max())
-  tiles = [(image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)]
-  if settings.activation == "none":  # logits: squash for display only
-    affinity = 1.0 / (1.0 + np.exp(-affinity))
-  tiles += [np.clip(a, 0, 1) for a in affinity]
-  border = 4
-  h, w = image.shape
-  grid = np.ones((h, len(tiles) * (w + border) - border), np.float32)
-  for i, tile in enumerate(tiles):
-    grid[:, i * (w + border) : i * (w + border) + w] = tile
-  with atomic_output(path) as tmp:
-    Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(tmp)
-
-
 def _fingerprint(config, settings: InferenceSettings, source: PredictInput, views, model_info):
   """What one input's output is made with: settings, views, weights and the input image."""
   image = {
@@ -406,7 +318,7 @@ def _open_job(
   overwrite: bool,
   process_index: int,
   process_count: int,
-) -> _Job:
+) -> streaming.Job:
   """Plans one input, opens (or creates) its outputs and lists this process's blocks to do."""
   _check_input(source.volume, settings)
   geometry = settings.plan(source.volume.spatial_shape, where=source.volume.path)
@@ -436,10 +348,17 @@ def _open_job(
   else:
     opened = open_outputs()
   affinities, done, stats = opened
-  finished = done.read()
-  mine = [b for b in geometry.blocks() if b.flat % process_count == process_index]
-  todo = [b for b in mine if not finished[tuple(b.index)]]
-  return _Job(
+  finished = done.read().astype(bool)
+  scratch = os.path.join(group, layout.SCRATCH)
+  tasks = schedule_lib.plan_tasks(
+    geometry,
+    finished,
+    process_index=process_index,
+    process_count=process_count,
+    carry_exists=lambda key: os.path.exists(os.path.join(scratch, f"{key}.npy")),
+  )
+  z0, z1 = schedule_lib.slab_range(geometry.grid[0], process_index, process_count)
+  return streaming.Job(
     source=source,
     geometry=geometry,
     views=views,
@@ -448,56 +367,24 @@ def _open_job(
     group=group,
     affinities=affinities,
     done=done,
-    todo=todo,
-    skipped=len(mine) - len(todo),
+    tasks=tasks,
+    skipped=int(finished[z0:z1].sum()),
     stage=stage,
   )
 
 
-def _stream_blocks(
-  work: list[tuple[_Job, BlockPlan]],
-  engines: dict[tuple, engine_lib.WindowEngine],
-  settings: InferenceSettings,
-  data_config,
-  show_progress: bool,
-) -> None:
-  """Predicts the blocks of ``work`` in order: reads ahead, computes, writes behind."""
-  with (
-    concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="read") as reader,
-    concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="write") as writer,
-  ):
-    reads = collections.deque()
-    writes: collections.deque = collections.deque()
-    ahead = 2  # hulls read ahead of the device
-    for i in range(min(ahead, len(work))):
-      reads.append(reader.submit(_read_hull, *work[i][:2], settings, data_config))
-    bar = progress(
-      range(len(work)), total=len(work), desc="predict", unit="block", disable=not show_progress
-    )
-    for i in bar:
-      job, block = work[i]
-      if job.started is None:
-        job.started = time.perf_counter()
-      hull = reads.popleft().result()
-      if i + ahead < len(work):
-        reads.append(reader.submit(_read_hull, *work[i + ahead][:2], settings, data_config))
-      engine = engines[job.views]
-      device_block = engine.predict_block(engine.put_hull(hull), block, job.geometry.block_shape)
-      del hull
-      writes.append(writer.submit(_write_block, job, block, device_block))
-      while len(writes) > 2:  # bounds the blocks held on the host and the device
-        writes.popleft().result()
-      job.blocks_written += 1
-      job.windows_computed += len(block.windows)
-    while writes:
-      writes.popleft().result()
+# -- the run ---------------------------------------------------------------------------------------
 
 
 def _job_summary(
-  job: _Job, settings: InferenceSettings, devices: int, process_index: int, process_count: int
+  job: streaming.Job,
+  settings: InferenceSettings,
+  devices: int,
+  process_index: int,
+  process_count: int,
 ) -> dict:
   """One input's summary: output, shape, blocks written / already done, timing, completeness."""
-  complete = _all_done(job)
+  complete = streaming.all_done(job)
   aff_path = os.path.join(job.group, AFFINITIES)
   voxels = int(np.prod(job.geometry.output_shape))
   # Wall time from the first dispatch to the last durable write (the first input's includes
@@ -514,9 +401,13 @@ def _job_summary(
     "blocks": job.geometry.num_blocks,
     "blocks_written": job.blocks_written,
     "blocks_already_done": job.skipped,
+    # The windows covering the output; each is computed once, by the block it starts in.
     "windows": job.geometry.num_windows,
-    # Windows that straddle a block face are computed once per block they touch.
+    # Windows run by this call (halo windows included), in model_calls batches of batch_size.
     "windows_computed": job.windows_computed,
+    "halo_windows": job.halo_windows,
+    "model_calls": job.model_calls,
+    "batch_size": settings.batch_size * devices,
     "views": len(job.views),
     "devices": devices,
     "process": [process_index, process_count],
@@ -535,7 +426,7 @@ def _job_summary(
 
 
 def _summarize_jobs(
-  jobs: list[_Job],
+  jobs: list[streaming.Job],
   settings: InferenceSettings,
   data_config,
   output_dir: str,
@@ -549,9 +440,13 @@ def _summarize_jobs(
   results = []
   for job in jobs:
     summary = _job_summary(job, settings, devices, process_index, process_count)
+    if summary["complete"]:
+      # Every block is durable: the partial sums between blocks are no longer needed (another
+      # process finishing at the same time may remove them first).
+      shutil.rmtree(streaming.scratch_dir(job), ignore_errors=True)
     if summary["complete"] and writes_summary:
       preview = os.path.join(output_dir, layout.preview_name(job.source.name))
-      _preview(job, settings, data_config, preview)
+      streaming.write_preview(job, settings, data_config, preview)
       summary["preview"] = preview
       write_json(os.path.join(output_dir, layout.summary_name(job.source.name)), summary)
       job.stage.finish()
@@ -587,9 +482,10 @@ def predict_volumes(
       output's attributes, and a resumed run must match it.
     overwrite: replace outputs made with other settings instead of refusing.
     num_devices: local devices to use (0 = all).
-    process_index, process_count: this process's share of the blocks (default: JAX's).
-    show_progress: a progress bar over all blocks of all inputs (rate and ETA).
-    max_blocks: stop after this many blocks (tests of resume; ``None`` = all).
+    process_index, process_count: this process's share of the blocks, a range of slabs
+      (default: JAX's).
+    show_progress: a progress bar over all tasks of all inputs (rate and ETA).
+    max_blocks: stop after this many blocks are written (tests of resume; ``None`` = all).
 
   Returns:
     One summary dict per input: output path, shape, blocks written / already done, seconds,
@@ -611,7 +507,7 @@ def predict_volumes(
   engines: dict[tuple, engine_lib.WindowEngine] = {}
   model_info = dict(model_info or {})
 
-  jobs: list[_Job] = []
+  jobs: list[streaming.Job] = []
   for source in inputs:
     job = _open_job(
       config,
@@ -628,20 +524,27 @@ def predict_volumes(
     if views not in engines:
       engines[views] = engine_lib.WindowEngine(apply, variables, settings, views, sharding)
     logging.info(
-      "%s: %s -> %s, %d of %d blocks to do (%d windows in all)",
+      "%s: %s -> %s, %d of %d blocks to do (%d windows in all; %d to compute here)",
       source.name,
       source.volume.shape,
       os.path.join(job.group, AFFINITIES),
-      len(job.todo),
+      sum(t.write for t in job.tasks),
       geometry.num_blocks,
       geometry.num_windows,
+      sum(t.num_windows for t in job.tasks),
     )
 
-  work = [(job, block) for job in jobs for block in job.todo]
+  work = [(job, task) for job in jobs for task in job.tasks]
   if max_blocks is not None:
-    work = work[: int(max_blocks)]
+    # Up to the max_blocks-th block written (the halos before it included).
+    keep = written = 0
+    for i, (_, task) in enumerate(work):
+      if written == int(max_blocks):
+        break
+      keep, written = i + 1, written + int(task.write)
+    work = work[:keep]
   data_config = config.data
-  _stream_blocks(work, engines, settings, data_config, show_progress)
+  streaming.Streamer(work, engines, settings, data_config).run(show_progress)
 
   for job in jobs:
     job.affinities.flush()
