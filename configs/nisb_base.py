@@ -128,6 +128,7 @@ def get_config(arg=None):
   infer.chunk_shape = ()  # () = per axis the largest divisor of block_shape <= 128
   infer.tta = ml_collections.ConfigDict()
   infer.tta.enabled = False
+  infer.tta.views = "custom"  # the three keys below; or "xy8", "zyx16" (inference.md)
   infer.tta.flip_axes = ("z", "y", "x")
   infer.tta.rot90_yx = False  # y and x share a resolution, z does not
   infer.tta.permute_axes = False  # swaps only axes of equal resolution when enabled

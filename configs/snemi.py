@@ -138,13 +138,14 @@ def get_config(arg=None):
   infer.activation_before_blend = False  # PyTC blends logits, then applies the sigmoid
   infer.output_channels = ()  # () = all 12
   infer.output_dtype = "float32"
-  # One block holds the whole SNEMI3D volume (a 9 GB float32 accumulator on the device), so no
-  # window runs twice; (100, 512, 512) halves that memory but runs 1.4x the windows, since those
-  # straddling a block face run once per block.
+  # One block holds the whole SNEMI3D volume (a 9 GB float32 accumulator on the device); smaller
+  # blocks such as (100, 512, 512) need less device memory and still compute each window once.
   infer.block_shape = (100, 1024, 1024)
   infer.chunk_shape = ()  # () = per axis the largest divisor of block_shape <= 128
   infer.tta = ml_collections.ConfigDict()
   infer.tta.enabled = False
+  infer.tta.views = "xy8"  # PyTC's SNEMI3D "8x": flips of y and x times quarter turns
+  # With views = "custom" instead: these keys (z flips too: "zyx16", 16 views).
   infer.tta.flip_axes = ("z", "y", "x")
   infer.tta.rot90_yx = True
   infer.tta.permute_axes = False  # z is 5x coarser than y and x: no axis swaps

@@ -433,3 +433,32 @@ def test_predict_errors():
     tta.predict_with_tta(ramp_model, x, (tta.IDENTITY,), ((0, 0, 1), (0, 1, 0)), "source", "mean")
   with pytest.raises(ValueError, match="at least one view"):
     tta.predict_with_tta(ramp_model, x, (), ((0, 0, 0),), "source", "mean")
+
+
+def test_named_view_sets():
+  """``infer.tta.views``: "xy8" is PyTC's SNEMI3D "8x" (the yx square's symmetries, no z flip),
+  the SNEMI default; "zyx16" adds the z flips; "custom" keeps the three keys."""
+  import os
+
+  from jaxseg.common.config_util import load_config
+  from jaxseg.common.errors import ConfigError
+  from jaxseg.inference.settings import inference_settings
+
+  snemi = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                       "snemi.py")  # fmt: skip
+  res = (30.0, 6.0, 6.0)
+
+  def views(**overrides):
+    config = load_config(snemi, {"infer.tta.enabled": True, **overrides})
+    settings = inference_settings(config)
+    return tta.tta_views(settings.tta, settings.window, res)
+
+  eight = views()
+  assert len(eight) == 8 and all(not v.flip[0] and v.perm[0] == 0 for v in eight)  # z untouched
+  sixteen = views(**{"infer.tta.views": "zyx16"})
+  assert len(sixteen) == 16 and set(eight) < set(sixteen)
+  assert views(**{"infer.tta.views": "custom"}) == sixteen  # snemi's own keys: z, y, x + rot90
+  flips = views(**{"infer.tta.views": "custom", "infer.tta.rot90_yx": False})
+  assert len(flips) == 8 and set(flips) != set(eight)
+  with pytest.raises(ConfigError, match=r"infer\.tta\.views must be one of"):
+    views(**{"infer.tta.views": "x8"})

@@ -26,6 +26,15 @@ from jaxseg.data.targets import check_out_channels
 from jaxseg.inference.geometry import BLEND_MODES, Geometry, plan_geometry
 from jaxseg.inference.tta import ENSEMBLES
 
+# Named view sets (``infer.tta.views``); each stands for the three keys it sets. "xy8": the 8
+# symmetries of the yx square (flips of y and x times quarter turns), PyTC's SNEMI3D "8x";
+# "zyx16": those with and without a z flip; "custom": the config's own keys.
+TTA_VIEW_SETS = {
+  "custom": None,
+  "xy8": {"flip_axes": ("y", "x"), "rot90_yx": True, "permute_axes": False},
+  "zyx16": {"flip_axes": ("z", "y", "x"), "rot90_yx": True, "permute_axes": False},
+}
+
 ACTIVATIONS = ("sigmoid", "scale_sigmoid", "none")
 PAD_MODES = ("reflect", "constant")
 OUTPUT_DTYPES = ("float16", "float32")
@@ -206,11 +215,18 @@ def inference_settings(config) -> InferenceSettings:
       )
 
   tta = infer.tta
+  views = str(tta.get("views", "custom"))
+  if views not in TTA_VIEW_SETS:
+    raise ConfigError(
+      f"infer.tta.views must be one of {tuple(TTA_VIEW_SETS)}, not {views!r} ('custom': the "
+      "flip_axes / rot90_yx / permute_axes keys)"
+    )
+  preset = TTA_VIEW_SETS[views] or {}
   tta_dict = {
     "enabled": bool(tta.enabled),
-    "flip_axes": tuple(str(a) for a in tta.flip_axes),
-    "rot90_yx": bool(tta.rot90_yx),
-    "permute_axes": bool(tta.permute_axes),
+    "flip_axes": tuple(str(a) for a in preset.get("flip_axes", tta.flip_axes)),
+    "rot90_yx": bool(preset.get("rot90_yx", tta.rot90_yx)),
+    "permute_axes": bool(preset.get("permute_axes", tta.permute_axes)),
     "ensemble": _choice(tta.ensemble, "tta.ensemble", ENSEMBLES),
   }
   return InferenceSettings(
