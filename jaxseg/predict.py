@@ -9,6 +9,14 @@ arguments. Examples::
       --input=split:test --output=runs/demo/predictions
   python -m jaxseg.predict --config=configs/snemi.py --checkpoint=runs/snemi \
       --input=snemi/test-input.tif --output=pred --config.infer.tta.enabled=True
+  python -m jaxseg.predict --checkpoint=runs/demo/checkpoints/1500 --input=split:test \
+      --output=pred_1500
+
+``--checkpoint`` names a work dir, its ``checkpoints`` folder or one step folder
+(``W/checkpoints/1500``: that step; a ``--step`` saying otherwise is refused); a work dir made by
+``python -m jaxseg.import_checkpoint`` is one too. Without ``--config`` the work dir's resolved
+``config.json`` (saved when it was trained or imported) is the config, and ``--config.a.b=value``
+overrides apply on top of it. The checkpoint is only read.
 
 Inputs: a volume path (zarr / N5 / HDF5 ``file.h5:dataset`` / TIFF / PNG folder / precomputed),
 a NISB cube folder (``.../seed101``), or ``split:test`` (the images of a split of
@@ -25,12 +33,21 @@ from absl import app, flags
 
 from jaxseg.common import cli, config_util, runtime
 
-_CONFIG = config_util.define_config_flag()
+_CONFIG = config_util.define_config_flag(
+  help_text="Config file (configs/*.py[:arg]); default: the --checkpoint work dir's config.json "
+  "(--config.a.b=value overrides apply to either)."
+)
 _CHECKPOINT = flags.DEFINE_string(
-  "checkpoint", None, "Training workdir (or its checkpoints folder).", required=True
+  "checkpoint",
+  None,
+  "Training work dir, its checkpoints folder or a step folder (W/checkpoints/<step>).",
+  required=True,
 )
 _STEP = flags.DEFINE_string(
-  "step", "best", "Checkpoint step: 'best' (by train.monitor), 'latest' or a number."
+  "step",
+  "best",
+  "Checkpoint step: 'best' (by train.monitor), 'latest' or a number (a step folder in "
+  "--checkpoint selects its own).",
 )
 _INPUT = flags.DEFINE_multi_string(
   "input",
@@ -55,11 +72,32 @@ def _step(value: str) -> int | str:
   return int(value) if value.isdigit() else value
 
 
+def checkpoint_and_step(checkpoint: str, step: str, step_given: bool) -> tuple[str, int | str]:
+  """What ``predict`` takes for ``--checkpoint`` and ``--step``: a step folder selects its step.
+
+  Raises:
+    MissingInputError: ``checkpoint`` is no checkpoint (:func:`cli.resolve_checkpoint`).
+    app.UsageError: ``--step`` names another step than the step folder.
+  """
+  found = cli.resolve_checkpoint(checkpoint)
+  if found.step is None:
+    return found.path, _step(step)
+  if step_given and _step(step) != found.step:
+    raise app.UsageError(
+      f"--step={step} contradicts --checkpoint={checkpoint}, a step folder (step {found.step}); "
+      "drop --step or name the work dir"
+    )
+  return found.path, found.step
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   cli.check_output_folder(_OUTPUT.value)
+  checkpoint, step = checkpoint_and_step(
+    _CHECKPOINT.value, _STEP.value, flags.FLAGS["step"].present
+  )
   runtime.quiet_libraries()
   import jax
 
@@ -70,10 +108,10 @@ def main(argv: list[str]) -> None:
   # The user's mistakes (input, checkpoint, settings) raise JaxsegError: one line via cli.
   results = predict(
     config,
-    _CHECKPOINT.value,
+    checkpoint,
     _INPUT.value,
     _OUTPUT.value,
-    step=_step(_STEP.value),
+    step=step,
     use_ema=not _RAW_WEIGHTS.value,
     axis_order=_AXIS_ORDER.value,
     overwrite=_OVERWRITE.value,
@@ -92,7 +130,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (``jaxseg-predict``)."""
-  cli.run_main("jaxseg.predict", main)
+  cli.run_main("jaxseg.predict", main, config_from=("checkpoint",))
 
 
 if __name__ == "__main__":

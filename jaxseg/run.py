@@ -15,6 +15,15 @@ Every stage reuses complete outputs, so a rerun continues. Examples::
 Modes: ``all``, ``train`` (data + train), ``test`` (predict, decode, evaluate), ``tune``,
 ``tune-test`` (tuned parameters on the test volumes), ``report`` (rewrite ``results/`` only).
 ``--view`` then serves the volumes in Neuroglancer (``pip install neuroglancer``) until Ctrl-C.
+
+``--checkpoint`` uses a model trained elsewhere instead of training: a work dir, its
+``checkpoints`` folder, a step folder (``W/checkpoints/1500``: that step) or a work dir of
+``python -m jaxseg.import_checkpoint``. The train stage is skipped (``--mode=all`` runs the other
+stages; ``--mode=train`` is refused), every output goes to ``--workdir``, and the checkpoint is
+only read. Without ``--config`` its work dir's resolved ``config.json`` is the config, with
+``--config.a.b=value`` overrides on top::
+
+  python -m jaxseg.run --checkpoint=runs/demo --workdir=runs/demo_eval --mode=test
 """
 
 from __future__ import annotations
@@ -28,11 +37,20 @@ from jaxseg.common import cli, config_util, runtime
 # As jaxseg.workflow.chain.MODES, spelled out so that --help needs no import of the chain.
 _MODES = ("all", "train", "test", "tune", "tune-test", "report")
 
-_CONFIG = config_util.define_config_flag()
+_CONFIG = config_util.define_config_flag(
+  help_text="Config file (configs/*.py[:arg]); default: the --checkpoint work dir's config.json "
+  "(--config.a.b=value overrides apply to either)."
+)
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "The run folder (all stages' outputs).", required=True
 )
 _MODE = flags.DEFINE_enum("mode", "all", list(_MODES), "Which stages to run.")
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint",
+  None,
+  "Use this trained model instead of training (a work dir, its checkpoints folder or a step "
+  "folder W/checkpoints/<step>; only read): the train stage is skipped, --mode=train refused.",
+)
 _OVERWRITE = flags.DEFINE_bool(
   "overwrite",
   False,
@@ -78,19 +96,21 @@ def main(argv: list[str]) -> int:
     overwrite=_OVERWRITE.value,
     force_test=True if _FORCE_TEST.value else None,
     show_progress=_PROGRESS.value,
+    checkpoint=_CHECKPOINT.value,
   )
   total = sum(s.seconds for s in result["stages"])
   print(f"done in {total:.1f} s" + (f"; report: {result['report']}" if result["report"] else ""))
   if _VIEW.value:
     chain.view(
-      chain.Chain(_CONFIG.value, _WORKDIR.value, show_progress=False), port=_VIEW_PORT.value
+      chain.Chain(_CONFIG.value, _WORKDIR.value, show_progress=False, checkpoint=_CHECKPOINT.value),
+      port=_VIEW_PORT.value,
     )
   return 0
 
 
 def run() -> None:
   """Console-script entry point (``jaxseg-run``)."""
-  cli.run_main("jaxseg.run", main)
+  cli.run_main("jaxseg.run", main, config_from=("checkpoint",))
 
 
 if __name__ == "__main__":

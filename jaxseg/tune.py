@@ -15,6 +15,10 @@ the test volumes with the best parameters into ``DIR/tune/<decoder>/test/<name>`
   python -m jaxseg.tune --config=configs/snemi.py --workdir=runs/snemi --n_trials=50
 
 Tuning on the test split is refused unless ``--force_test`` (or ``config.tune.force_test``).
+``--checkpoint`` (default ``--workdir``) names a work dir, its ``checkpoints`` folder or one step
+folder (``W/checkpoints/1500``: that step, as ``--config.run.checkpoint_step=1500``); it is only
+read. Without ``--config`` the ``--checkpoint`` (else ``--workdir``) work dir's resolved
+``config.json`` is the config, with ``--config.a.b=value`` overrides on top.
 """
 
 from __future__ import annotations
@@ -23,12 +27,18 @@ from absl import app, flags
 
 from jaxseg.common import cli, config_util
 
-_CONFIG = config_util.define_config_flag()
+_CONFIG = config_util.define_config_flag(
+  help_text="Config file (configs/*.py[:arg]); default: the config.json of the --checkpoint (else "
+  "--workdir) work dir (--config.a.b=value overrides apply to either)."
+)
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Run folder: predictions, tune/<decoder> outputs.", required=True
 )
 _CHECKPOINT = flags.DEFINE_string(
-  "checkpoint", None, "Training workdir or its checkpoints folder (default: --workdir)."
+  "checkpoint",
+  None,
+  "Training work dir, its checkpoints folder or a step folder (W/checkpoints/<step>) "
+  "(default: --workdir).",
 )
 _MODE = flags.DEFINE_enum(
   "mode", "tune", ["tune", "tune-test"], "tune: run the study; tune-test: apply the best params."
@@ -62,6 +72,11 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   workdir = _WORKDIR.value
   checkpoint = _CHECKPOINT.value or workdir
+  if _CHECKPOINT.value:
+    found = cli.resolve_checkpoint(_CHECKPOINT.value)
+    checkpoint = found.path
+    if found.step is not None:
+      config_util.set_checkpoint_step(config, found.step)
   # The user's mistakes (input, settings, state of the workdir) raise JaxsegError: one line.
   try:
     if _MODE.value == "tune":
@@ -114,7 +129,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (``jaxseg-tune``)."""
-  cli.run_main("jaxseg.tune", main)
+  cli.run_main("jaxseg.tune", main, config_from=("checkpoint", "workdir"))
 
 
 if __name__ == "__main__":

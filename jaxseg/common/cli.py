@@ -20,12 +20,15 @@ What ends in one line ``<program>: <message>`` on stderr and exit status 1 (2 fo
 Anything else is a bug in jaxseg and propagates with its traceback. :func:`call` applies the same
 rule to one function call (tests run a ``main`` in-process with it). :func:`check_output_folder`
 is the check every entry point makes on its output folder before doing any work.
+:func:`resolve_checkpoint` reads a ``--checkpoint`` (a work dir, its checkpoints folder or one
+step folder) and :func:`with_saved_config` lets such a work dir stand in for ``--config``.
 
 Never imports JAX.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.machinery
 import importlib.util
 import os
@@ -36,7 +39,13 @@ from typing import Any
 
 from absl import app, flags
 
-from jaxseg.common.errors import ConfigError, JaxsegError, OutputError, from_os_error
+from jaxseg.common.errors import (
+  ConfigError,
+  JaxsegError,
+  MissingInputError,
+  OutputError,
+  from_os_error,
+)
 
 FLAGS = flags.FLAGS
 # The exit status of a bad command line (absl's own is 1; argparse and most tools use 2).
@@ -82,7 +91,11 @@ def call(program: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
 
 
 def run_main(
-  program: str, main: Callable[[list[str]], Any], argv: Sequence[str] | None = None
+  program: str,
+  main: Callable[[list[str]], Any],
+  argv: Sequence[str] | None = None,
+  *,
+  config_from: Sequence[str] = (),
 ) -> None:
   """``app.run(main)`` with the error rule of the module docstring, for flags and ``main``.
 
@@ -90,10 +103,12 @@ def run_main(
     program: the name the messages start with, e.g. ``"jaxseg.decode"``.
     main: the absl main (``main(argv)``; an int it returns is the exit status).
     argv: the command line (default ``sys.argv``).
+    config_from: flags naming a work dir whose ``config.json`` stands in for a missing
+      ``--config`` (:func:`with_saved_config`), e.g. ``("checkpoint",)``.
   """
 
   def parse(args: list[str]) -> list[str]:
-    return call(program, parse_flags, args)
+    return call(program, lambda a: parse_flags(with_saved_config(a, config_from)), args)
 
   def guarded(args: list[str]) -> Any:
     return call(program, main, args)
@@ -122,6 +137,143 @@ def check_output_folder(path: str | os.PathLike | None, *, flag: str = "--output
     raise OutputError(
       f"{flag}={path}: {ancestor} is an existing file, not a folder; choose a folder"
     )
+
+
+# -- --checkpoint ----------------------------------------------------------------------------------
+
+# What a --checkpoint may name, for the messages.
+CHECKPOINT_FORMS = "a work dir, its checkpoints folder or a step folder (W/checkpoints/<step>)"
+# As jaxseg.training.paths.CHECKPOINT_DIR (that package builds on this one, not the other way).
+CHECKPOINT_DIR = "checkpoints"
+# The items of an orbax step folder (jaxseg.training.checkpoint): any one makes it a checkpoint.
+_STEP_ITEMS = ("params", "ema", "meta", "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointArg:
+  """A resolved ``--checkpoint``.
+
+  Attributes:
+    path: what the libraries take (the work dir, or the checkpoints folder when that was named).
+    folder: the checkpoints folder (absolute).
+    workdir: the work dir holding ``folder`` (absolute; may lack a ``config.json``).
+    step: the step a step folder selects, else None (``--step`` / ``run.checkpoint_step`` do).
+  """
+
+  path: str
+  folder: str
+  workdir: str
+  step: int | None = None
+
+  @property
+  def config_path(self) -> str | None:
+    """The work dir's resolved ``config.json``, or None when it has none."""
+    from jaxseg.common.config_util import RESOLVED_CONFIG_NAME
+
+    path = os.path.join(self.workdir, RESOLVED_CONFIG_NAME)
+    return path if os.path.isfile(path) else None
+
+
+def _step_folders(path: str) -> list[str]:
+  try:
+    return [n for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n))]
+  except OSError:
+    return []
+
+
+def resolve_checkpoint(value: str, *, flag: str = "--checkpoint") -> CheckpointArg:
+  """Reads ``value`` as a work dir, its checkpoints folder or one step folder; reads only.
+
+  Raises:
+    MissingInputError: ``value`` does not exist, or holds no checkpoint (the message names the
+      forms a checkpoint may take).
+  """
+  path = os.path.abspath(os.path.expanduser(value))
+  if not os.path.exists(path):
+    raise MissingInputError(f"{flag}={value} does not exist; name {CHECKPOINT_FORMS}")
+  if not os.path.isdir(path):
+    raise MissingInputError(f"{flag}={value} is a file, not a folder; name {CHECKPOINT_FORMS}")
+  sub = os.path.join(path, CHECKPOINT_DIR)
+  if os.path.isdir(sub):
+    return CheckpointArg(value, sub, path)
+  name = os.path.basename(path)
+  parent = os.path.dirname(path)
+  if name.isdigit():
+    items = [n for n in _STEP_ITEMS if os.path.isdir(os.path.join(path, n))]
+    if not items:
+      raise MissingInputError(
+        f"{flag}={value} is not a checkpoint step folder (it has none of "
+        f"{', '.join(_STEP_ITEMS)}); name {CHECKPOINT_FORMS}"
+      )
+    return CheckpointArg(parent, parent, os.path.dirname(parent), int(name))
+  if _step_folders(path):
+    return CheckpointArg(value, path, parent)
+  raise MissingInputError(
+    f"{flag}={value} holds no checkpoints (no {CHECKPOINT_DIR}/ folder, no step folders); "
+    f"name {CHECKPOINT_FORMS}"
+  )
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+  """The value of the last ``--name=V`` / ``--name V`` in ``argv`` (None when absent)."""
+  found = None
+  args = list(argv[1:])
+  for i, arg in enumerate(args):
+    if arg == "--":
+      break
+    key, eq, value = arg.lstrip("-").partition("=")
+    if not arg.startswith("-") or key != name:
+      continue
+    if eq:
+      found = value
+    elif i + 1 < len(args):
+      found = args[i + 1]
+  return found
+
+
+def with_saved_config(
+  argv: Sequence[str], sources: Sequence[str], name: str = "config"
+) -> list[str]:
+  """``argv``, with ``--config`` taken from a work dir's ``config.json`` when it names none.
+
+  The first of the ``sources`` flags given (``--checkpoint=W``, a checkpoints folder or a step
+  folder of W) supplies ``W/config.json``, the resolved config jaxseg saved when it trained W; it
+  is loaded through :mod:`jaxseg.common.saved_config`, so ``--config.a.b=value`` overrides still
+  apply on top. Without any of them ``argv`` is returned as it is (absl then asks for
+  ``--config``).
+
+  Raises:
+    MissingInputError: the flag names no checkpoint (:func:`resolve_checkpoint`).
+    ConfigError: its work dir has no ``config.json``.
+  """
+  from jaxseg.common.config_util import RESOLVED_CONFIG_NAME
+
+  argv = list(argv)
+  if not sources or any(key == name for key, _ in _config_specs(argv, [name])):
+    return argv
+  for source in sources:
+    value = _flag_value(argv, source)
+    if value is None:
+      continue
+    here = os.path.join(os.path.expanduser(value), RESOLVED_CONFIG_NAME)
+    if os.path.isfile(here):
+      saved = os.path.abspath(here)
+    else:
+      saved = resolve_checkpoint(value, flag=f"--{source}").config_path
+    if saved is None:
+      raise ConfigError(
+        f"--{name} is missing and --{source}={value} has no config.json (the resolved config a "
+        f"jaxseg run saves in its work dir); pass --{name}=configs/<recipe>.py"
+      )
+    if ":" in saved:
+      raise ConfigError(
+        f"--{source}={value}: a path with ':' cannot be read as a config; pass --{name}"
+      )
+    from jaxseg.common import saved_config
+
+    loader = os.path.abspath(saved_config.__file__)
+    return [argv[0], f"--{name}={loader}:{saved}", *argv[1:]]
+  return argv
 
 
 # -- flags -----------------------------------------------------------------------------------------
@@ -156,6 +308,14 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     if missing:
       named = ", ".join(f"--{name}" for name in missing)
       raise _usage(f"missing required flag(s): {named}; --helpshort lists the flags") from None
+    override = re.search(r"Unknown command line flag '(\w+)\.", str(e))
+    if override and override.group(1) in names:
+      # --config.a.b=v without --config: there is no config for it to apply to.
+      name = override.group(1)
+      raise _usage(
+        f"{e}: --{name}.a.b=value overrides need --{name}=FILE (or, where the program takes "
+        "one, a --checkpoint work dir with a config.json)"
+      ) from None
     raise _usage(f"{e}; --helpshort lists the flags") from None
   except (AttributeError, KeyError, TypeError, IndexError) as e:
     # ml_collections resolves an override against the loaded config inside absl's parser; a

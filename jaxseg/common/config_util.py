@@ -35,10 +35,13 @@ class UnknownConfigKeyError(ConfigError, KeyError):
   __str__ = Exception.__str__  # KeyError's would quote the message
 
 
-def define_config_flag(name: str = "config", required: bool = True):
+def define_config_flag(name: str = "config", required: bool = True, help_text: str | None = None):
   """Defines the ``--config`` file flag (locked: unknown override keys raise)."""
   holder = config_flags.DEFINE_config_file(
-    name, None, "Path to a config file (configs/*.py), optionally with ':arg'.", lock_config=True
+    name,
+    None,
+    help_text or "Path to a config file (configs/*.py), optionally with ':arg'.",
+    lock_config=True,
   )
   CONFIG_FLAGS.add(name)
   if required:
@@ -167,6 +170,13 @@ def triple(value: Any, key: str, minimum: int = 1, *, scalar: bool = False) -> t
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
   """A JSON-ready plain-dict copy (tuples become lists)."""
   return json.loads(config.to_json_best_effort())
+
+
+def set_checkpoint_step(config: ml_collections.ConfigDict, step: int) -> None:
+  """Sets ``config.run.checkpoint_step`` to ``step`` (a ``--checkpoint`` step folder's), in the
+  type the config has for it (the recipes say ``"best"``, a string)."""
+  current = config.run.checkpoint_step
+  apply_override(config, "run.checkpoint_step", step if isinstance(current, int) else str(step))
 
 
 def save_config(

@@ -22,6 +22,8 @@ module deletes, after each save has completed, every step that is not
 
 Deleting only after the newer save is committed means a crash during a save still leaves the
 previous latest step intact (orbax writes into a temporary folder and renames it when complete).
+Only a manager that saved prunes when it closes: one that only restored (``predict``, ``tune``,
+``run --checkpoint`` reading another work dir) deletes nothing, whatever its retention settings.
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ class CheckpointManager:
     handlers["meta"] = ocp.JsonCheckpointHandler()
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._meta: dict[int, dict] = {}
+    self._saved = False  # close() prunes only after a save of this manager
 
   # -- queries ---------------------------------------------------------------------------------
 
@@ -243,6 +246,7 @@ class CheckpointManager:
       model_config: ``config.model``, kept to refuse restoring into a different model.
     """
     step = int(step)
+    self._saved = True
     # Finish the previous save before pruning, so "latest" is a complete checkpoint.
     self._mngr.wait_until_finished()
     self.prune()
@@ -288,9 +292,15 @@ class CheckpointManager:
     self._mngr.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending writes, applies retention and releases the manager."""
+    """Waits for pending writes, applies retention (if this manager saved) and releases it.
+
+    A manager that only restored deletes nothing: its retention settings are the reader's config,
+    not necessarily the ones that trained the checkpoints (a step ``predict`` was asked for, or
+    another work dir's milestones, would go).
+    """
     self._mngr.wait_until_finished()
-    self.prune()
+    if self._saved:
+      self.prune()
     self._mngr.close()
 
   # -- restore ---------------------------------------------------------------------------------

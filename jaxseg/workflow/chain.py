@@ -18,6 +18,12 @@ line with what it did or reused and its time. JAX is imported only by the stages
 predict, and only when they have work to do: a rerun over complete outputs, or ``--mode=tune``
 with cached affinities, needs no accelerator.
 
+A trained model from elsewhere (``checkpoint=``: another work dir, its checkpoints folder, a step
+folder, or a work dir of ``python -m jaxseg.import_checkpoint``) replaces the train stage: it is
+skipped (``--mode=all`` runs data, test, tune, tune-test and report; ``--mode=train`` is refused),
+the later stages predict with that checkpoint, and everything they write goes into this work dir;
+the checkpoint's folder is only read. A step folder selects its step (``run.checkpoint_step``).
+
 Volumes are the ``[c,] z, y, x`` arrays of ``jaxseg.io``; segmentations ``[z, y, x]``.
 """
 
@@ -34,7 +40,7 @@ from typing import Any
 
 from absl import logging
 
-from jaxseg.common import config_util, files, outputs
+from jaxseg.common import cli, config_util, files, outputs
 from jaxseg.common.errors import JaxsegError
 from jaxseg.decoding.scoring import DECODERS
 from jaxseg.io.skeleton import workdir_skeleton_dir
@@ -98,6 +104,9 @@ class Chain:
     force_test: allow tuning on the test split (default ``config.tune.force_test``).
     show_progress: progress bars inside the stages.
     echo: where the one-line stage summaries go (default ``print``).
+    checkpoint: a trained model to use instead of training into ``workdir`` (a work dir, its
+      checkpoints folder or a step folder; only read). A step folder sets
+      ``config.run.checkpoint_step`` (in ``config`` itself).
   """
 
   def __init__(
@@ -109,6 +118,7 @@ class Chain:
     force_test: bool | None = None,
     show_progress: bool = True,
     echo: Callable[[str], None] = print,
+    checkpoint: str | None = None,
   ):
     self.config = config
     self.workdir = os.path.abspath(workdir)
@@ -120,12 +130,30 @@ class Chain:
     unknown = [d for d in self.decoders if d not in DECODERS]
     if unknown or not self.decoders:
       raise ChainError(f"config.run.decoders must name some of {DECODERS}, got {self.decoders}")
+    # Resolved (and checked) now, before any stage writes.
+    self.external = None if checkpoint is None else cli.resolve_checkpoint(checkpoint)
+    if self.external is not None and self.external.step is not None:
+      config_util.set_checkpoint_step(config, self.external.step)
 
   # -- paths -------------------------------------------------------------------------------------
 
   @property
   def checkpoint_dir(self) -> str:
+    """The checkpoints folder the stages predict with (``--checkpoint``'s, else this work dir's)."""
+    if self.external is not None:
+      return self.external.folder
     return os.path.join(self.workdir, paths.CHECKPOINT_DIR)
+
+  @property
+  def checkpoint(self) -> str:
+    """What the stages pass as ``checkpoint``: ``--checkpoint``'s work dir or folder, else this
+    work dir."""
+    return self.workdir if self.external is None else self.external.path
+
+  @property
+  def train_workdir(self) -> str:
+    """The work dir that trained the model (its curves); another one's only for reading."""
+    return self.workdir if self.external is None else self.external.workdir
 
   @property
   def cache_root(self) -> str:
@@ -163,6 +191,11 @@ class Chain:
     """Runs the stages of ``mode`` (:data:`MODES`); returns what each did."""
     if mode not in MODES:
       raise ChainError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
+    if mode == "train" and self.external is not None:
+      raise ChainError(
+        "--mode=train trains into --workdir, and --checkpoint names a model trained elsewhere "
+        "to use instead; drop one of them"
+      )
     if "mws" in self.decoders and {"test", "tune", "tune-test"} & set(MODES[mode]):
       from jaxseg.decoding import mws
 
@@ -249,6 +282,10 @@ class Chain:
 
   def stage_train(self) -> tuple[str, str]:
     """Trains to ``train.num_steps`` (resuming), unless a checkpoint of that step exists."""
+    if self.external is not None:
+      # Not even the training manifest: the checkpoint may be another work dir's, only read.
+      step = "" if self.external.step is None else f" (step {self.external.step})"
+      return "skipped", f"not trained here: using the checkpoint {self.checkpoint_dir}{step}"
     target = int(self.config.train.num_steps)
     # Refuses checkpoints that another training config made (or, with --overwrite, removes them).
     paths.training_output(self.config, self.workdir).open(overwrite=self.overwrite)
@@ -273,7 +310,7 @@ class Chain:
 
     cached = cache.cached_predictions(
       self.config,
-      self.workdir,
+      self.checkpoint,
       "test",
       self.cache_root,
       show_progress=self.show_progress,
@@ -389,7 +426,7 @@ class Chain:
       result = tune_lib.tune(
         self.config,
         self.workdir,
-        checkpoint=self.workdir,
+        checkpoint=self.checkpoint,
         decoder=decoder,
         force_test=self.force_test,
         show_progress=self.show_progress,
@@ -411,7 +448,7 @@ class Chain:
       results = tune_lib.tune_test(
         self.config,
         self.workdir,
-        checkpoint=self.workdir,
+        checkpoint=self.checkpoint,
         decoder=decoder,
         show_progress=self.show_progress,
       )
@@ -593,7 +630,7 @@ def write_results(chain: Chain) -> dict[str, str]:
         images[title] = os.path.relpath(png, out)
         viewer_layers.setdefault(name, []).append((f"{decoder} {section}", seg_path, aff_path))
   # (title, source PNG, name in previews/): plots other stages wrote, copied beside the report.
-  extras = [("training curves", os.path.join(chain.workdir, "training_curves.png"), "")]
+  extras = [("training curves", os.path.join(chain.train_workdir, "training_curves.png"), "")]
   for decoder in chain.decoders:
     plot = os.path.join(chain.workdir, "tune", decoder, "objective.png")
     extras.append((f"tuning {decoder}", plot, f"tune_{decoder}.png"))
@@ -716,6 +753,7 @@ def run_chain(
   force_test: bool | None = None,
   show_progress: bool = True,
   echo: Callable[[str], None] = print,
+  checkpoint: str | None = None,
 ) -> dict:
   """Runs the stages of ``mode`` in ``workdir`` (see the module docstring).
 
@@ -727,6 +765,7 @@ def run_chain(
     force_test: allow tuning on the test split (default ``config.tune.force_test``).
     show_progress: progress bars inside the stages.
     echo: receives one line per stage.
+    checkpoint: a trained model to use instead of training (see :class:`Chain`).
 
   Returns:
     ``{"stages": [StageResult], "report": path or None, "metrics": path or None,
@@ -743,6 +782,7 @@ def run_chain(
     force_test=force_test,
     show_progress=show_progress,
     echo=echo,
+    checkpoint=checkpoint,
   )
   stages = chain.run(mode)
   report_path = os.path.join(chain.results_dir, "report.md")
