@@ -413,6 +413,7 @@ def test_tta_of_an_equivariant_model_equals_plain_prediction(tmp_path):
   plain_dir, tta_dir = str(tmp_path / "plain"), str(tmp_path / "tta")
   _predict(config, label_affinities, None, path, plain_dir)
   config.infer.tta.enabled = True
+  config.infer.tta.views = "zyx16"  # every flip and yx turn (SNEMI's default, "xy8", has no z flip)
   (summary,) = _predict(config, label_affinities, None, path, tta_dir)
   assert summary["views"] == 16
   plain, tta = _read_output(plain_dir), _read_output(tta_dir)

@@ -30,6 +30,7 @@ SHORT = {
 MARGINS = {"adapted_rand": 0.1, "voi": 0.5}
 
 
+@pytest.mark.long  # 3-4 minutes of the 2-core CI's 10; run by hand: pytest -m long
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_own_data_chain_on_the_gala_crops_beats_the_baselines(shared_data, tmp_path, optimised_xla):
