@@ -269,23 +269,15 @@ def train_jaxseg(suite: Suite, net: str) -> dict:
   """jaxseg's training step: compile ahead of time, warm up, time ``steps`` steps."""
   import jax
 
-  from jaxseg.data import targets
   from jaxseg.models import count_params
-  from jaxseg.training import optim, sharding, train_lib
+  from jaxseg.training import train_lib
 
   config = train_config(suite, net)
   watch = MemoryWatch(suite)
-  shard = sharding.create_sharding(1)
-  tx = optim.create_optimizer(config.optim, int(config.train.num_steps))
-  graphdef, state = train_lib.create_train_state(config, tx, shard)
-  read_shape = targets.read_shape_for(config)
-  step_fn = train_lib.make_train_step(config, graphdef, tx, shard, read_shape)
-  batch = int(config.train.batch_size)
-  rng = np.random.default_rng(0)
-  labels = suite.script("train_step")._labels((batch, *read_shape), rng)
-  image = rng.random((batch, *read_shape, 1), dtype=np.float32)
-  image, labels = jax.device_put(image, shard.batch), jax.device_put(labels, shard.batch)
-  params = count_params(suite.script("train_step").nnx_model(graphdef, state))
+  train_step = suite.script("train_step")
+  step_fn, graphdef, state, image, labels = train_step.step_and_batch(config)
+  batch, read_shape = image.shape[0], image.shape[1:4]
+  params = count_params(train_step.nnx_model(graphdef, state))
 
   t0 = time.perf_counter()
   lowered = step_fn.lower(state, image, labels)

@@ -66,16 +66,14 @@ def _labels(shape, rng) -> np.ndarray:
   return coarse.repeat(4, 1).repeat(16, 2).repeat(16, 3)[:, :z, :y, :x].copy()
 
 
-def time_jaxseg(net: str) -> dict:
+def step_and_batch(config) -> tuple:
+  """jaxseg's real train step for ``config`` on one device, with a batch of random image and
+  blocky labels on it: ``(step_fn, graphdef, state, image, labels)``."""
   import jax
 
   from jaxseg.data import targets
-  from jaxseg.models import count_params
   from jaxseg.training import optim, sharding, train_lib
 
-  device = jax.devices()[0]
-  on_gpu = device.platform == "gpu"
-  config = _config(net, on_gpu)
   shard = sharding.create_sharding(1)
   tx = optim.create_optimizer(config.optim, int(config.train.num_steps))
   graphdef, state = train_lib.create_train_state(config, tx, shard)
@@ -85,8 +83,20 @@ def time_jaxseg(net: str) -> dict:
   rng = np.random.default_rng(0)
   labels = _labels((batch, *read_shape), rng)
   image = rng.random((batch, *read_shape, 1), dtype=np.float32)
-  image = jax.device_put(image, shard.batch)
-  labels = jax.device_put(labels, shard.batch)
+  image, labels = jax.device_put(image, shard.batch), jax.device_put(labels, shard.batch)
+  return step_fn, graphdef, state, image, labels
+
+
+def time_jaxseg(net: str) -> dict:
+  import jax
+
+  from jaxseg.models import count_params
+
+  device = jax.devices()[0]
+  on_gpu = device.platform == "gpu"
+  config = _config(net, on_gpu)
+  step_fn, graphdef, state, image, labels = step_and_batch(config)
+  batch = image.shape[0]
   n_params = count_params(nnx_model(graphdef, state))
 
   compiled = step_fn.lower(state, image, labels).compile()
