@@ -93,6 +93,12 @@ def better(a: float, b: float, direction_: str) -> bool:
   return a > b if direction_ == "maximize" else a < b
 
 
+def best_row(rows: Sequence[Mapping[str, Any]], direction_: str, key: str = "value") -> Any:
+  """The row whose ``key`` is best, the first of them among equals (no NaN values)."""
+  sign = -1.0 if direction_ == "maximize" else 1.0
+  return min(rows, key=lambda r: sign * r[key])
+
+
 def objective_value(metrics: Mapping[str, Any], objective: str) -> float:
   """The objective's value in a metrics dict (NaN when the metric is missing or undefined)."""
   value = metrics.get(objective)

@@ -221,10 +221,7 @@ def run_trial(state: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
   for threshold, values in sorted(per_threshold.items()):
     finite = [x if math.isfinite(x) else scoring.worst_value(direction) for x in values.values()]
     rows.append({"threshold": threshold, "value": float(np.mean(finite)), "per_volume": values})
-  best = rows[0]
-  for row in rows[1:]:
-    if scoring.better(row["value"], best["value"], direction):
-      best = row
+  best = scoring.best_row(rows, direction)
   return {
     "value": best["value"],
     "threshold": best["threshold"],

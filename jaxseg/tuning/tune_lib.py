@@ -519,8 +519,7 @@ def _run_trials(
 
 def _best_of(rows: Sequence[Mapping[str, Any]], direction: str) -> Mapping[str, Any]:
   """The best row by ``value``; among equal values the earliest trial (the first to find it)."""
-  sign = -1.0 if direction == "maximize" else 1.0
-  return min(rows, key=lambda r: (sign * r["value"], r["number"]))
+  return scoring.best_row(sorted(rows, key=lambda r: r["number"]), direction)
 
 
 def select_point(rows: Sequence[Mapping[str, Any]], space: search.SearchSpace) -> dict:

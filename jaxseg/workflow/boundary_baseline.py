@@ -118,7 +118,7 @@ def tune_boundaries(
         {"threshold": threshold, "value": value if np.isfinite(value) else worst}
       )
     sampled = {k: v for k, v in params.items() if k != "thresholds"}
-    best = _best_threshold(per_threshold, space.direction)
+    best = scoring.best_row(per_threshold, space.direction)
     if np.isfinite(best["value"]):
       rows.append(
         {
@@ -136,12 +136,6 @@ def tune_boundaries(
   if decoder == "waterz":
     params["thresholds"] = (kept["threshold"],)
   return params, kept["value"]
-
-
-def _best_threshold(rows: Sequence[dict], direction: str) -> dict:
-  """The best ``{"threshold", "value"}`` row, the first among equals."""
-  sign = -1.0 if direction == "maximize" else 1.0
-  return min(rows, key=lambda r: sign * r["value"])
 
 
 def score_boundary_map(
