@@ -163,6 +163,33 @@ def test_grid_values_are_inclusive_and_exact():
     search.grid_values((0.5, 0.9, 0.0), "tune.cc.threshold_grid")
 
 
+def test_listed_grid_values_make_an_uneven_grid_tpe_samples_on():
+  """("values", ...) keeps exactly the listed values (a logit-like grid of probabilities); TPE
+  samples among them, and the flat rule's neighbours are the adjacent listed values."""
+  assert search.grid_values(("values", 1.0, 0.9, 0.999, 0.99), "g") == (0.9, 0.99, 0.999, 1.0)
+  with pytest.raises(ConfigError, match=r"tune.waterz.aff_threshold_high.*distinct"):
+    search.grid_values(("values", 0.9, 0.9), "tune.waterz.aff_threshold_high")
+  with pytest.raises(ConfigError, match=r"tune.waterz.aff_threshold_high must be"):
+    search.grid_values(("vals", 0.9, 0.99), "tune.waterz.aff_threshold_high")
+  config = load_config("configs/demo.py")
+  with config.unlocked():
+    config.tune.waterz.sampler = "tpe"
+    config.tune.waterz.aff_threshold_high = ("values", 0.9, 0.99, 0.999, 1.0)
+  space = search.search_space(config, "waterz")
+  dist = space.distributions()
+  assert tuple(dist["aff_threshold_high"].choices) == (0.9, 0.99, 0.999, 1.0)
+  assert dist["aff_threshold_low"].step == pytest.approx(0.1)  # an even grid stays stepped
+  study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=3))
+  for _ in range(8):
+    trial = study.ask(dist)
+    assert trial.params["aff_threshold_high"] in (0.9, 0.99, 0.999, 1.0)
+    study.tell(trial, trial.params["aff_threshold_high"])
+  with config.unlocked():
+    config.tune.waterz.aff_threshold_high = ("values", 0.3, 0.99)  # reaches the low grid
+  with pytest.raises(ConfigError, match="must lie below every aff_threshold_high"):
+    search.search_space(config, "waterz")
+
+
 def test_cache_predicts_once_then_reuses(data_root, tmp_path, fake_predict):
   config = make_config(data_root)
   ckpt = make_checkpoint(tmp_path / "run")

@@ -3,7 +3,8 @@
 Owns:
   * :class:`SearchSpace` (:func:`search_space`): the parameters one decoder's tuning samples,
     as value lists on an inclusive grid (``(low, high, step)`` in the config, rounded so that
-    ``0.3 + 0.05 * k`` is exactly ``0.45``, not ``0.45000000000000007``) or categorical choices.
+    ``0.3 + 0.05 * k`` is exactly ``0.45``, not ``0.45000000000000007``; or listed,
+    ``("values", a, b, ...)``) or categorical choices.
     cc: ``threshold``; waterz: ``merge_function``, ``aff_threshold_low``,
     ``aff_threshold_high`` (its merge ``thresholds`` are decoded in every trial, not sampled);
     mws: ``bias_short``, ``bias_long`` (``decode.mws``).
@@ -41,19 +42,45 @@ SELECTIONS = ("best", "flat")
 _DECIMALS = 10
 # A sampled float within this of a grid value is that value.
 SNAP_TOL = 1e-6
+# A grid spec ("values", a, b, ...) lists its values instead of (low, high, step).
+VALUES_TAG = "values"
 
 
-def grid_values(spec: Sequence[float], name: str) -> tuple[float, ...]:
-  """The inclusive grid ``low, low + step, ..., high`` of a ``(low, high, step)`` triple.
+def grid_values(spec: Sequence[Any], name: str) -> tuple[float, ...]:
+  """The grid values a ``tune.*`` key names, in increasing order.
+
+  ``(low, high, step)``: the inclusive grid ``low, low + step, ..., high``.
+  ``("values", a, b, ...)``: exactly those values, for an uneven grid. Thresholds on a plain
+  sigmoid's probabilities want one: the evidence a network has for a voxel pair grows with the
+  logit, so ``0.99 -> 0.999 -> 1.0`` are steps of similar size while a linear grid spends most
+  of its points below 0.99 (``("values", 0.9, 0.95, 0.99, 0.999, 1.0)``).
 
   Raises:
-    ConfigError: not three numbers, ``step <= 0`` or ``high < low`` (naming ``name``, the
-      user's ``tune.*`` key).
+    ConfigError: neither form, ``step <= 0``, ``high < low``, or repeated values (naming
+      ``name``, the user's ``tune.*`` key).
   """
+  if len(spec) and isinstance(spec[0], str):
+    if spec[0] != VALUES_TAG:
+      raise ConfigError(
+        f"{name} must be (low, high, step) or ({VALUES_TAG!r}, v1, v2, ...), not {spec!r}"
+      )
+    try:
+      values = sorted(round(float(v), _DECIMALS) + 0.0 for v in spec[1:])
+    except (TypeError, ValueError):
+      raise ConfigError(
+        f"{name}: the values after {VALUES_TAG!r} must be numbers: {spec!r}"
+      ) from None
+    if not values or len(set(values)) != len(values):
+      raise ConfigError(
+        f"{name}: ({VALUES_TAG!r}, ...) needs one or more distinct values: {spec!r}"
+      )
+    return tuple(values)
   try:
     low, high, step = (float(v) for v in spec)
   except (TypeError, ValueError):
-    raise ConfigError(f"{name} must be (low, high, step), not {spec!r}") from None
+    raise ConfigError(
+      f"{name} must be (low, high, step) or ({VALUES_TAG!r}, v1, v2, ...), not {spec!r}"
+    ) from None
   if step <= 0 or high < low:
     raise ConfigError(f"{name} must be (low, high, step) with step > 0 and high >= low: {spec!r}")
   count = math.floor((high - low) / step + 1e-9) + 1
@@ -92,16 +119,19 @@ class SearchSpace:
     return scoring.direction(self.objective)
 
   def distributions(self) -> dict[str, BaseDistribution]:
-    """Optuna distributions: grid floats as stepped floats (TPE samples on the grid)."""
+    """Optuna distributions: even grids as stepped floats, uneven ones as categorical (TPE
+    samples on the grid either way)."""
     out: dict[str, BaseDistribution] = {}
     for name, values in self.choices.items():
       if isinstance(values[0], str):
         out[name] = CategoricalDistribution(values)
       elif len(values) == 1:
         out[name] = FloatDistribution(values[0], values[0])
-      else:
+      elif _evenly_spaced(values):
         step = round(values[1] - values[0], _DECIMALS)
         out[name] = FloatDistribution(values[0], values[-1], step=step)
+      else:  # an uneven ("values", ...) grid: TPE picks among the listed values
+        out[name] = CategoricalDistribution(values)
     return out
 
   def snap(self, params: Mapping[str, Any]) -> dict:
@@ -140,6 +170,11 @@ class SearchSpace:
     if self.selection != "best":  # what best_params.json holds depends on it
       out["selection"] = self.selection
     return out
+
+
+def _evenly_spaced(values: Sequence[float]) -> bool:
+  steps = np.diff(np.asarray(values, dtype=np.float64))
+  return bool(np.allclose(steps, steps[0], rtol=0.0, atol=1e-9))
 
 
 DEFAULT_STUDY_NAME = "jaxseg-{decoder}"
