@@ -125,9 +125,10 @@ def get_config(arg=None):
   config.tune.selection = "flat"
   config.tune.waterz.sampler = "grid"
   config.tune.waterz.merge_functions = ("aff50_his256", "aff75_his256", "aff85_his256")
-  # Around waterz's plain-sigmoid default of 0.999; the NISB-scale 0.7-0.9 joins leaky edges
-  # unconditionally.
-  config.tune.waterz.aff_threshold_high = (0.9, 1.0, 0.02)
+  # Around waterz's plain-sigmoid default of 0.999, in steps of similar logit (docs/tuning.md,
+  # "Grids"): the NISB-scale 0.7-0.9 joins leaky edges unconditionally, and a linear 0.90-1.00
+  # grid puts a merge cliff (0.98) next to 1.0, which the flat rule then shies away from.
+  config.tune.waterz.aff_threshold_high = ("values", 0.9, 0.95, 0.99, 0.999, 1.0)
   config.tune.waterz.aff_threshold_low = (0.0, 0.3, 0.1)
   config.tune.trial_timeout_s = 300.0
   # Long-range edges of a plain-sigmoid net repel best well above 0.5.
