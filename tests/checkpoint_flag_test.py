@@ -237,6 +237,14 @@ def test_run_test_with_a_checkpoint_does_not_train_and_leaves_it_untouched(train
   # Overrides with neither --config nor a --checkpoint have no config to apply to.
   proc = _run("jaxseg.run", *INFER, f"--workdir={tmp_path / 'x'}")
   _one_line(proc, "jaxseg.run", "config.infer.window", "need --config")
+  # A step folder and another step number in the config contradict each other: one line each.
+  for module in ("jaxseg.run", "jaxseg.tune"):
+    proc = _run(
+      module, f"--checkpoint={workdir}/checkpoints/2", "--config.run.checkpoint_step=4",
+      f"--workdir={tmp_path / 'x'}",
+    )  # fmt: skip
+    _one_line(proc, module, "config.run.checkpoint_step=4", "contradicts", "step 2")
+  assert not (tmp_path / "x").exists()
 
 
 def test_tune_with_a_step_folder_and_no_config_tunes_that_step(trained, tmp_path):

@@ -174,8 +174,18 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
 
 def set_checkpoint_step(config: ml_collections.ConfigDict, step: int) -> None:
   """Sets ``config.run.checkpoint_step`` to ``step`` (a ``--checkpoint`` step folder's), in the
-  type the config has for it (the recipes say ``"best"``, a string)."""
+  type the config has for it (the recipes say ``"best"``, a string).
+
+  Raises:
+    ConfigError: ``config.run.checkpoint_step`` already names another step number (the step
+      folder replaces only ``"best"`` / ``"latest"``, never a number the user gave).
+  """
   current = config.run.checkpoint_step
+  if str(current).strip().isdigit() and int(current) != step:
+    raise ConfigError(
+      f"config.run.checkpoint_step={current} contradicts the --checkpoint step folder (step "
+      f"{step}); drop one of them"
+    )
   apply_override(config, "run.checkpoint_step", step if isinstance(current, int) else str(step))
 
 
