@@ -17,6 +17,12 @@ long-range ones included; whole volumes up to ``decode.mws.max_voxels``). Volume
       --axis_order=cxyz --output=seg/pytc
   python -m jaxseg.decode --config=configs/snemi.py --affinities=pred/test.zarr/affinities \
       --output=seg/mws --config.decode.method=mws --config.decode.mws.bias_long=0.6
+  python -m jaxseg.decode --tuned=runs/fibsem --config.decode.method=waterz \
+      --affinities=pred/new.zarr/affinities --output=seg/new
+
+``--tuned=W`` decodes with the settings W's tuning kept (``W/tune/<method>/best_params.json``:
+merge function, watershed and merge thresholds, cc threshold or mws biases); its
+``config.json`` is the config unless ``--config`` is given.
 
 Writes ``DIR/segmentation`` (or ``DIR/segmentation_t<thr>`` per waterz threshold), ``[z, y, x]``
 zarr arrays in the smallest unsigned dtype, plus ``DIR/preview.png`` and ``DIR/decode.json``.
@@ -29,7 +35,10 @@ from absl import app, flags
 
 from jaxseg.common import cli, config_util
 
-_CONFIG = config_util.define_config_flag()
+_CONFIG = config_util.define_config_flag(
+  help_text="Config file (configs/*.py[:arg]); default: the --tuned work dir's config.json "
+  "(--config.a.b=value overrides apply to either)."
+)
 _AFFINITIES = flags.DEFINE_string(
   "affinities",
   None,
@@ -47,6 +56,13 @@ _AXIS_ORDER = flags.DEFINE_string(
   "On-disk axis order of --affinities when the file names none ('cxyz': PyTC); a file's own "
   "axis_order attribute must agree.",
 )
+_TUNED = flags.DEFINE_string(
+  "tuned",
+  None,
+  "A work dir tuned by jaxseg.tune / jaxseg.run: decode with the settings its tuning kept "
+  "(W/tune/<config.decode.method>/best_params.json); without --config, W/config.json is the "
+  "config.",
+)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Let waterz print its progress.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars for blockwise decoding.")
 
@@ -59,7 +75,14 @@ def main(argv: list[str]) -> None:
   from jaxseg.decoding.settings import decode_settings
 
   # The user's mistakes (input, settings, a full disk) raise JaxsegError: one line via cli.
-  settings = decode_settings(_CONFIG.value)
+  config = _CONFIG.value
+  if _TUNED.value:
+    from jaxseg.tuning.tune_lib import tuned_config
+
+    method = str(config.decode.method)
+    config, best = tuned_config(config, _TUNED.value, method)
+    print(f"{method} settings tuned in {_TUNED.value}: {best['params']}")
+  settings = decode_settings(config)
   summary = decode(
     settings,
     _AFFINITIES.value,
@@ -85,7 +108,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (``jaxseg-decode``)."""
-  cli.run_main("jaxseg.decode", main)
+  cli.run_main("jaxseg.decode", main, config_from=("tuned",))
 
 
 if __name__ == "__main__":

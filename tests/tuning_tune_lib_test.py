@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import numpy as np
 import optuna
 import pytest
 
-from jaxseg.common import outputs
+from jaxseg.common import config_util, outputs
 from jaxseg.common.config_util import load_config
 from jaxseg.common.errors import ConfigError, JaxsegError, OutputError
 from jaxseg.common.files import write_json
@@ -347,6 +348,41 @@ def test_tuned_params_beat_a_bad_default_on_the_test_volume(cc_run):
   assert row["adapted_rand"] < default["results"][0]["adapted_rand"] - 0.3
   again = tune_lib.tune_test(bad, workdir, checkpoint=ckpt, decoder="cc", show_progress=False)
   assert again[0]["reused"] and again[0]["results"] == tuned["results"]
+
+
+def test_decode_cli_applies_a_work_dir_s_tuned_settings(cc_run, data_root, tmp_path):
+  """``jaxseg.decode --tuned=W`` decodes a new volume with what W's tuning kept, over a config
+  whose own threshold is bad; W's config.json stands in for --config; an untuned decoder is
+  refused in one line naming the file."""
+  best = cc_run["second"]["best_params"]["threshold"]
+  (cached,) = cache.cached_predictions(
+    cc_run["config"], cc_run["ckpt"], "test", os.path.join(cc_run["workdir"], "predictions")
+  )
+  work = tmp_path / "tuned"
+  shutil.copytree(os.path.join(cc_run["workdir"], "tune", "cc"), work / "tune" / "cc")
+  config_util.save_config(cc_run["config"], str(work))
+
+  def decode(*args):
+    return subprocess.run(
+      [sys.executable, "-m", "jaxseg.decode", f"--affinities={cached.affinities}", *args],
+      capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+
+  for name, config_args in (("with_config", [f"--config={DEMO}"]), ("saved_config", [])):
+    out = tmp_path / name
+    proc = decode(
+      *config_args, f"--tuned={work}", f"--config.data.root={data_root}",
+      "--config.decode.threshold=0.97", "--config.decode.method=cc", f"--output={out}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"cc settings tuned in {work}" in proc.stdout
+    with open(out / "decode.json") as f:
+      assert json.load(f)["thresholds"] == [best] != [0.97]
+  proc = decode(f"--tuned={work}", "--config.decode.method=waterz", f"--output={tmp_path / 'w'}")
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+  assert os.path.join("tune", "waterz", "best_params.json") in lines[0] and "not tuned" in lines[0]
+  assert not (tmp_path / "w").exists()
 
 
 def test_tpe_samples_only_inside_the_space(data_root, tmp_path):

@@ -95,6 +95,27 @@ def load_best_params(workdir: str, decoder: str) -> dict | None:
   return read_json(path, missing_ok=True, hint="; delete it to tune again")
 
 
+def tuned_config(config, workdir: str, decoder: str):
+  """``config`` with the decoder's tuned settings from ``workdir`` applied (``decode.method`` =
+  ``decoder``; the tuned keys replace the config's, every other key stays).
+
+  Returns:
+    ``(config copy, best_params.json contents)``.
+
+  Raises:
+    MissingInputError: ``workdir`` has no tuning of ``decoder`` (names the file and the command
+      that makes it).
+  """
+  best = load_best_params(workdir, decoder)
+  if best is None:
+    path = os.path.join(tune_folder(workdir, decoder), BEST_PARAMS)
+    raise MissingInputError(
+      f"{path}: not tuned yet; run python -m jaxseg.tune --mode=tune --decoder={decoder} "
+      "(or jaxseg.run --mode=tune) first"
+    )
+  return scoring.decoder_config(config, decoder, best["params"]), best
+
+
 def _check_split(split: str, force_test: bool) -> None:
   if split == "test" and not force_test:
     raise ConfigError(TEST_SPLIT_REFUSAL)
@@ -746,15 +767,9 @@ def tune_test(
   workdir = os.path.abspath(workdir)
   outputs.prepare_folder(workdir, what="work dir")
   decoder = scoring.check_decoder(decoder or str(config.decode.method))
-  best = load_best_params(workdir, decoder)
   folder = tune_folder(workdir, decoder)
-  if best is None:
-    raise MissingInputError(
-      f"{os.path.join(folder, BEST_PARAMS)}: not tuned yet; run python -m jaxseg.tune "
-      f"--mode=tune --decoder={decoder} (or jaxseg.run --mode=tune) first"
-    )
+  tuned, best = tuned_config(config, workdir, decoder)
   _check_still_tuned(config, checkpoint, decoder, folder)
-  tuned = scoring.decoder_config(config, decoder, best["params"])
   cached = cache.cached_predictions(
     tuned,
     checkpoint,
