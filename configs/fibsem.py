@@ -103,6 +103,8 @@ def get_config(arg=None):
 
   # -- decoding, QC, tuning --------------------------------------------------------------------
   decode = config.decode
+  # The decoder the ablation chose; jaxseg.decode and jaxseg.tune use it unless told otherwise.
+  decode.method = "waterz"
   decode.block_shape = (64, 128, 256)
   decode.threshold = 0.5
   # Plain sigmoid outputs: waterz's own watershed thresholds, not nisb_base's tempered ones.
