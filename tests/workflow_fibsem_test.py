@@ -2,9 +2,9 @@
 test sections beats gala's own boundary map (``test-p1``, an ilastik-style classifier) decoded and
 tuned on the validation sections the same way, in adapted Rand and in VOI.
 
-Marked ``long``: 700 training steps take about 20 minutes on 2 CPU cores, more than the CPU suite's
-10-minute budget holds (500 steps of smaller crops reach adapted Rand 0.27 against the map's
-0.215 then; ``benchmarks/RESULTS.md``, "Real EM accuracy"). Run it by hand::
+Marked ``long``: 700 training steps and the tuning take about 28 minutes on 2 CPU cores, more than
+the CPU suite's 10-minute budget holds (500 steps of smaller crops reach adapted Rand 0.27 against
+the map's 0.215 then; ``benchmarks/RESULTS.md``, "Real EM accuracy"). Run it by hand::
 
   pytest -m long tests/workflow_fibsem_test.py
 """
@@ -22,8 +22,8 @@ FIBSEM = os.path.join(REPO_ROOT, "configs", "fibsem.py")
 
 SHORT = {"train.num_steps": 700, "run.decoders": ("cc", "waterz")}
 # How much better than the reference the better tuned decoder must be (adapted Rand error and
-# VOI split + merge in bits, lower is better). Measured at 700 steps (with the earlier waterz
-# search over high thresholds 0.7-1.0): 0.093 / 0.63 against the map's 0.215 / 1.59.
+# VOI split + merge in bits, lower is better). Measured at 700 steps with the recipe's grids and
+# flat selection (2026-12-07): waterz 0.129 / 0.62 against the map's 0.219 / 1.67.
 MARGINS = {"adapted_rand": 0.05, "voi": 0.3}
 
 
