@@ -172,7 +172,7 @@ def test_listed_grid_values_make_an_uneven_grid_tpe_samples_on():
     search.grid_values(("values", 0.9, 0.9), "tune.waterz.aff_threshold_high")
   with pytest.raises(ConfigError, match=r"tune.waterz.aff_threshold_high must be"):
     search.grid_values(("vals", 0.9, 0.99), "tune.waterz.aff_threshold_high")
-  config = load_config("configs/demo.py")
+  config = load_config(DEMO)
   with config.unlocked():
     config.tune.waterz.sampler = "tpe"
     config.tune.waterz.aff_threshold_high = ("values", 0.9, 0.99, 0.999, 1.0)
