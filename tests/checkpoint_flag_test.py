@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_asserts import one_line as _one_line
 
 from jaxseg.common import cli, config_util
 from jaxseg.common.config_util import load_config
@@ -59,16 +60,6 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
   return subprocess.run(
     command, capture_output=True, text=True, cwd=REPO_ROOT, env=ENV, timeout=300
   )
-
-
-def _one_line(proc: subprocess.CompletedProcess, program: str, *words: str) -> str:
-  assert proc.returncode != 0, proc.stdout[-2000:]
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{program}: ")]
-  assert len(lines) == 1, proc.stderr[-3000:]
-  for word in words:
-    assert word in lines[0], (word, lines[0])
-  return lines[0]
 
 
 def _model(folder, name: str = "seed101") -> dict:

@@ -18,6 +18,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from cli_asserts import one_line as _one_line
 
 from jaxseg.io import write_volume
 
@@ -31,17 +32,6 @@ def _run(module: str, *args: str, code: str | None = None) -> subprocess.Complet
   return subprocess.run(
     command, capture_output=True, text=True, cwd=REPO_ROOT, env=ENV, timeout=300
   )
-
-
-def _one_line(proc: subprocess.CompletedProcess, program: str, *names: str) -> str:
-  """Asserts a non-zero exit, no traceback and one ``<program>: ...`` line naming ``names``."""
-  assert proc.returncode != 0, proc.stdout[-2000:]
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{program}: ")]
-  assert len(lines) == 1, proc.stderr[-3000:]
-  for name in names:
-    assert name in lines[0], (name, lines[0])
-  return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from cli_asserts import one_line
 from conftest import REPO_ROOT
 
 from jaxseg.common import config_util
@@ -71,13 +72,7 @@ def _export(*args, cwd=REPO_ROOT):
 
 
 def _one_line(proc, *parts, status=1):
-  assert proc.returncode == status, (proc.stdout, proc.stderr)
-  assert "Traceback" not in proc.stderr
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("jaxseg.export: "), proc.stderr
-  for part in parts:
-    assert part in lines[0], (part, lines[0])
-  return lines[0]
+  return one_line(proc, "jaxseg.export", *parts, status=status, alone=True)
 
 
 def _main(path):

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_asserts import one_line
 from conftest import REPO_ROOT
 
 from jaxseg.io import create_zarr, open_volume, write_volume
@@ -70,13 +71,7 @@ def _qc(*args, cwd=REPO_ROOT):
 
 
 def _one_line(proc, *parts, status=1):
-  assert proc.returncode == status, proc.stderr
-  assert "Traceback" not in proc.stderr
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("jaxseg.qc: "), proc.stderr
-  for part in parts:
-    assert part in lines[0], (part, lines[0])
-  return lines[0]
+  return one_line(proc, "jaxseg.qc", *parts, status=status, alone=True)
 
 
 def test_mask_rebuilt_from_an_edited_report(data, tmp_path):
