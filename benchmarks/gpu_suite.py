@@ -377,17 +377,13 @@ def train_torch(suite: Suite, net: str) -> dict:
   g = torch.Generator().manual_seed(0)
   x = torch.rand((batch, 1, *patch), generator=g).to(dev).to(memory_format=fmt)
   target = (torch.rand((batch, n_out, *patch), generator=g) > 0.3).float().to(dev)
-  bce = suite.script("train_step")._bce_with_logits
+  affinity_loss = suite.script("train_step").torch_affinity_loss
   holder = {}
 
   def step():
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
       logits = model(x)
-    logits = logits.float().clamp(-20, 20)
-    pos = target.sum(dim=(0, 2, 3, 4))
-    neg = target[0].numel() * batch - pos
-    pos_weight = torch.where(pos > 0, (neg / pos.clamp(min=1)).clamp(max=10), torch.ones_like(pos))
-    loss = bce(logits, target, pos_weight.view(1, -1, 1, 1, 1)).mean(dim=(0, 2, 3, 4)).sum()
+    loss = affinity_loss(logits, target)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

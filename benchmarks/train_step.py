@@ -172,13 +172,7 @@ def time_torch(net: str, jax_result: dict) -> dict:
   def step():
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
       logits = step_model(x)
-    logits = logits.float().clamp(-20, 20)
-    # Per-channel BCE with the positive weight capped at 10, summed over channels (PyTC).
-    pos = target.sum(dim=(0, 2, 3, 4))
-    neg = target[0].numel() * b - pos
-    pos_weight = torch.where(pos > 0, (neg / pos.clamp(min=1)).clamp(max=10), torch.ones_like(pos))
-    per = _bce_with_logits(logits, target, pos_weight.view(1, -1, 1, 1, 1))
-    loss = per.mean(dim=(0, 2, 3, 4)).sum()
+    loss = torch_affinity_loss(logits, target)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -215,10 +209,23 @@ def time_torch(net: str, jax_result: dict) -> dict:
   }
 
 
-def _bce_with_logits(logits, target, pos_weight):
+def torch_affinity_loss(logits, target):
+  """PyTC's affinity loss in PyTorch, the reference step's: per-channel BCE of float32 logits
+  (clamped to +-20) with the positive weight capped at 10, summed over channels.
+
+  ``logits``, ``target``: ``(batch, channels, z, y, x)``; ``target`` 0 / 1 floats.
+  """
+  import torch
   import torch.nn.functional as F
 
-  return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
+  logits = logits.float().clamp(-20, 20)
+  pos = target.sum(dim=(0, 2, 3, 4))
+  neg = target[0].numel() * target.shape[0] - pos
+  pos_weight = torch.where(pos > 0, (neg / pos.clamp(min=1)).clamp(max=10), torch.ones_like(pos))
+  per = F.binary_cross_entropy_with_logits(
+    logits, target, pos_weight=pos_weight.view(1, -1, 1, 1, 1), reduction="none"
+  )
+  return per.mean(dim=(0, 2, 3, 4)).sum()
 
 
 def _mfu(result: dict) -> float | None:
